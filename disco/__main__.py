@@ -1,0 +1,28 @@
+"""``python -m disco <command>``: train, bench, groups, plan."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("disco.train.cli", "Train a small GPT with any optimizer and parallelism (the main job)."),
+    "bench": ("disco.bench", "Benchmarks: ortho | step | dist."),
+    "groups": ("disco.groups", "Print the parameter routing table of MODULE:FACTORY."),
+    "plan": ("disco.dist.plan_cli", "Print the distribution plan for a world size and a list of shapes."),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m disco {" + ",".join(COMMANDS) + "} [options]\n")
+        for name, (_, doc) in COMMANDS.items():
+            print(f"  {name:8s} {doc}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Pure math on local tensors: orthogonalization, LMOs / norm factors, operator norms.
+
+Nothing here imports ``torch.distributed``; everything is batched over leading dims.
+"""
+
+from .coefficients import TABLES, CoefficientTable, get_table, table_names
+from .lmo import NORMS, get_norm, lmo, matrix_view, norm_factor, norm_names
+from .norms import OPERATOR_NORMS, condition_number, l1_to_rms, operator_norm, rms_to_inf, rms_to_rms, supremum
+from .orthogonalize import (
+    BACKENDS,
+    backend_names,
+    default_compute_dtype,
+    newton_schulz,
+    orthogonalize,
+    orthogonalize_cost,
+    svd_polar,
+)
+
+__all__ = [
+    "BACKENDS",
+    "NORMS",
+    "OPERATOR_NORMS",
+    "TABLES",
+    "CoefficientTable",
+    "backend_names",
+    "condition_number",
+    "default_compute_dtype",
+    "get_norm",
+    "get_table",
+    "l1_to_rms",
+    "lmo",
+    "matrix_view",
+    "newton_schulz",
+    "norm_factor",
+    "norm_names",
+    "operator_norm",
+    "orthogonalize",
+    "orthogonalize_cost",
+    "rms_to_inf",
+    "rms_to_rms",
+    "supremum",
+    "svd_polar",
+    "table_names",
+]

@@ -1,0 +1,145 @@
+"""Linear minimization oracles (LMOs) and their norm factors.
+
+For a gradient-like ``G`` and a norm ``||.||``, the LMO returns ``argmax_{||D|| <= 1} <G, D>`` (the sign is left
+to the optimizer, which subtracts it). Matrix norms first orthogonalize with a backend, then scale by a norm
+factor that encodes the layer's operator norm (spectral condition, arXiv 2310.17813; Scion, arXiv 2502.07529).
+
+``G`` may hold a stack of parameters: the last ``param_ndim`` dims are one parameter, leading dims a stack.
+Within a parameter, 2-D is a matrix ``out x in``; 3-D is a batch of expert matrices, except for ``conv_spectral``
+which views ``(out, in, k, ...)`` as ``out x (in*k*...)`` per parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .orthogonalize import orthogonalize
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """How a norm treats a parameter: whether it orthogonalizes, and its factor on the matrix view."""
+
+    name: str
+    kind: str  # "matrix" (backend + factor), "rows" (row-normalise), "elementwise"
+    doc: str
+
+
+def _rows_unit(X: Tensor, eps: float) -> Tensor:
+    return X / torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min(eps)
+
+
+NORMS: dict[str, NormSpec] = {
+    n.name: n
+    for n in (
+        NormSpec("spectral", "matrix", "polar factor * sqrt(fan_out / fan_in)"),
+        NormSpec("original", "matrix", "polar factor * sqrt(max(1, rows / cols)) (torch.optim.Muon)"),
+        NormSpec("match_rms_adamw", "matrix", "polar factor * 0.2 * sqrt(max(rows, cols)) (Moonlight)"),
+        NormSpec("image_spectral", "matrix", "polar factor * max(1, sqrt(fan_out / fan_in))"),
+        NormSpec("conv_spectral", "matrix", "polar factor of out x (in*k*k) * sqrt(out / in) / (k*k)"),
+        NormSpec("embed_sqrt", "rows", "rows of [vocab, dim] to unit l2, * sqrt(dim)"),
+        NormSpec("embed_linear", "rows", "rows of [vocab, dim] to unit l2, * dim"),
+        NormSpec("unembed_sqrt", "rows", "rows of [vocab, dim] to unit l2, / sqrt(dim)"),
+        NormSpec("unembed_linear", "rows", "rows of [vocab, dim] to unit l2, / dim"),
+        NormSpec("sign", "elementwise", "sign(g) (l-inf LMO)"),
+        NormSpec("bias_rms", "elementwise", "g / rms(g) per parameter"),
+        NormSpec("none", "elementwise", "g unchanged"),
+    )
+}
+
+
+def norm_names() -> list[str]:
+    return sorted(NORMS)
+
+
+def get_norm(name: str) -> NormSpec:
+    if name not in NORMS:
+        raise ValueError(f"unknown norm / norm_factor {name!r}; valid: {norm_names()}")
+    return NORMS[name]
+
+
+def matrix_view(G: Tensor, norm: str, param_ndim: int | None = None) -> Tensor:
+    """View a stack of parameters as ``(..., m, n)`` matrices for ``norm`` (no copy when contiguous)."""
+    pd = G.dim() if param_ndim is None else param_ndim
+    lead = G.shape[: G.dim() - pd]
+    pshape = G.shape[G.dim() - pd :]
+    if pd < 2:
+        raise ValueError(f"norm {norm!r} needs a matrix-shaped parameter, got shape {tuple(pshape)}")
+    if norm == "conv_spectral":
+        return G.reshape(*lead, pshape[0], math.prod(pshape[1:]))
+    return G
+
+
+def norm_factor(norm: str, shape: tuple[int, ...], param_ndim: int | None = None) -> float:
+    """The scalar factor of a matrix norm for one parameter of ``shape`` (the last ``param_ndim`` dims)."""
+    pshape = shape[len(shape) - (param_ndim or len(shape)) :]
+    out_, in_ = pshape[-2], pshape[-1]
+    if norm == "conv_spectral":
+        out_, in_ = pshape[0], pshape[1]
+        spatial = math.prod(pshape[2:]) if len(pshape) > 2 else 1
+        return math.sqrt(out_ / in_) / spatial
+    if norm == "spectral":
+        return math.sqrt(out_ / in_)
+    if norm == "original":
+        return math.sqrt(max(1.0, out_ / in_))
+    if norm == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(out_, in_))
+    if norm == "image_spectral":
+        return max(1.0, math.sqrt(out_ / in_))
+    if norm in ("embed_sqrt", "unembed_sqrt"):
+        return math.sqrt(in_) if norm == "embed_sqrt" else 1.0 / math.sqrt(in_)
+    if norm in ("embed_linear", "unembed_linear"):
+        return float(in_) if norm == "embed_linear" else 1.0 / in_
+    get_norm(norm)
+    return 1.0
+
+
+def lmo(
+    G: Tensor,
+    *,
+    norm: str = "spectral",
+    backend: str = "newtonschulz5",
+    steps: int = 5,
+    coefficients=None,
+    eps: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+    param_ndim: int | None = None,
+) -> Tensor:
+    """The LMO direction of ``G`` under ``norm``, scaled by the norm's factor; same shape and dtype as ``G``.
+
+    Pseudocode for the matrix norms::
+
+        X = matrix_view(G)                      # conv: out x (in*k*k); experts: batch of matrices
+        O = orthogonalize(X, backend, steps)    # ~ U V^T
+        return norm_factor(norm, shape) * O
+
+    Row norms (``embed_*``, ``unembed_*``) apply the backend (usually ``identity``), then scale each row of the
+    ``[vocab, dim]`` view to unit l2. Element-wise norms ignore the backend.
+    """
+    spec = get_norm(norm)
+    pd = G.dim() if param_ndim is None else param_ndim
+    if spec.kind == "elementwise":
+        if norm == "sign":
+            return torch.sign(G)
+        if norm == "bias_rms":
+            dims = tuple(range(G.dim() - pd, G.dim()))
+            rms = G.float().pow(2).mean(dim=dims, keepdim=True).sqrt()
+            tiny = torch.finfo(torch.float32).tiny if eps is None else eps
+            return (G.float() / rms.clamp_min(tiny)).to(G.dtype)
+        return G
+    X = matrix_view(G, norm, pd)
+    O = orthogonalize(
+        X, backend=backend, steps=steps, coefficients=coefficients, eps=eps, compute_dtype=compute_dtype
+    )
+    if spec.kind == "rows":
+        O = _rows_unit(O.float(), 1e-30 if eps is None else max(eps, 1e-30)).to(G.dtype)
+    factor = norm_factor(norm, tuple(G.shape), pd)
+    return (O * factor).reshape(G.shape)
+
+
+LMO_FNS: dict[str, Callable[..., Tensor]] = {name: lmo for name in NORMS}
