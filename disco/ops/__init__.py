@@ -5,7 +5,15 @@ Nothing here imports ``torch.distributed``; everything is batched over leading d
 
 from .coefficients import TABLES, CoefficientTable, get_table, table_names
 from .lmo import NORMS, get_norm, lmo, matrix_view, norm_factor, norm_names
-from .norms import OPERATOR_NORMS, condition_number, l1_to_rms, operator_norm, rms_to_inf, rms_to_rms, supremum
+from .norms import (
+    OPERATOR_NORMS,
+    condition_number,
+    l1_to_rms,
+    operator_norm,
+    rms_to_inf,
+    rms_to_rms,
+    supremum,
+)
 from .orthogonalize import (
     BACKENDS,
     backend_names,

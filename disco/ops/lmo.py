@@ -1,12 +1,13 @@
 """Linear minimization oracles (LMOs) and their norm factors.
 
-For a gradient-like ``G`` and a norm ``||.||``, the LMO returns ``argmax_{||D|| <= 1} <G, D>`` (the sign is left
-to the optimizer, which subtracts it). Matrix norms first orthogonalize with a backend, then scale by a norm
-factor that encodes the layer's operator norm (spectral condition, arXiv 2310.17813; Scion, arXiv 2502.07529).
+For a gradient-like ``G`` and a norm ``||.||``, the LMO returns ``argmax_{||D|| <= 1} <G, D>`` (the sign is
+left to the optimizer, which subtracts it). Matrix norms first orthogonalize with a backend, then scale by a
+norm factor that encodes the layer's operator norm (spectral condition, arXiv 2310.17813; Scion,
+arXiv 2502.07529).
 
 ``G`` may hold a stack of parameters: the last ``param_ndim`` dims are one parameter, leading dims a stack.
-Within a parameter, 2-D is a matrix ``out x in``; 3-D is a batch of expert matrices, except for ``conv_spectral``
-which views ``(out, in, k, ...)`` as ``out x (in*k*...)`` per parameter.
+Within a parameter, 2-D is a matrix ``out x in``; 3-D is a batch of expert matrices, except for
+``conv_spectral`` which views ``(out, in, k, ...)`` as ``out x (in*k*...)`` per parameter.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ class NormSpec:
     name: str
     kind: str  # "matrix" (backend + factor), "rows" (row-normalise), "elementwise"
     doc: str
+
+
+def _upcast(X: Tensor) -> Tensor:
+    """fp32 for half types; fp32 and fp64 stay as they are (never lose fp64 precision)."""
+    return X.float() if X.dtype in (torch.float16, torch.bfloat16) else X
 
 
 def _rows_unit(X: Tensor, eps: float) -> Tensor:
@@ -76,8 +82,19 @@ def matrix_view(G: Tensor, norm: str, param_ndim: int | None = None) -> Tensor:
 
 
 def norm_factor(norm: str, shape: tuple[int, ...], param_ndim: int | None = None) -> float:
-    """The scalar factor of a matrix norm for one parameter of ``shape`` (the last ``param_ndim`` dims)."""
-    pshape = shape[len(shape) - (param_ndim or len(shape)) :]
+    """The scalar factor of a matrix norm for one parameter of ``shape`` (the last ``param_ndim`` dims).
+
+    Element-wise norms (``sign``, ``bias_rms``, ``none``) have factor 1 for any shape; matrix and row norms
+    need a parameter of at least 2 dims.
+    """
+    spec = get_norm(norm)
+    if spec.kind == "elementwise":
+        return 1.0
+    shape = tuple(shape)
+    pd = len(shape) if param_ndim is None else param_ndim
+    pshape = shape[len(shape) - pd :]
+    if len(pshape) < 2:
+        raise ValueError(f"norm {norm!r} needs a matrix-shaped parameter, got shape {pshape}")
     out_, in_ = pshape[-2], pshape[-1]
     if norm == "conv_spectral":
         out_, in_ = pshape[0], pshape[1]
@@ -95,8 +112,7 @@ def norm_factor(norm: str, shape: tuple[int, ...], param_ndim: int | None = None
         return math.sqrt(in_) if norm == "embed_sqrt" else 1.0 / math.sqrt(in_)
     if norm in ("embed_linear", "unembed_linear"):
         return float(in_) if norm == "embed_linear" else 1.0 / in_
-    get_norm(norm)
-    return 1.0
+    raise AssertionError(f"norm {norm!r} is registered but has no factor")  # pragma: no cover
 
 
 def lmo(
@@ -118,8 +134,8 @@ def lmo(
         O = orthogonalize(X, backend, steps)    # ~ U V^T
         return norm_factor(norm, shape) * O
 
-    Row norms (``embed_*``, ``unembed_*``) apply the backend (usually ``identity``), then scale each row of the
-    ``[vocab, dim]`` view to unit l2. Element-wise norms ignore the backend.
+    Row norms (``embed_*``, ``unembed_*``) apply the backend (usually ``identity``), then scale each row of
+    the ``[vocab, dim]`` view to unit l2. Element-wise norms ignore the backend.
     """
     spec = get_norm(norm)
     pd = G.dim() if param_ndim is None else param_ndim
@@ -128,16 +144,20 @@ def lmo(
             return torch.sign(G)
         if norm == "bias_rms":
             dims = tuple(range(G.dim() - pd, G.dim()))
-            rms = G.float().pow(2).mean(dim=dims, keepdim=True).sqrt()
+            X = _upcast(G)
+            rms = X.pow(2).mean(dim=dims, keepdim=True).sqrt()
             tiny = torch.finfo(torch.float32).tiny if eps is None else eps
-            return (G.float() / rms.clamp_min(tiny)).to(G.dtype)
-        return G
+            return (X / rms.clamp_min(tiny)).to(G.dtype)
+        return G.clone()  # never alias the caller's buffer
     X = matrix_view(G, norm, pd)
-    O = orthogonalize(
-        X, backend=backend, steps=steps, coefficients=coefficients, eps=eps, compute_dtype=compute_dtype
-    )
+    if spec.kind == "rows" and backend == "identity":
+        O = X  # _rows_unit below makes the new tensor; skip identity's copy of a (large) embedding
+    else:
+        O = orthogonalize(
+            X, backend=backend, steps=steps, coefficients=coefficients, eps=eps, compute_dtype=compute_dtype
+        )
     if spec.kind == "rows":
-        O = _rows_unit(O.float(), 1e-30 if eps is None else max(eps, 1e-30)).to(G.dtype)
+        O = _rows_unit(_upcast(O), 1e-30 if eps is None else max(eps, 1e-30)).to(G.dtype)
     factor = norm_factor(norm, tuple(G.shape), pd)
     return (O * factor).reshape(G.shape)
 

@@ -1,7 +1,7 @@
 """Operator norms used for tracking; batched over leading dims, on CPU and CUDA alike.
 
-Each is the dual pairing of an LMO: ``rms_to_rms`` for hidden matrices (spectral), ``l1_to_rms`` for embeddings,
-``rms_to_inf`` for output heads, plus ``supremum`` (max-abs) and the condition number.
+Each is the dual pairing of an LMO: ``rms_to_rms`` for hidden matrices (spectral), ``l1_to_rms`` for
+embeddings, ``rms_to_inf`` for output heads, plus ``supremum`` (max-abs) and the condition number.
 """
 
 from __future__ import annotations
@@ -48,13 +48,14 @@ def supremum(W: Tensor) -> Tensor:
 
 
 def condition_number(W: Tensor) -> Tensor:
-    """``sigma_max / sigma_min`` over the ``min(m, n)`` singular values (inf when rank-deficient)."""
+    """``sigma_max / sigma_min`` over the ``min(m, n)`` singular values (inf when rank-deficient or 0)."""
     s = _svdvals(W)
-    return s[..., 0] / s[..., -1]
+    smin = s[..., -1]
+    return torch.where(smin > 0, s[..., 0] / smin.clamp_min(torch.finfo(s.dtype).tiny), torch.inf)
 
 
 def rms(W: Tensor) -> Tensor:
-    """Root mean square over all entries (for vectors and as a cheap matrix summary)."""
+    """Root mean square over all entries of ``W`` (not batched: one scalar for vectors and matrices alike)."""
     return _f(W).pow(2).mean().sqrt()
 
 
@@ -70,6 +71,7 @@ OPERATOR_NORMS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def operator_norm(name: str, W: Tensor) -> Tensor:
+    """The operator norm ``name`` (a key of ``OPERATOR_NORMS``) of ``W``; ValueError for unknown names."""
     if name not in OPERATOR_NORMS:
         raise ValueError(f"unknown operator norm {name!r}; valid: {sorted(OPERATOR_NORMS)}")
     return OPERATOR_NORMS[name](W)

@@ -1,7 +1,8 @@
 """Orthogonalization backends: the (approximate) polar factor ``U V^T`` of each matrix ``G = U S V^T``.
 
-All backends take ``G`` of shape ``(..., m, n)``, treat leading dims as a batch, and return a tensor of G's shape
-and dtype. Tall inputs are transposed to the wide orientation internally so that the Gram matrix is the small one.
+All backends take ``G`` of shape ``(..., m, n)``, treat leading dims as a batch, and return a tensor of G's
+shape and dtype. Tall inputs are transposed to the wide orientation internally so that the Gram matrix is the
+small one.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ def default_compute_dtype(G: Tensor) -> torch.dtype:
 
 
 def _frobenius_normalise(X: Tensor, safety: float, eps: float) -> Tensor:
+    # Normalise in at least fp32: casting a raw gradient to fp16 first can overflow (> 65504) or flush small
+    # entries to zero, and a tiny eps (1e-20) underflows in fp16. After this, entries are <= 1 in magnitude.
+    if X.dtype in (torch.float16, torch.bfloat16):
+        X = X.float()
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     denom = norm * safety + eps
-    # eps may underflow in low precision; a zero matrix must stay zero, never 0/0.
+    # A zero matrix must stay zero, never 0/0 (eps may be 0).
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))
     return X / denom
 
@@ -44,16 +49,16 @@ def newton_schulz(
     .. math::
         X_0 = G / (s\|G\|_F + \epsilon),\quad A = X_k X_k^T,\quad X_{k+1} = a_k X_k + (b_k A + c_k A^2) X_k
 
-    computed on the wide orientation (``m <= n``). ``(a_k, b_k, c_k)`` come from the table (``keller``, ``you``,
-    ``polar_express``, ``polar_express_5``, or user tuples).
+    computed on the wide orientation (``m <= n``). ``(a_k, b_k, c_k)`` come from the table (``keller``,
+    ``you``, ``polar_express``, ``polar_express_5``, or user tuples).
     """
+    if steps < 0:
+        raise ValueError(f"newton_schulz: steps must be >= 0, got {steps}")
     table = get_table(coefficients)
     dtype = compute_dtype or default_compute_dtype(G)
-    X = G.to(dtype)
-    tall = X.size(-2) > X.size(-1)
-    if tall:
-        X = X.mT
-    X = _frobenius_normalise(X, table.safety, table.eps if eps is None else eps)
+    X = G.mT if G.size(-2) > G.size(-1) else G
+    tall = X is not G
+    X = _frobenius_normalise(X, table.safety, table.eps if eps is None else eps).to(dtype)
     for k in range(steps):
         a, b, c = table.at(k)
         A = X @ X.mT
@@ -65,20 +70,20 @@ def newton_schulz(
 
 
 def svd_polar(G: Tensor, *, compute_dtype: torch.dtype | None = None, **_: object) -> Tensor:
-    """Exact polar factor by SVD; singular values below ``max(m, n) * eps * sigma_max`` map to 0 (as NS does)."""
+    """Exact polar factor by SVD; singular values below ``max(m, n) * eps * sigma_max`` map to 0 (as NS)."""
     dtype = compute_dtype or (torch.float64 if G.dtype == torch.float64 else torch.float32)
     if dtype in (torch.bfloat16, torch.float16):
         dtype = torch.float32  # linalg.svd has no half-precision kernels
     X = G.to(dtype)
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     tol = S.amax(dim=-1, keepdim=True) * max(G.shape[-2:]) * torch.finfo(dtype).eps
-    keep = (S > tol) & (S > 0)
+    keep = (tol < S) & (S > 0)
     return ((U * keep.unsqueeze(-2).to(dtype)) @ Vh).to(G.dtype)
 
 
 def identity(G: Tensor, **_: object) -> Tensor:
-    """No orthogonalization (embeddings and heads normalise rows in their LMO instead)."""
-    return G
+    """No orthogonalization (embeddings and heads normalise rows in their LMO); a copy, never G itself."""
+    return G.clone()
 
 
 def _newtonschulz5(G: Tensor, **kw) -> Tensor:
@@ -112,7 +117,7 @@ def orthogonalize(
     eps: float | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Approximate polar factor of each matrix in ``G`` (shape ``(..., m, n)``); same shape and dtype as ``G``.
+    """Approximate polar factor of each matrix in ``G`` (shape ``(..., m, n)``), same shape and dtype.
 
     Args:
         G: input, at least 2-D; leading dims are a batch.
