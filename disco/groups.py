@@ -1,0 +1,355 @@
+"""Parameter routing: which parameter gets which norm, backend and algorithm.
+
+``create_disco_param_groups(model, optimizer_kwargs)`` splits a model's trainable parameters into optimizer
+parameter groups. Every group is a dict with ``params`` (tensors), ``param_names`` (their names, same order)
+and the per-group overrides of the optimizer's defaults (``algorithm``, ``norm_factor``, ``backend``, ``lr``).
+
+Order of decisions for each trainable parameter (frozen ones are skipped, tied ones appear once):
+
+1. ``extra_param_group_split_rules``: a list of dicts, each with a regex ``str_match`` (``re.search`` against
+   every name of the parameter; tied weights have several) plus overrides. The first matching rule wins and
+   the parameter joins that rule's group. A rule that matches nothing warns.
+2. Otherwise the parameter is routed automatically:
+
+   - 0-D / 1-D (biases, norm gains): ``norm_factor="bias_rms", backend="identity"``, or ``algorithm=<vector
+     algorithm>`` when ``optimizer_kwargs["vector_algorithm"]`` is ``"adamw"`` or ``"lion"``;
+   - embeddings (weights of ``nn.Embedding`` / ``nn.EmbeddingBag``, or whose name has the dotted component
+     path ``name_of_embedding``): ``embed_sqrt`` + ``identity``;
+   - the output head (a 2-D weight whose module or own name is ``output`` / ``lm_head``, or as set by
+     ``name_of_output``; when no parameter is named so, the last ``nn.Linear`` whose ``out_features`` equals
+     an embedding's vocabulary size, which warns since it is a guess): ``unembed_sqrt`` + ``identity``;
+   - convolution weights (``nn.Conv1d/2d/3d`` and the transposed ones): ``conv_spectral``;
+   - other weights of 4 or more dims (not owned by a conv module): ``conv_spectral``, with a warning;
+   - 3-D weights: a batch of expert matrices, the default group (the optimizer's default norm);
+   - other 2-D weights: the default group (no overrides).
+
+Empty groups are dropped. Groups appear in the order of their first parameter in the model.
+
+``routing_table(groups)`` renders the result; ``python -m disco groups MODULE:FACTORY`` prints it for a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import re
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ops import BACKENDS, get_norm
+
+#: keys of ``optimizer_kwargs`` that only steer routing; ``create_disco_param_groups`` removes them.
+ROUTING_KEYS = ("extra_param_group_split_rules", "vector_algorithm", "name_of_output")
+
+#: values of a group's ``algorithm``.
+ALGORITHMS = ("disco", "muon", "scion", "dion", "adamw", "lion", "sign")
+
+#: element-wise algorithms that ``vector_algorithm`` may name.
+VECTOR_ALGORITHMS = ("adamw", "lion")
+
+DEFAULT_OUTPUT_NAMES = ("output", "lm_head")
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_EMBED_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+# Automatic categories, each with its overrides (vectors are filled in per call).
+_AUTO = {
+    "default": {},
+    "conv": {"norm_factor": "conv_spectral"},
+    "embedding": {"norm_factor": "embed_sqrt", "backend": "identity"},
+    "output": {"norm_factor": "unembed_sqrt", "backend": "identity"},
+    "vector": {"norm_factor": "bias_rms", "backend": "identity"},
+}
+
+
+def _validate_overrides(overrides: dict[str, Any], where: str) -> None:
+    if "norm_factor" in overrides and overrides["norm_factor"] is not None:
+        try:
+            get_norm(overrides["norm_factor"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    if "backend" in overrides and overrides["backend"] is not None and overrides["backend"] not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {overrides['backend']!r}; valid: {sorted(BACKENDS)}")
+    if (
+        "algorithm" in overrides
+        and overrides["algorithm"] is not None
+        and overrides["algorithm"] not in ALGORITHMS
+    ):
+        raise ValueError(f"{where}: unknown algorithm {overrides['algorithm']!r}; valid: {list(ALGORITHMS)}")
+
+
+def _compile_rules(rules: Any) -> list[tuple[re.Pattern[str], dict[str, Any], str]]:
+    if rules is None:
+        return []
+    if isinstance(rules, str):
+        rules = json.loads(rules)
+    if isinstance(rules, dict):
+        rules = [rules]
+    out = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict) or "str_match" not in rule:
+            raise ValueError(
+                f"extra_param_group_split_rules[{i}] must be a dict with a 'str_match' regex: {rule!r}"
+            )
+        where = f"extra_param_group_split_rules[{i}] (str_match={rule['str_match']!r})"
+        try:
+            pattern = re.compile(rule["str_match"])
+        except re.error as e:
+            raise ValueError(f"{where}: invalid regex: {e}") from None
+        overrides = {k: v for k, v in rule.items() if k != "str_match"}
+        if "params" in overrides or "param_names" in overrides:
+            raise ValueError(f"{where}: a rule may not set 'params' or 'param_names'")
+        _validate_overrides(overrides, where)
+        out.append((pattern, overrides, where))
+    return out
+
+
+def _component_re(names: Iterable[str]) -> re.Pattern[str] | None:
+    names = [n for n in names if n]
+    if not names:
+        return None
+    alt = "|".join(re.escape(n) for n in names)
+    return re.compile(rf"(^|\.)({alt})(\.|$)")
+
+
+def _as_names(value: Any, default: Sequence[str]) -> list[str]:
+    if value is None:
+        return list(default)
+    if isinstance(value, str):
+        return [value]
+    return list(value)
+
+
+def create_disco_param_groups(
+    model: nn.Module, optimizer_kwargs: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Route ``model``'s trainable parameters into parameter groups; see the module docstring.
+
+    Returns ``(param_groups, cleaned_kwargs)`` where ``cleaned_kwargs`` is a copy of ``optimizer_kwargs``
+    without the routing-only keys (:data:`ROUTING_KEYS`), ready for ``Disco(param_groups, **cleaned_kwargs)``.
+    ``optimizer_kwargs`` itself is not modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"create_disco_param_groups needs an nn.Module, got {type(model).__name__}")
+    kwargs = dict(optimizer_kwargs)
+    rules = _compile_rules(kwargs.pop("extra_param_group_split_rules", None))
+    vector_algorithm = kwargs.pop("vector_algorithm", None)
+    output_names = _as_names(kwargs.pop("name_of_output", None), DEFAULT_OUTPUT_NAMES)
+    if vector_algorithm is not None and vector_algorithm not in VECTOR_ALGORITHMS:
+        raise ValueError(f"unknown vector_algorithm {vector_algorithm!r}; valid: {list(VECTOR_ALGORITHMS)}")
+    _validate_overrides(kwargs, "optimizer_kwargs")
+    embed_re = _component_re(_as_names(kwargs.get("name_of_embedding"), ()))
+
+    # Every name of every parameter (tied weights have several), and the modules that own it.
+    names: dict[int, list[str]] = {}
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{attr}" if mod_name else attr
+            names.setdefault(id(p), [])
+            if full not in names[id(p)]:
+                names[id(p)].append(full)
+            owners.setdefault(id(p), []).append((mod_name, module))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # deduplicated, first name
+
+    vocab_sizes = set()
+    for _, module in model.named_modules():
+        if isinstance(module, _EMBED_TYPES):
+            vocab_sizes.add(module.num_embeddings)
+    if embed_re is not None:
+        for _, p in params:
+            if p.dim() == 2 and any(embed_re.search(a) for a in names[id(p)]):
+                vocab_sizes.add(p.shape[0])
+
+    def is_output_by_name(p: torch.Tensor) -> bool:
+        for alias in names[id(p)]:
+            parts = alias.split(".")
+            if parts[-1] in output_names or (len(parts) > 1 and parts[-2] in output_names):
+                return True
+        return False
+
+    # Without a head named as such, guess: the last nn.Linear whose out_features is a vocabulary size.
+    guessed_head: int | None = None
+    if not any(p.dim() == 2 and is_output_by_name(p) for p in model.parameters()):
+        for _, module in model.named_modules():
+            if isinstance(module, nn.Linear) and module.out_features in vocab_sizes:
+                guessed_head = id(module.weight)
+
+    # group key -> (overrides, params, names); rule groups keyed by index, auto ones by category
+    groups: dict[Any, tuple[dict[str, Any], list[torch.Tensor], list[str]]] = {}
+    rule_hits = [0] * len(rules)
+    guessed: list[str] = []
+    guessed_conv: list[str] = []
+
+    def add(key: Any, overrides: dict[str, Any], name: str, p: torch.Tensor) -> None:
+        g = groups.setdefault(key, (overrides, [], []))
+        g[1].append(p)
+        g[2].append(name)
+
+    vector_overrides = {"algorithm": vector_algorithm} if vector_algorithm else dict(_AUTO["vector"])
+    for name, p in params:
+        aliases = names.get(id(p), [name])
+        rule = next((i for i, (pat, _, _) in enumerate(rules) if any(pat.search(a) for a in aliases)), None)
+        if rule is not None:
+            rule_hits[rule] += 1
+            add(("rule", rule), dict(rules[rule][1]), name, p)
+            continue
+        mods = [m for _, m in owners.get(id(p), [])]
+        if p.dim() < 2:
+            add("vector", dict(vector_overrides), name, p)
+        elif any(isinstance(m, _EMBED_TYPES) for m in mods) or (
+            embed_re is not None and any(embed_re.search(a) for a in aliases)
+        ):
+            add("embedding", dict(_AUTO["embedding"]), name, p)
+        elif p.dim() == 2 and is_output_by_name(p):
+            add("output", dict(_AUTO["output"]), name, p)
+        elif id(p) == guessed_head:
+            guessed.append(name)
+            add("output", dict(_AUTO["output"]), name, p)
+        elif any(isinstance(m, _CONV_TYPES) for m in mods):
+            add("conv", dict(_AUTO["conv"]), name, p)
+        elif p.dim() >= 4:
+            guessed_conv.append(name)
+            add("conv", dict(_AUTO["conv"]), name, p)
+        else:  # 2-D matrices and 3-D expert stacks
+            add("default", {}, name, p)
+
+    for hits, (_, _, where) in zip(rule_hits, rules):
+        if hits == 0:
+            warnings.warn(f"{where} matches no trainable parameter", UserWarning, stacklevel=2)
+    if guessed:
+        warnings.warn(
+            "routed as output head by shape (out_features == an embedding's vocabulary size), not by name: "
+            f"{guessed}; set 'name_of_output' or add an extra_param_group_split_rules entry to be explicit",
+            UserWarning,
+            stacklevel=2,
+        )
+    if guessed_conv:
+        warnings.warn(
+            f"routed as convolution weights (conv_spectral) by their >= 4 dims only: {guessed_conv}",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    param_groups = [
+        {"params": ps, "param_names": ns, **overrides} for overrides, ps, ns in groups.values() if ps
+    ]  # dict order = order of each group's first parameter
+    return param_groups, kwargs
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def routing_table(param_groups: Sequence[dict[str, Any]], defaults: dict[str, Any] | None = None) -> str:
+    """A fixed-width table, one row per parameter: group, name, shape, algorithm, norm_factor, backend, lr.
+
+    A value the group does not set comes from ``defaults`` (e.g. the optimizer kwargs), else shows ``-``.
+    """
+    defaults = defaults or {}
+    header = ("group", "name", "shape", "algorithm", "norm_factor", "backend", "lr")
+    rows = []
+    for gi, group in enumerate(param_groups):
+        params = list(group["params"])
+        pnames = list(group.get("param_names", [f"<param {i}>" for i in range(len(params))]))
+        cols = [_fmt(group.get(k, defaults.get(k))) for k in ("algorithm", "norm_factor", "backend", "lr")]
+        for name, p in zip(pnames, params):
+            rows.append((str(gi), name, "x".join(str(s) for s in p.shape) or "scalar", *cols))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    n = sum(len(g["params"]) for g in param_groups)
+    numel = sum(math.prod(p.shape) for g in param_groups for p in g["params"])
+    lines.append(f"{n} parameters ({numel:,} elements) in {len(param_groups)} groups")
+    return "\n".join(lines)
+
+
+def _optimizer_defaults() -> dict[str, Any]:
+    """``Disco``'s constructor defaults where the optimizer is importable, else the documented ones."""
+    defaults: dict[str, Any] = {
+        "algorithm": "disco",
+        "norm_factor": "spectral",
+        "backend": "newtonschulz5",
+    }
+    try:
+        import inspect
+
+        from .optim.disco import Disco  # type: ignore[import-not-found,unused-ignore]
+
+        for k, prm in inspect.signature(Disco.__init__).parameters.items():
+            if k in ("norm_factor", "backend", "lr") and prm.default is not inspect.Parameter.empty:
+                defaults[k] = prm.default
+    except Exception:  # the optimizer is optional for printing a table
+        pass
+    return defaults
+
+
+def _load_factory(spec: str) -> Any:
+    if ":" not in spec:
+        raise ValueError(f"expected MODULE:FACTORY (or path/to/file.py:FACTORY), got {spec!r}")
+    mod_spec, attr = spec.rsplit(":", 1)
+    if mod_spec.endswith(".py") or "/" in mod_spec:
+        path = Path(mod_spec)
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ValueError(f"cannot import {mod_spec!r}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        if "" not in sys.path and "." not in sys.path:
+            sys.path.insert(0, "")  # like `python -m`, let the current directory's modules be found
+        module = importlib.import_module(mod_spec)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m disco groups MODULE:FACTORY [--kwargs JSON]``: print the routing table of a model."""
+    parser = argparse.ArgumentParser(
+        prog="python -m disco groups",
+        description="Print how create_disco_param_groups routes a model's parameters.",
+    )
+    parser.add_argument(
+        "factory", help="MODULE:FACTORY (or path/to/file.py:FACTORY); called with no arguments"
+    )
+    parser.add_argument("--kwargs", default=None, help="optimizer_kwargs as JSON (routing rules included)")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        model = _load_factory(args.factory)()
+    except (ImportError, AttributeError, ValueError) as e:
+        print(f"error: cannot load {args.factory!r}: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(model, nn.Module):
+        print(f"error: {args.factory} returned {type(model).__name__}, not an nn.Module", file=sys.stderr)
+        return 2
+    kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            groups, cleaned = create_disco_param_groups(model, kwargs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(routing_table(groups, {**_optimizer_defaults(), **cleaned}))
+    for w in caught:
+        print(f"warning: {w.message}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
