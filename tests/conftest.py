@@ -1,0 +1,12 @@
+"""Shared pytest setup. Keep this tiny: heavy fixtures belong in the test modules that need them."""
+
+import os
+import sys
+
+# tests/ is not a package: make its helpers (dist_harness) importable, here and in the rank processes.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+_ROOT = os.path.dirname(_TESTS)
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
