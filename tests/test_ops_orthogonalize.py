@@ -1,4 +1,4 @@
-"""disco.ops orthogonalization: coefficient tables, backends and their invariants; SVD in float64 is the oracle.
+"""disco.ops orthogonalization: coefficient tables, backends, invariants; SVD in float64 is the oracle.
 
 The accuracy bands below were measured on Gaussian inputs (CPU, fp32, 3 seeds, shapes with aspect ratio >= 2,
 where the smallest singular value is bounded away from 0) and are asserted with a small margin:
@@ -13,8 +13,8 @@ polar_express / polar_express  8      1e-6 - 3e-6         [1.0000, 1.0000]  err 
 polar_express / polar_express_5 5     0.091 - 0.098       [0.8589, 1.1411]  [0.85, 1.15]
 =============================  =====  ==================  ================  ================
 
-Square Gaussian matrices have singular values near 0, so no table lifts them into the band in 5 steps; for those
-(and any input) only the upper bound of each table's scalar map holds, which is tested separately.
+Square Gaussian matrices have singular values near 0, so no table lifts them into the band in 5 steps; for
+those (and any input) only the upper bound of each table's scalar map holds, which is tested separately.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def test_keller_band_is_within_the_advertised_range_and_default():
     # The design promise (FACTS): keller with 5 steps keeps singular values in about [0.68, 1.14].
     G = gaussian(512, 128, seed=3)
     s = svals(orthogonalize(G, backend="newtonschulz5", steps=5))  # default table of newtonschulz5 is keller
-    assert 0.6 <= s.min().item() and s.max().item() <= 1.25
+    assert s.min().item() >= 0.6 and s.max().item() <= 1.25
 
 
 def test_polar_express_8_steps_fp32_converges():
@@ -143,7 +143,7 @@ def test_upper_bound_holds_for_any_input(table):
 @pytest.mark.parametrize("table", [*sorted(TABLES), "custom_cycle", "custom_repeat"])
 @pytest.mark.parametrize("steps", [0, 1, 3, 7])
 def test_newton_schulz_equals_scalar_map_on_singular_values(table, steps):
-    """In fp64 the iteration is exactly U f(S / (s ||G||_F + eps)) V^T: checks order, safety, eps and modes."""
+    """In fp64 the iteration is exactly U f(S / (s ||G||_F + eps)) V^T: checks order, safety, eps, modes."""
     custom = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]
     tab = {
         "custom_cycle": get_table(custom, mode="cycle"),
