@@ -1,0 +1,256 @@
+"""Semi-orthogonal and Scion-style initialisation, exact under DTensor sharding.
+
+Each function fills a tensor in place (under ``torch.no_grad()``) and returns it. A tensor is viewed as
+matrices ``rows x cols``:
+
+- 2-D ``(out, in)``: one matrix;
+- 3-D ``(E, out, in)``: a batch of ``E`` expert matrices, each initialised independently (``batch_dims=1``);
+- 4-D and more (conv ``(out, in, k, ...)``): one ``out x (in * k * ...)`` matrix (``batch_dims=0``).
+
+Pass ``batch_dims`` to override (e.g. ``batch_dims=0`` for a ``Conv1d`` weight, which is 3-D);
+:func:`image_orthogonal_` always flattens.
+
+**Semi-orthogonal** means every singular value equals the gain: the rows are orthonormal (times the gain)
+when the matrix is wide, the columns when it is tall. It is computed from a float64 Gaussian by QR (of the
+transpose when wide) with the sign fix ``Q * sign(diag(R))``, which makes the result a deterministic
+function of the Gaussian (Haar-distributed), then cast to the tensor's dtype.
+
+**Randomness and DTensor.** Every function draws the *full-shape* Gaussian from one generator, on the
+generator's device (CPU unless you pass e.g. a CUDA generator): ``generator`` itself if given, else a fresh
+CPU generator seeded by one draw from torch's default generator. Under DTensor the full tensor is computed
+on every rank and narrowed to the local shard with ``distribute_tensor(..., src_data_rank=None)`` (no
+communication), so ``dtensor.full_tensor()`` equals, bit for bit, the same init of a plain tensor with the
+same seed, for any mesh, placement or uneven / empty shard. This needs the generator (or torch's default
+generator, via ``torch.manual_seed``) in the same state on all ranks, as SPMD code has anyway.
+``nn.init.orthogonal_``, by contrast, fails on wide sharded DTensors and depends on the placement.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "INIT_FNS",
+    "build_init_fn",
+    "image_orthogonal_",
+    "init_names",
+    "orthogonal_",
+    "scaled_orthogonal_",
+    "scion_normal_",
+]
+
+MakeFull = Callable[[torch.Size, torch.Generator], Tensor]
+
+try:  # torch.distributed may be absent from some builds
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    _SRC_DATA_RANK = "src_data_rank" in inspect.signature(distribute_tensor).parameters
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+    distribute_tensor = None  # type: ignore[assignment]
+    _SRC_DATA_RANK = False
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _generator(generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    return torch.Generator().manual_seed(seed)
+
+
+def _split(shape: torch.Size, batch_dims: int | None) -> tuple[tuple[int, ...], int, int]:
+    """``(batch shape, rows, cols)`` of the matrix view of ``shape``."""
+    if len(shape) < 2:
+        raise ValueError(f"initialisation needs a tensor with at least 2 dims, got shape {tuple(shape)}")
+    b = (1 if len(shape) == 3 else 0) if batch_dims is None else batch_dims
+    if not 0 <= b <= len(shape) - 2:
+        raise ValueError(f"batch_dims={b} leaves no matrix in shape {tuple(shape)}")
+    return tuple(shape[:b]), shape[b], math.prod(shape[b + 1 :])
+
+
+def _gaussian(lead: tuple[int, ...], rows: int, cols: int, gen: torch.Generator) -> Tensor:
+    return torch.randn(*lead, rows, cols, generator=gen, dtype=torch.float64, device=gen.device)
+
+
+def _semi_orthogonal(lead: tuple[int, ...], rows: int, cols: int, gen: torch.Generator) -> Tensor:
+    X = _gaussian(lead, rows, cols, gen)
+    if X.numel() == 0:
+        return X
+    wide = rows < cols
+    A = X.mT if wide else X
+    Q, R = torch.linalg.qr(A)  # reduced: Q is (max, min) with orthonormal columns
+    d = torch.diagonal(R, dim1=-2, dim2=-1)
+    Q = Q * torch.where(d < 0, -1.0, 1.0).to(Q.dtype).unsqueeze(-2)
+    return Q.mT if wide else Q
+
+
+def _write_(tensor: Tensor, make_full: MakeFull, generator: torch.Generator | None) -> Tensor:
+    """Fill ``tensor`` (plain or DTensor) with ``make_full(global_shape, gen)``, narrowed to its shard."""
+    if tensor.is_meta:
+        return tensor
+    gen = _generator(generator)
+    full = make_full(tensor.shape, gen)
+    if _is_dtensor(tensor):
+        tensor.to_local().copy_(_local_shard(full, tensor))  # type: ignore[attr-defined]
+    else:
+        tensor.copy_(full)
+    return tensor
+
+
+def _local_shard(full: Tensor, dt: Tensor) -> Tensor:
+    mesh, placements = dt.device_mesh, dt.placements  # type: ignore[attr-defined]
+    if _SRC_DATA_RANK:
+        # src_data_rank=None: every rank holds ``full`` already and keeps its own shard (no communication)
+        return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
+    # older torch: slice by the shard's offset (plain Shard / Replicate placements)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
+    local = full
+    for dim, (size, start) in enumerate(zip(shape, offset)):
+        local = local.narrow(dim, start, size)
+    return local
+
+
+def _reshape(X: Tensor, shape: torch.Size) -> Tensor:
+    return X.reshape(shape)
+
+
+@torch.no_grad()
+def orthogonal_(
+    tensor: Tensor,
+    gain: float = 1.0,
+    *,
+    generator: torch.Generator | None = None,
+    batch_dims: int | None = None,
+) -> Tensor:
+    """Fill ``tensor`` with a semi-orthogonal matrix (per expert / flattened conv) times ``gain``.
+
+    All singular values of each matrix view equal ``gain``. Works on plain tensors and DTensors alike.
+    """
+
+    def make(shape: torch.Size, gen: torch.Generator) -> Tensor:
+        lead, rows, cols = _split(shape, batch_dims)
+        return _reshape(_semi_orthogonal(lead, rows, cols, gen) * gain, shape)
+
+    return _write_(tensor, make, generator)
+
+
+def _scale_factor(scale: str | float, rows: int, cols: int) -> float:
+    if not isinstance(scale, str):
+        return float(scale)
+    if rows == 0 or cols == 0:
+        return 1.0
+    if scale == "spectral":
+        return math.sqrt(rows / cols)
+    if scale == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if scale == "image_spectral":
+        return max(1.0, math.sqrt(rows / cols))
+    if scale in ("unit", "none"):
+        return 1.0
+    raise ValueError(f"unknown scale {scale!r}; valid: spectral, original, image_spectral, unit, or a number")
+
+
+@torch.no_grad()
+def scaled_orthogonal_(
+    tensor: Tensor,
+    *,
+    scale: str | float = "spectral",
+    gain: float = 1.0,
+    generator: torch.Generator | None = None,
+    batch_dims: int | None = None,
+) -> Tensor:
+    """Semi-orthogonal init with singular values ``gain * factor`` for a ``fan_out x fan_in`` matrix view.
+
+    ``scale="spectral"`` gives ``sqrt(fan_out / fan_in)``, the spectral condition of arXiv 2310.17813 (a layer
+    maps unit-rms inputs to unit-rms outputs); ``"original"`` ``sqrt(max(1, fan_out / fan_in))``;
+    ``"image_spectral"`` ``max(1, sqrt(fan_out / fan_in))``; ``"unit"`` 1; a number is used as is.
+    """
+    _, rows, cols = _split(tensor.shape, batch_dims)
+    return orthogonal_(
+        tensor, gain * _scale_factor(scale, rows, cols), generator=generator, batch_dims=batch_dims
+    )
+
+
+@torch.no_grad()
+def image_orthogonal_(
+    tensor: Tensor, *, gain: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
+    """Conv / image weights: semi-orthogonal on the ``out x (in * k * ...)`` view, singular values
+    ``gain * max(1, sqrt(out / (in * k * ...)))``. The whole tensor is one matrix (no expert batch)."""
+    return scaled_orthogonal_(tensor, scale="image_spectral", gain=gain, generator=generator, batch_dims=0)
+
+
+SCION_KINDS = ("input", "output", "hidden")
+
+
+@torch.no_grad()
+def scion_normal_(
+    tensor: Tensor,
+    *,
+    kind: str = "hidden",
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    batch_dims: int | None = None,
+) -> Tensor:
+    """Scion-style init: a float64 Gaussian ``G`` (per matrix view ``rows x cols``), normalised to the unit
+    ball of the layer's operator norm (the one the matching LMO of :mod:`disco.ops` uses), times ``scale``:
+
+    - ``kind="input"`` (embeddings ``[vocab, dim]``; ``embed_sqrt``): each row to unit rms,
+      ``W[r] = scale * sqrt(cols) * G[r] / ||G[r]||_2``, so ``l1_to_rms(W) == scale``;
+    - ``kind="output"`` (heads ``[vocab, dim]``; ``unembed_sqrt``): each row to l2 norm ``1/sqrt(cols)``,
+      ``W[r] = scale * G[r] / (||G[r]||_2 * sqrt(cols))``, so ``rms_to_inf(W) == scale``;
+    - ``kind="hidden"`` (``spectral``): ``W = scale * sqrt(rows / cols) * G / sigma_max(G)``, so the largest
+      singular value is exactly ``scale * sqrt(fan_out / fan_in)`` (``rms_to_rms(W) == scale``).
+    """
+    if kind not in SCION_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid: {list(SCION_KINDS)}")
+
+    def make(shape: torch.Size, gen: torch.Generator) -> Tensor:
+        lead, rows, cols = _split(shape, batch_dims)
+        G = _gaussian(lead, rows, cols, gen)
+        if G.numel() == 0:
+            return _reshape(G, shape)
+        if kind == "hidden":
+            smax = torch.linalg.matrix_norm(G, ord=2, keepdim=True)
+            W = G * (scale * math.sqrt(rows / cols) / smax)
+        else:
+            W = G / torch.linalg.vector_norm(G, dim=-1, keepdim=True)
+            W = W * (scale * math.sqrt(cols) if kind == "input" else scale / math.sqrt(cols))
+        return _reshape(W, shape)
+
+    return _write_(tensor, make, generator)
+
+
+INIT_FNS: dict[str, Callable[..., Tensor]] = {
+    "orthogonal": orthogonal_,
+    "scaled_orthogonal": scaled_orthogonal_,
+    "spectral": functools.partial(scaled_orthogonal_, scale="spectral"),
+    "image_orthogonal": image_orthogonal_,
+    "scion_input": functools.partial(scion_normal_, kind="input"),
+    "scion_output": functools.partial(scion_normal_, kind="output"),
+    "scion_hidden": functools.partial(scion_normal_, kind="hidden"),
+}
+
+
+def init_names() -> list[str]:
+    return sorted(INIT_FNS)
+
+
+def build_init_fn(name: str, **kwargs: object) -> Callable[[Tensor], Tensor]:
+    """The init function called ``name`` (see :func:`init_names`), with ``kwargs`` bound."""
+    if name not in INIT_FNS:
+        raise ValueError(f"unknown init {name!r}; valid: {init_names()}")
+    fn = INIT_FNS[name]
+    return functools.partial(fn, **kwargs) if kwargs else fn
