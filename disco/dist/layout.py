@@ -1,0 +1,148 @@
+"""Layouts: where the pieces of one parameter live, as pure data (no process group needed).
+
+A layout is the parameter's global shape, the ranks of its mesh (row-major) with the mesh shape, and one
+placement per mesh axis. ``Shard`` follows ``torch.chunk`` (uneven and empty shards included); ``_StridedShard``
+splits the dim into ``split_factor`` pieces first and takes the same chunk of each (FSDP2 over TP); ``Replicate``
+and ``Partial`` keep the dim whole. The local piece of a rank is the outer product of one index list per tensor
+dim, so shards of any placement can be cut out of, and written back into, the full tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+
+@dataclass(frozen=True)
+class Placement:
+    kind: str  # "shard" | "strided_shard" | "replicate" | "partial"
+    dim: int = -1
+    split_factor: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("shard", "strided_shard", "replicate", "partial"):
+            raise ValueError(f"unknown placement kind {self.kind!r}")
+
+    @property
+    def is_shard(self) -> bool:
+        return self.kind in ("shard", "strided_shard")
+
+    def __str__(self) -> str:
+        if self.kind == "shard":
+            return f"S({self.dim})"
+        if self.kind == "strided_shard":
+            return f"_S({self.dim},{self.split_factor})"
+        return "R" if self.kind == "replicate" else "P"
+
+
+REPLICATE = Placement("replicate")
+
+
+def shard(dim: int) -> Placement:
+    return Placement("shard", dim)
+
+
+def chunk_bound(length: int, n: int, k: int) -> tuple[int, int]:
+    """Piece ``k`` of ``torch.chunk(length, n)`` padded to ``n`` pieces: ceil-sized pieces, then empty ones."""
+    size = -(-length // n) if length else 0
+    lo = min(k * size, length)
+    return lo, min(lo + size, length)
+
+
+def chunk_bounds(length: int, n: int) -> list[tuple[int, int]]:
+    return [chunk_bound(length, n, k) for k in range(n)]
+
+
+def _take(index: list[int], n: int, k: int) -> list[int]:
+    lo, hi = chunk_bound(len(index), n, k)
+    return index[lo:hi]
+
+
+@dataclass(frozen=True)
+class Layout:
+    shape: tuple[int, ...]
+    ranks: tuple[int, ...]  # mesh ranks, row-major
+    mesh_shape: tuple[int, ...]
+    placements: tuple[Placement, ...]
+
+    def __post_init__(self) -> None:
+        if math.prod(self.mesh_shape) != len(self.ranks):
+            raise ValueError(f"mesh shape {self.mesh_shape} does not hold {len(self.ranks)} ranks")
+        if len(self.placements) != len(self.mesh_shape):
+            raise ValueError(f"{len(self.placements)} placements for a {len(self.mesh_shape)}-D mesh")
+        for p in self.placements:
+            if p.is_shard and not 0 <= p.dim < len(self.shape):
+                raise ValueError(f"placement {p} shards dim {p.dim} of a {len(self.shape)}-D tensor")
+
+    @classmethod
+    def replicated(cls, shape: Sequence[int], ranks: Sequence[int]) -> Layout:
+        return cls(tuple(shape), tuple(ranks), (len(ranks),), (REPLICATE,))
+
+    @classmethod
+    def sharded(cls, shape: Sequence[int], ranks: Sequence[int], dim: int = 0) -> Layout:
+        return cls(tuple(shape), tuple(ranks), (len(ranks),), (shard(dim),))
+
+    @cached_property
+    def _rank_pos(self) -> dict[int, int]:
+        return {r: i for i, r in enumerate(self.ranks)}
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def coord(self, rank: int) -> tuple[int, ...]:
+        pos = self._rank_pos[rank]
+        out = []
+        for size in reversed(self.mesh_shape):
+            out.append(pos % size)
+            pos //= size
+        return tuple(reversed(out))
+
+    def index_lists(self, rank: int) -> tuple[list[int], ...]:
+        """Global indices, per tensor dim, of the local piece of ``rank`` (in local order)."""
+        idx = [list(range(s)) for s in self.shape]
+        for axis, (pl, k) in enumerate(zip(self.placements, self.coord(rank))):
+            n = self.mesh_shape[axis]
+            if pl.kind == "shard":
+                idx[pl.dim] = _take(idx[pl.dim], n, k)
+            elif pl.kind == "strided_shard":
+                cur = idx[pl.dim]
+                pieces = [cur[lo:hi] for lo, hi in chunk_bounds(len(cur), pl.split_factor)]
+                idx[pl.dim] = [i for piece in pieces for i in _take(piece, n, k)]
+        return tuple(idx)
+
+    def local_shape(self, rank: int) -> tuple[int, ...]:
+        """Like ``index_lists`` but lengths only (chunking depends on lengths alone), O(mesh axes)."""
+        lens = list(self.shape)
+        for axis, (pl, k) in enumerate(zip(self.placements, self.coord(rank))):
+            n = self.mesh_shape[axis]
+            if pl.kind == "shard":
+                lo, hi = chunk_bound(lens[pl.dim], n, k)
+                lens[pl.dim] = hi - lo
+            elif pl.kind == "strided_shard":
+                pieces = [hi - lo for lo, hi in chunk_bounds(lens[pl.dim], pl.split_factor)]
+                lens[pl.dim] = sum(b - a for p in pieces for a, b in [chunk_bound(p, n, k)])
+        return tuple(lens)
+
+    def local_numel(self, rank: int) -> int:
+        return math.prod(self.local_shape(rank))
+
+    def group_key(self, rank: int) -> tuple[int, ...]:
+        """Coordinates on the replicated axes: ranks with equal keys hold disjoint pieces covering the tensor."""
+        c = self.coord(rank)
+        return tuple(c[a] for a, p in enumerate(self.placements) if not p.is_shard)
+
+    def senders(self, owner: int) -> list[int]:
+        """Ranks (besides ``owner``) whose pieces, with the owner's own, make up the whole tensor."""
+        key = self.group_key(owner)
+        return [r for r in self.ranks if r != owner and self.group_key(r) == key and self.local_numel(r)]
+
+    def receivers(self, owner: int) -> list[int]:
+        """Ranks (besides ``owner``) that hold a non-empty piece and need the result back."""
+        return [r for r in self.ranks if r != owner and self.local_numel(r)]
+
+    def describe(self) -> str:
+        pl = ",".join(str(p) for p in self.placements)
+        return f"shape={list(self.shape)} mesh={list(self.mesh_shape)} ranks={list(self.ranks)} placements=({pl})"

@@ -1,0 +1,141 @@
+"""Read layouts off parameters: DTensor meshes and placements, or plain tensors with process groups."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from .config import DistributedConfig
+from .layout import REPLICATE, Layout, Placement, shard
+
+_GROUPS: dict[tuple[int, ...], object] = {}
+
+
+def placement_of(p) -> Placement:
+    name = type(p).__name__
+    if name == "_StridedShard":
+        return Placement("strided_shard", int(p.dim), int(p.split_factor))
+    if p.is_shard():
+        return Placement("shard", int(p.dim))
+    if p.is_replicate():
+        return REPLICATE
+    if p.is_partial():
+        return Placement("partial")
+    raise ValueError(f"unsupported placement {p!r}")
+
+
+def dtensor_layout(t: DTensor) -> Layout:
+    mesh = t.device_mesh
+    return Layout(
+        tuple(t.shape),
+        tuple(int(r) for r in mesh.mesh.flatten().tolist()),
+        tuple(mesh.mesh.shape),
+        tuple(placement_of(p) for p in t.placements),
+    )
+
+
+def group_for(ranks: Sequence[int]):
+    """A process group over exactly ``ranks``, made once; only those ranks take part (PP stages differ)."""
+    key = tuple(sorted(ranks))
+    if key == tuple(range(dist.get_world_size())):
+        return dist.group.WORLD
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(key), use_local_synchronization=True)
+    return _GROUPS[key]
+
+
+def _group_ranks(pg) -> list[int]:
+    return dist.get_process_group_ranks(pg) if pg is not None else []
+
+
+def process_group_layouts(params: Sequence[Tensor], config: DistributedConfig) -> list[Layout]:
+    """Layouts of plain tensors from the config's groups (axes: replicate, fsdp, tp), checked on every rank."""
+    me = dist.get_rank()
+    axes = [
+        ("replicate", config.replicate_process_group),
+        ("fsdp", config.fsdp_process_group),
+        ("tp", config.tp_process_group),
+    ]
+    used = [(name, pg) for name, pg in axes if pg is not None]
+    if not used:
+        ranks = list(range(dist.get_world_size()))
+        return [Layout.replicated(tuple(p.shape), ranks) for p in params]
+    mine = {
+        "coord": tuple(_group_ranks(pg).index(me) for _, pg in used),
+        "sizes": tuple(len(_group_ranks(pg)) for _, pg in used),
+        "shapes": [tuple(p.shape) for p in params],
+    }
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    mesh_shape = everyone[me]["sizes"]
+    where = {}
+    for r, info in enumerate(everyone):
+        if info["sizes"] == mesh_shape:
+            where.setdefault(info["coord"], r)
+    ranks = []
+    for flat in range(len(where)):
+        coord, rem = [], flat
+        for size in reversed(mesh_shape):
+            coord.append(rem % size)
+            rem //= size
+        ranks.append(where[tuple(reversed(coord))])
+    layouts = []
+    for i, p in enumerate(params):
+        placements = []
+        for name, _ in used:
+            if name == "replicate":
+                placements.append(REPLICATE)
+            elif name == "fsdp":
+                placements.append(shard(config.fsdp_dim))
+            else:
+                d = config.tp_dim_per_param.get(i)
+                placements.append(REPLICATE if d is None else shard(d))
+        # Global size per sharded dim: the sum of the local sizes along that axis at our other coordinates.
+        shape = list(p.shape)
+        for a, pl in enumerate(placements):
+            if not pl.is_shard:
+                continue
+            base = list(everyone[me]["coord"])
+            total = 0
+            for k in range(mesh_shape[a]):
+                base[a] = k
+                total += everyone[where[tuple(base)]]["shapes"][i][pl.dim]
+            shape[pl.dim] = total
+        lay = Layout(tuple(shape), tuple(ranks), tuple(mesh_shape), tuple(placements))
+        if lay.local_shape(me) != tuple(p.shape):
+            raise ValueError(
+                f"parameter {i} has local shape {tuple(p.shape)} on rank {me}, but {lay.describe()} gives "
+                f"{lay.local_shape(me)}: shards must follow torch.chunk sizes"
+            )
+        layouts.append(lay)
+    return layouts
+
+
+def resolve_layouts(params: Sequence[Tensor], config: DistributedConfig) -> list[Layout]:
+    if config.source == "dtensor" or any(isinstance(p, DTensor) for p in params):
+        if not all(isinstance(p, DTensor) for p in params):
+            plain = [i for i, p in enumerate(params) if not isinstance(p, DTensor)]
+            raise ValueError(
+                f"parameters {plain[:8]} are plain tensors while others are DTensors; wrap them as DTensors "
+                "(Replicate) or use create_auto_config for plain tensors"
+            )
+        layouts = [dtensor_layout(p) for p in params]  # type: ignore[arg-type]
+        me = dist.get_rank()
+        for i, (p, lay) in enumerate(zip(params, layouts)):
+            if me in lay.ranks and lay.local_shape(me) != tuple(p.to_local().shape):  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"parameter {i}: local shape {tuple(p.to_local().shape)} differs from "  # type: ignore[attr-defined]
+                    f"{lay.local_shape(me)} expected for {lay.describe()}"
+                )
+        return layouts
+    return process_group_layouts(params, config)
+
+
+def comm_dtype_for(t: Tensor, config: DistributedConfig) -> torch.dtype:
+    if config.comm_dtype is not None:
+        return config.comm_dtype
+    return torch.bfloat16 if t.device.type == "cuda" else t.dtype
