@@ -50,8 +50,8 @@ from .ops import BACKENDS, get_norm
 #: keys of ``optimizer_kwargs`` that only steer routing; ``create_disco_param_groups`` removes them.
 ROUTING_KEYS = ("extra_param_group_split_rules", "vector_algorithm", "name_of_output")
 
-#: values of a group's ``algorithm``.
-ALGORITHMS = ("disco", "muon", "scion", "dion", "adamw", "lion", "sign")
+#: values of a group's ``algorithm`` (those ``disco.optim``'s optimizers accept).
+ALGORITHMS = ("disco", "muon", "scion", "adamw", "lion", "sign")
 
 #: element-wise algorithms that ``vector_algorithm`` may name.
 VECTOR_ALGORITHMS = ("adamw", "lion")
@@ -79,11 +79,7 @@ def _validate_overrides(overrides: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}: {e}") from None
     if "backend" in overrides and overrides["backend"] is not None and overrides["backend"] not in BACKENDS:
         raise ValueError(f"{where}: unknown backend {overrides['backend']!r}; valid: {sorted(BACKENDS)}")
-    if (
-        "algorithm" in overrides
-        and overrides["algorithm"] is not None
-        and overrides["algorithm"] not in ALGORITHMS
-    ):
+    if "algorithm" in overrides and overrides["algorithm"] is not None and overrides["algorithm"] not in ALGORITHMS:
         raise ValueError(f"{where}: unknown algorithm {overrides['algorithm']!r}; valid: {list(ALGORITHMS)}")
 
 
@@ -97,9 +93,7 @@ def _compile_rules(rules: Any) -> list[tuple[re.Pattern[str], dict[str, Any], st
     out = []
     for i, rule in enumerate(rules):
         if not isinstance(rule, dict) or "str_match" not in rule:
-            raise ValueError(
-                f"extra_param_group_split_rules[{i}] must be a dict with a 'str_match' regex: {rule!r}"
-            )
+            raise ValueError(f"extra_param_group_split_rules[{i}] must be a dict with a 'str_match' regex: {rule!r}")
         where = f"extra_param_group_split_rules[{i}] (str_match={rule['str_match']!r})"
         try:
             pattern = re.compile(rule["str_match"])
@@ -324,9 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m disco groups",
         description="Print how create_disco_param_groups routes a model's parameters.",
     )
-    parser.add_argument(
-        "factory", help="MODULE:FACTORY (or path/to/file.py:FACTORY); called with no arguments"
-    )
+    parser.add_argument("factory", help="MODULE:FACTORY (or path/to/file.py:FACTORY); called with no arguments")
     parser.add_argument("--kwargs", default=None, help="optimizer_kwargs as JSON (routing rules included)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
