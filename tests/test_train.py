@@ -1,0 +1,209 @@
+"""The training job (``python -m disco train``): model, data, registry, runs, checkpoints, parallelism."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import disco.optim  # noqa: F401  (registers every optimizer)
+from disco.optim.registry import get_optimizer_spec, optimizer_names, register_optimizer, unregister_optimizer
+from disco.train import cli
+from disco.train.config import config_from_dict
+from disco.train.data import BatchSampler, load_text, train_val_split
+from disco.train.model import GPT, GPTConfig
+from disco.train.report import SUMMARY_KEYS, read_metrics
+
+TINY = {"dim": 64, "n_layers": 2, "n_heads": 4}
+
+
+def tiny_cfg(out, **kw):
+    base = {
+        "model": TINY,
+        "optimizers": ["adamw"],
+        "steps": 12,
+        "batch_size": 8,
+        "seq_len": 64,
+        "warmup_steps": 2,
+        "cooldown_frac": 0.3,
+        "eval_every": 0,
+        "eval_batches": 2,
+        "out": str(out),
+        "device": "cpu",
+    }
+    return config_from_dict({**base, **kw})
+
+
+def losses(out, name):
+    return [r["train_loss"] for r in read_metrics(Path(out) / name / "metrics.jsonl")]
+
+
+# --- model, data, registry ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [{}, {"fused_qkv": True}, {"n_experts": 4, "top_k": 2}])
+def test_model_names_shapes_and_backward(kw):
+    model = GPT(GPTConfig(**TINY, max_seq_len=32, **kw))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert shapes["tok_embeddings.weight"] == (256, 64) and shapes["output.weight"] == (256, 64)
+    assert shapes["norm.weight"] == (64,) and shapes["layers.1.attention_norm.weight"] == (64,)
+    if kw.get("fused_qkv"):
+        assert shapes["layers.0.attention.wqkv.weight"] == (192, 64)
+    else:
+        assert all(shapes[f"layers.0.attention.{w}.weight"] == (64, 64) for w in ("wq", "wk", "wv", "wo"))
+    if kw.get("n_experts"):
+        assert shapes["layers.0.moe.experts.w1"] == (4, 192, 64) and shapes["layers.0.moe.experts.w2"] == (4, 64, 192)
+        assert shapes["layers.0.moe.router.weight"] == (4, 64)
+    else:
+        assert shapes["layers.0.feed_forward.w1.weight"] == (192, 64)
+    logits = model(torch.randint(0, 256, (2, 32)))
+    assert logits.shape == (2, 32, 256)
+    logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_model_is_causal():
+    model = GPT(GPTConfig(**TINY, max_seq_len=16))
+    x = torch.randint(0, 256, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 256
+    assert torch.allclose(model(x)[0, :10], model(y)[0, :10], atol=1e-5)
+
+
+def test_data_split_and_deterministic_rank_slices():
+    text = load_text()
+    assert len(text) > 400_000
+    train, val = train_val_split(text)
+    assert len(train) + len(val) == len(text) and abs(len(val) / len(text) - 0.1) < 1e-3
+    full = BatchSampler(train, 32, 8, seed=3)
+    halves = [BatchSampler(train, 32, 8, seed=3, dp_rank=r, dp_size=2) for r in range(2)]
+    for _ in range(3):
+        x, y = full.next()
+        parts = [h.next() for h in halves]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+        assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_registry():
+    assert "adamw" in optimizer_names()
+    spec = get_optimizer_spec("adamw")
+    assert spec.default_lr > 0
+    with pytest.raises(ValueError, match="adamw"):
+        get_optimizer_spec("no-such-optimizer")
+    with pytest.raises(ValueError, match="already registered"):
+        register_optimizer("adamw", default_lr=1.0)(lambda model, **kw: None)
+    opt = spec.build(GPT(GPTConfig(**TINY)), lr=1e-3, weight_decay=0.1)
+    decays = {g["weight_decay"] for g in opt.param_groups for p in g["params"] if p.ndim < 2}
+    assert decays == {0.0}
+
+
+def test_disco_init_hook_orthogonalises_hidden_matrices():
+    from disco.train.loop import apply_init
+
+    model = GPT(GPTConfig(**TINY, n_experts=2))
+    head = model.output.weight.clone()
+    apply_init(model, "orthogonal")
+    s = torch.linalg.svdvals(model.layers[0].attention.wq.weight)
+    torch.testing.assert_close(s, torch.ones_like(s), atol=1e-5, rtol=0)
+    s = torch.linalg.svdvals(model.layers[1].moe.experts.w2)  # [E, 64, 192]: each expert on its own
+    torch.testing.assert_close(s, torch.ones_like(s), atol=1e-5, rtol=0)
+    assert torch.equal(model.output.weight, head)
+
+
+# --- runs ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", optimizer_names())
+def test_short_run_loss_drops(name, tmp_path):
+    results = cli.run(tiny_cfg(tmp_path, optimizers=[name]))
+    first = losses(tmp_path, name)[0]
+    assert math.isclose(first, math.log(256), abs_tol=0.3)
+    assert results[name]["steps"] == 12
+    assert results[name]["final_train_loss"] < first - 0.5, (first, results[name])
+    assert results[name]["final_val_loss"] < first - 0.5
+
+
+class _NormSGD(torch.optim.SGD):
+    """SGD with the norm-tracking protocol, to exercise the loop's hooks."""
+
+    def calculate_norm_at_next_step(self, norms=None):
+        self._track = True
+
+    def get_norms_at_current_step(self):
+        assert self._track
+        self._track = False
+        return {"total_param_norm": torch.stack([p.norm() for g in self.param_groups for p in g["params"]]).norm()}
+
+
+@pytest.fixture
+def tmp_optimizer():
+    @register_optimizer("tmp_sgd", default_lr=0.5, doc="test only")
+    def build(model, *, lr, weight_decay=0.0, **kw):
+        return _NormSGD(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    yield "tmp_sgd"
+    unregister_optimizer("tmp_sgd")
+
+
+def test_cli_yaml_overrides_summary_plot_and_norms(tmp_path, tmp_optimizer, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "model: {dim: 64, n_layers: 2, n_heads: 4}\noptimizers: adamw\nsteps: 50\nbatch_size: 8\nseq_len: 64\n"
+        "warmup_steps: 1\neval_batches: 1\ndevice: cpu\n"
+    )
+    out = tmp_path / "out"
+    argv = ["--config", str(cfg), "--optimizers", f"adamw,{tmp_optimizer}", "--steps", "4", "--out", str(out)]
+    assert cli.main([*argv, "--eval-every", "2", "--track-norms-every", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["results"] and list(summary["results"]) == ["adamw", tmp_optimizer]
+    for row in summary["results"].values():
+        assert tuple(row) == SUMMARY_KEYS and row["steps"] == 4
+    assert (out / "loss.png").stat().st_size > 1000
+    rows = read_metrics(out / tmp_optimizer / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert ["val_loss" in r for r in rows] == [False, True, False, True]
+    assert ["norms" in r for r in rows] == [False, True, False, True]
+    assert all(set(r) >= {"step", "train_loss", "lr", "tokens_per_s", "wall_s"} for r in rows)
+    # same seed, same data: both optimizers start from the same model on the same first batch
+    assert losses(out, "adamw")[0] == losses(out, tmp_optimizer)[0]
+    assert "final_train_loss" not in capsys.readouterr().err
+
+
+def test_resume_continues_the_same_curve(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=6, ckpt_every=3)
+    cli.run(cfg)
+    straight = losses(tmp_path, "adamw")
+    shutil.rmtree(tmp_path / "adamw" / "ckpt" / "step_000006")  # as if the run died after step 3..5
+    resumed = cli.run(tiny_cfg(tmp_path, steps=6, ckpt_every=3, resume=True))
+    again = losses(tmp_path, "adamw")
+    assert len(again) == 6 and resumed["adamw"]["steps"] == 6
+    assert again[:3] == straight[:3]
+    torch.testing.assert_close(torch.tensor(again[3:]), torch.tensor(straight[3:]), atol=1e-5, rtol=0)
+
+
+# --- several ranks ---------------------------------------------------------------------------------------------
+
+
+def _rank_run(rank, world_size, out, parallel, extra):
+    return cli.run(tiny_cfg(out, steps=6, parallel=parallel, **extra))["adamw"]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "parallel,extra",
+    [("ddp", {}), ("fsdp", {}), ("hsdp", {"dp_shard": 1}), ("tp", {}), ("fsdp+tp", {"tp_size": 2})],
+)
+def test_two_ranks_match_one_process(parallel, extra, tmp_path):
+    from dist_harness import run_ranks
+
+    single = cli.run(tiny_cfg(tmp_path / "single", steps=6))["adamw"]
+    out = run_ranks(_rank_run, 2, str(tmp_path / parallel), parallel, extra, timeout=90)
+    assert out[0] == out[1] or all(math.isclose(out[0][k], out[1][k]) for k in ("final_val_loss", "steps"))
+    ref, got = losses(tmp_path / "single", "adamw"), losses(tmp_path / parallel, "adamw")
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=2e-4, rtol=0)
+    assert math.isclose(out[0]["final_val_loss"], single["final_val_loss"], abs_tol=2e-4)
+    assert (tmp_path / parallel / "adamw" / "ckpt" / "step_000006" / ".metadata").exists()
