@@ -1,0 +1,35 @@
+"""Benchmarks (scripts, not tests): ``python -m disco bench {ortho,step,dist} [options]``.
+
+Each sub-benchmark lives in its own module with a ``main(argv) -> int`` and is imported only when asked for,
+so that ``bench ortho`` works whatever the state of the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "ortho": ("disco.bench.ortho", "Orthogonalization backends and tables: time, error vs SVD, singular values."),
+    "step": ("disco.bench.step", "One optimizer step against its peers."),
+    "dist": ("disco.bench.dist", "Distributed step: communication volume and time per layout."),
+}
+
+
+def _usage(file=None) -> None:
+    print("usage: python -m disco bench {" + ",".join(BENCHMARKS) + "} [options]\n", file=file)
+    for name, (_, doc) in BENCHMARKS.items():
+        print(f"  {name:6s} {doc}", file=file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _usage()
+        return 0
+    if argv[0] not in BENCHMARKS:
+        print(f"unknown benchmark {argv[0]!r}", file=sys.stderr)
+        _usage(sys.stderr)
+        return 2
+    module = importlib.import_module(BENCHMARKS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)

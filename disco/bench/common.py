@@ -1,0 +1,117 @@
+"""Shared helpers for the benchmarks: timing, a fixed-width table, and one-JSON-object output."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import torch
+
+# A column is a row key, or (key, header), or (key, header, format spec such as ".3g").
+Column = str | tuple[str, str] | tuple[str, str, str]
+
+
+def _column(col: Column) -> tuple[str, str, str | None]:
+    if isinstance(col, str):
+        return col, col, None
+    if len(col) == 2:
+        return col[0], col[1], None
+    return col[0], col[1], col[2]  # type: ignore[misc]
+
+
+def format_value(value: Any, spec: str | None = None) -> str:
+    """``-`` for missing values; floats with ``spec`` or 4 significant digits; everything else ``str``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return format(value, spec or ".4g")
+    if spec and isinstance(value, int):
+        return format(value, spec)
+    if isinstance(value, (tuple, list)):
+        return "x".join(str(v) for v in value)
+    return str(value)
+
+
+def print_table(rows: list[dict], columns: Sequence[Column] | None = None, file: TextIO | None = None) -> None:
+    """Print ``rows`` as a fixed-width table: text left-aligned, numbers right-aligned, one header line."""
+    out = file or sys.stdout
+    cols = [_column(c) for c in (columns if columns is not None else list(rows[0]) if rows else [])]
+    cells = [[format_value(row.get(key), spec) for key, _, spec in cols] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, (_, h, _) in enumerate(cols)]
+    numeric = [
+        all(isinstance(row.get(key), (int, float)) or row.get(key) is None for row in rows) for key, _, _ in cols
+    ]
+
+    def line(values: list[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return "  ".join(parts).rstrip()
+
+    print(line([h for _, h, _ in cols]), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for r in cells:
+        print(line(r), file=out)
+
+
+def environment() -> dict[str, Any]:
+    """Where the numbers come from: torch version, device, threads, machine."""
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        env["cuda_device"] = torch.cuda.get_device_name()
+    return env
+
+
+def emit(
+    rows: list[dict],
+    json_flag: bool,
+    columns: Sequence[Column] | None = None,
+    meta: dict[str, Any] | None = None,
+    file: TextIO | None = None,
+) -> None:
+    """Print one JSON object ``{**meta, "rows": rows}`` when ``json_flag``, else ``meta`` lines and a table."""
+    out = file or sys.stdout
+    meta = dict(meta or {})
+    if json_flag:
+        print(json.dumps({**meta, "rows": rows}, default=str), file=out)
+        return
+    for key, value in meta.items():
+        print(f"# {key}: {format_value(value)}", file=out)
+    print_table(rows, columns, file=out)
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(
+    fn: Callable[[], Any], repeat: int = 3, warmup: int = 1, device: torch.device | str | None = None
+) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeat`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def parse_ints(text: str) -> list[int]:
+    """``"256,512,1024"`` -> ``[256, 512, 1024]``."""
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
