@@ -97,7 +97,7 @@ def route(model: nn.Module, kwargs: dict) -> tuple[dict[str, dict], list[dict], 
     for gi, g in enumerate(groups):
         assert g["params"], "empty group kept"
         assert len(g["params"]) == len(g["param_names"])
-        for n, p in zip(g["param_names"], g["params"]):
+        for n in g["param_names"]:
             assert n not in table, f"{n} routed twice"
             table[n] = {"group": gi, **{k: v for k, v in g.items() if k not in ("params", "param_names")}}
     ids = [id(p) for g in groups for p in g["params"]]
