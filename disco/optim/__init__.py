@@ -1,1 +1,9 @@
-"""Disco optim."""
+"""Optimizers: ``Disco``, ``Muon``, ``Scion`` (and their element-wise groups); importing registers them."""
+
+from . import builders as _builders  # noqa: F401  (registers the optimizers with the training CLI)
+from .base import SpectralOptimizer
+from .disco import Disco
+from .muon import Muon
+from .scion import Scion
+
+__all__ = ["Disco", "Muon", "Scion", "SpectralOptimizer"]

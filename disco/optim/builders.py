@@ -1,0 +1,84 @@
+"""Registrations for the training CLI: each optimizer builds itself from a model, with its default lr."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from .registry import register_optimizer
+
+# Element-wise settings for embeddings, head and vectors when an optimizer keeps AdamW for them.
+_ADAMW_SIDE = {"algorithm": "adamw", "betas": (0.9, 0.95), "adam_eps": 1e-8, "weight_decay": 0.0}
+
+
+def _route(model: nn.Module, kwargs: dict[str, Any]):
+    from ..groups import create_disco_param_groups
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CLI prints the routing table itself where asked
+        return create_disco_param_groups(model, kwargs)
+
+
+@register_optimizer("muon", default_lr=0.02, doc="disco.Muon on hidden matrices, AdamW (lr 3e-3) on the rest")
+def build_muon(model: nn.Module, *, lr: float, weight_decay: float = 0.0, adamw_lr: float = 3e-3, **kwargs):
+    from .muon import Muon
+
+    side = {**_ADAMW_SIDE, "lr": adamw_lr}
+    groups, _ = _route(
+        model,
+        {
+            "extra_param_group_split_rules": [
+                {"str_match": r"(^|\.)(tok_embeddings|output)\.weight$", **side},
+            ],
+            "vector_algorithm": "adamw",
+        },
+    )
+    for g in groups:
+        if g.get("algorithm") == "adamw":
+            g.update({k: v for k, v in side.items() if k not in g})
+            g.setdefault("lr", adamw_lr)
+        g.pop("norm_factor", None)
+        g.pop("backend", None)
+    return Muon(groups, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+@register_optimizer("disco", default_lr=0.02, doc="disco.Disco: spectral hidden, embed_sqrt / unembed_sqrt, bias_rms")
+def build_disco(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs):
+    from .disco import Disco
+
+    opt_kwargs = {
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "momentum": 0.95,
+        "nesterov": True,
+        "norm_factor": "spectral",
+        "backend": "newtonschulz5",
+        "backend_steps": 5,
+        "name_of_embedding": "tok_embeddings",
+        "extra_param_group_split_rules": [
+            {"str_match": r"(^|\.)tok_embeddings\.weight$", "norm_factor": "embed_sqrt", "backend": "identity"},
+            {"str_match": r"(^|\.)output\.weight$", "norm_factor": "unembed_sqrt", "backend": "identity"},
+        ],
+        **kwargs,
+    }
+    groups, cleaned = _route(model, opt_kwargs)
+    return Disco(groups, **cleaned)
+
+
+@register_optimizer("scion", default_lr=0.02, doc="disco.Scion, unconstrained, spectral hidden / row-norm embeddings")
+def build_scion(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs):
+    from .scion import Scion
+
+    groups, _ = _route(
+        model,
+        {
+            "extra_param_group_split_rules": [
+                {"str_match": r"(^|\.)tok_embeddings\.weight$", "norm_factor": "embed_sqrt", "backend": "identity"},
+                {"str_match": r"(^|\.)output\.weight$", "norm_factor": "unembed_sqrt", "backend": "identity"},
+            ],
+        },
+    )
+    kwargs.setdefault("constrained", False)
+    return Scion(groups, lr=lr, weight_decay=weight_decay, **kwargs)

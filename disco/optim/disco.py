@@ -1,0 +1,84 @@
+"""``Disco``: the spectral-conditioned umbrella optimizer (per-group LMO, norm factor and backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .base import SpectralOptimizer
+
+
+class Disco(SpectralOptimizer):
+    r"""Steepest descent under a per-layer operator norm, distributed with zero redundancy.
+
+    For each matrix parameter ``W`` with gradient ``G`` (per group: ``norm_factor``, ``backend``)::
+
+        M <- momentum * M + (1 - momentum) * G          # EMA (lerp); in p.grad itself when is_light
+        U <- lerp(G, M, momentum) if nesterov else M
+        O <- norm_factor(W) * polar(U)                  # e.g. sqrt(fan_out/fan_in) * U V^T (spectral condition)
+        W <- (1 - lr * weight_decay) * W - lr * O
+
+    Embeddings and heads use row normalisations (``embed_sqrt``, ``unembed_sqrt``, usually with
+    ``backend="identity"``), vectors ``bias_rms`` or ``sign``; groups with ``algorithm="adamw"``/``"lion"`` take an
+    element-wise update instead, inside the same optimizer.
+
+    Args:
+        params: parameters or groups (``create_disco_param_groups`` builds them by name).
+        lr, momentum, nesterov, weight_decay: as above.
+        eps: added to the Frobenius norm before Newton-Schulz.
+        norm_factor: a name from ``disco.ops.NORMS``.
+        backend, backend_steps: orthogonalization backend (``newtonschulz5``, ``polar_express``, ``svd``,
+            ``identity``) and its iterations; ``coefficients`` picks a table.
+        is_light: keep the momentum in ``p.grad`` instead of a buffer (saves one parameter-sized tensor).
+            Then **do not zero gradients between steps**: the optimizer rescales ``p.grad`` after each step so
+            that the next backward's accumulation gives the EMA momentum. ``nesterov`` must be False. A missing
+            gradient after a step (``zero_grad(set_to_none=True)``) raises.
+        parallel_dims: TorchTitan's ``ParallelDims`` (or ``DummyParallelDims``); optional, layouts are read
+            from the DTensor parameters.
+        name_of_embedding: kept for the routing helpers.
+        distributed_config: ``create_dtensor_config()``, ``create_auto_config(...)`` or ``None`` (DTensor
+            parameters are detected; plain tensors then run single-device).
+
+    References: spectral condition (arXiv 2310.17813); modular norm (arXiv 2405.14813); Scion (arXiv 2502.07529).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        *,
+        lr: float = 1e-2,
+        momentum: float = 0.95,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        eps: float = 1e-7,
+        norm_factor: str = "spectral",
+        backend: str = "newtonschulz5",
+        backend_steps: int = 5,
+        coefficients: Any = None,
+        compute_dtype: torch.dtype | None = None,
+        is_light: bool = False,
+        parallel_dims: Any = None,
+        name_of_embedding: str | None = None,
+        distributed_config: Any = None,
+    ) -> None:
+        if lr < 0 or not 0 <= momentum < 1:
+            raise ValueError(f"invalid lr={lr} or momentum={momentum} (need lr >= 0, 0 <= momentum < 1)")
+        defaults = dict(
+            algorithm="disco",
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            eps=eps,
+            norm_factor=norm_factor,
+            backend=backend,
+            backend_steps=backend_steps,
+            coefficients=coefficients,
+            compute_dtype=compute_dtype,
+            is_light=is_light,
+        )
+        self.parallel_dims = parallel_dims
+        self.name_of_embedding = name_of_embedding
+        super().__init__(params, defaults, distributed_config=distributed_config)

@@ -1,0 +1,73 @@
+"""Element-wise updates for the parameters that are not matrices: AdamW, Lion, signSGD with momentum.
+
+They act on local pieces only (every op is element-wise), so sharded parameters need no communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def init_state(algorithm: str, p: Tensor) -> dict[str, Tensor]:
+    z = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
+    if algorithm == "adamw":
+        return {"step": torch.zeros((), dtype=torch.float32), "exp_avg": z(), "exp_avg_sq": z()}
+    if algorithm == "lion":
+        return {"exp_avg": z()}
+    return {"momentum_buffer": z()}
+
+
+def adamw(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
+    r"""AdamW (Loshchilov & Hutter): ``m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g^2;
+    p <- (1 - lr wd) p - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)``."""
+    b1, b2 = group.get("betas", (0.9, 0.95))
+    lr, wd, eps = group["lr"], group.get("weight_decay", 0.0), group.get("adam_eps", 1e-8)
+    state["step"] += 1
+    t = float(state["step"])
+    m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    if wd:
+        p.mul_(1 - lr * wd)
+    denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+
+
+def lion(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
+    r"""Lion (Chen et al., 2023): ``p <- (1 - lr wd) p - lr sign(lerp(m, g, 1-b1)); m <- lerp(m, g, 1-b2)``."""
+    b1, b2 = group.get("betas", (0.9, 0.99))
+    lr, wd = group["lr"], group.get("weight_decay", 0.0)
+    m = _local(state["exp_avg"])
+    if wd:
+        p.mul_(1 - lr * wd)
+    p.add_(torch.sign(m.lerp(g, 1 - b1)), alpha=-lr)
+    m.lerp_(g, 1 - b2)
+
+
+def sign(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
+    r"""signSGD with EMA momentum: ``m <- lerp(m, g, 1-beta); p <- (1 - lr wd) p - lr sign(m)``."""
+    lr, wd, beta = group["lr"], group.get("weight_decay", 0.0), group.get("momentum", 0.9)
+    m = _local(state["momentum_buffer"])
+    m.lerp_(g, 1 - beta)
+    if wd:
+        p.mul_(1 - lr * wd)
+    p.add_(torch.sign(m), alpha=-lr)
+
+
+STEPS: dict[str, Callable[[Tensor, Tensor, dict, dict], None]] = {"adamw": adamw, "lion": lion, "sign": sign}
+
+
+@torch.no_grad()
+def step(algorithm: str, p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+    g = grad
+    if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
+        g = g.redistribute(p.device_mesh, p.placements)
+    STEPS[algorithm](_local(p), _local(g), state, group)

@@ -1,0 +1,68 @@
+"""``Muon``: a drop-in for ``torch.optim.Muon`` with distribution, conv / 3-D weights and backend choice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .base import SpectralOptimizer
+
+_ADJUST = {None: "original", "original": "original", "match_rms_adamw": "match_rms_adamw"}
+
+
+class Muon(SpectralOptimizer):
+    r"""MomentUm Orthogonalized by Newton-Schulz (Jordan et al.), same signature and numerics as torch's.
+
+    ::
+
+        B <- lerp(B, G, 1 - momentum)
+        U <- lerp(G, B, momentum) if nesterov else B
+        O <- NS_{ns_steps}(U; ns_coefficients, eps)
+        W <- (1 - lr * weight_decay) * W - adjust(lr, shape) * O
+
+    ``adjust_lr_fn``: ``None``/``"original"`` scales by ``sqrt(max(1, rows/cols))``, ``"match_rms_adamw"`` by
+    ``0.2 * sqrt(max(rows, cols))`` (Moonlight). Beyond torch: ``compute_dtype`` (torch always runs in bf16; ours
+    defaults to bf16 on CUDA and fp32 on CPU), ``backend`` (``polar_express``, ``svd``...), conv weights
+    (flattened to ``out x in*k*k``) and 3-D expert stacks (a batch of matrices), parameter groups with
+    ``algorithm="adamw"``/``"lion"`` for non-matrix parameters, and ``distributed_config``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        distributed_config: Any = None,
+        backend: str = "newtonschulz5",
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        if adjust_lr_fn not in _ADJUST:
+            raise ValueError(f"adjust_lr_fn must be one of {list(_ADJUST)}, got {adjust_lr_fn!r}")
+        if ns_steps >= 100:
+            raise ValueError(f"ns_steps must be < 100, got {ns_steps}")
+        if not 0 <= momentum < 1 or lr < 0:
+            raise ValueError(f"invalid lr={lr} or momentum={momentum}")
+        defaults = dict(
+            algorithm="muon",
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            coefficients=tuple(ns_coefficients),
+            eps=eps,
+            backend_steps=ns_steps,
+            norm_factor=_ADJUST[adjust_lr_fn],
+            adjust_lr_fn=adjust_lr_fn,
+            backend=backend,
+            compute_dtype=compute_dtype,
+        )
+        super().__init__(params, defaults, distributed_config=distributed_config)

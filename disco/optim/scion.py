@@ -1,0 +1,82 @@
+"""``Scion``: norm-constrained LMO descent (Pethick et al., arXiv 2502.07529)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .base import SpectralOptimizer
+
+_PRECISIONS = ("highest", "high", "medium")
+
+
+class Scion(SpectralOptimizer):
+    r"""Scion: conditional-gradient (Frank-Wolfe) steps inside a norm ball of radius ``spectral_radius``.
+
+    ::
+
+        M <- lerp(M, G, 1 - momentum_beta)
+        O <- norm_factor * polar(M)                       # per-group LMO ("spectral" = sqrt(fan_out/fan_in))
+        W <- (1 - lr) * W - lr * spectral_radius * O      # constrained (default): W stays in the ball
+        W <- W - lr * spectral_radius * O                 # constrained=False (unconstrained Scion)
+
+    Args:
+        lr, momentum_beta, spectral_radius: as above.
+        fp32_matmul_prec: ``torch.set_float32_matmul_precision`` during the orthogonalization.
+        coefficient_type: Newton-Schulz table (``quintic`` = ``you``, ``simple`` = ``keller``,
+            ``polar_express``...).
+        num_ns_steps: Newton-Schulz iterations.
+        constrained: Frank-Wolfe update (default) or the unconstrained one.
+        norm_factor, backend: per-group LMO (vectors: ``bias_rms`` / ``sign``; embeddings: ``embed_sqrt``...).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 3e-4,
+        momentum_beta: float = 0.95,
+        *,
+        fp32_matmul_prec: str = "medium",
+        coefficient_type: str = "quintic",
+        num_ns_steps: int = 5,
+        spectral_radius: float = 1.0,
+        constrained: bool = True,
+        weight_decay: float = 0.0,
+        norm_factor: str = "spectral",
+        backend: str = "newtonschulz5",
+        eps: float = 1e-7,
+        compute_dtype: torch.dtype | None = torch.float32,
+        distributed_config: Any = None,
+    ) -> None:
+        if fp32_matmul_prec not in _PRECISIONS:
+            raise ValueError(f"fp32_matmul_prec must be one of {_PRECISIONS}, got {fp32_matmul_prec!r}")
+        if not 0 <= momentum_beta < 1 or lr < 0:
+            raise ValueError(f"invalid lr={lr} or momentum_beta={momentum_beta}")
+        defaults = dict(
+            algorithm="scion",
+            lr=lr,
+            momentum=momentum_beta,
+            nesterov=False,
+            coefficients=coefficient_type,
+            backend_steps=num_ns_steps,
+            scale=spectral_radius,
+            update_rule="frank_wolfe" if constrained else "decoupled",
+            weight_decay=weight_decay,
+            norm_factor=norm_factor,
+            backend=backend,
+            eps=eps,
+            compute_dtype=compute_dtype,
+        )
+        self.fp32_matmul_prec = fp32_matmul_prec
+        super().__init__(params, defaults, distributed_config=distributed_config)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.fp32_matmul_prec)
+        try:
+            return super().step(closure)
+        finally:
+            torch.set_float32_matmul_precision(previous)
