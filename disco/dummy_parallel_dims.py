@@ -44,9 +44,7 @@ class DummyParallelDims:
         rest = self.dp_replicate * self.cp * self.tp * self.pp
         if self.dp_shard == -1:
             if self.world_size % rest:
-                raise ValueError(
-                    f"world_size {self.world_size} is not divisible by dp_replicate*cp*tp*pp={rest}"
-                )
+                raise ValueError(f"world_size {self.world_size} is not divisible by dp_replicate*cp*tp*pp={rest}")
             self.dp_shard = self.world_size // rest
         elif rest * self.dp_shard == 1 and self.world_size > 1:
             self.dp_replicate = self.world_size  # plain DDP: every rank is a replica

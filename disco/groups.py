@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(routing_table(groups, {**_optimizer_defaults(), **cleaned}))
     for w in caught:
-        print(f"warning: {w.message}")
+        print(f"warning: {w.message}", file=sys.stderr)
     return 0
 
 

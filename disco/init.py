@@ -178,15 +178,11 @@ def scaled_orthogonal_(
     ``"image_spectral"`` ``max(1, sqrt(fan_out / fan_in))``; ``"unit"`` 1; a number is used as is.
     """
     _, rows, cols = _split(tensor.shape, batch_dims)
-    return orthogonal_(
-        tensor, gain * _scale_factor(scale, rows, cols), generator=generator, batch_dims=batch_dims
-    )
+    return orthogonal_(tensor, gain * _scale_factor(scale, rows, cols), generator=generator, batch_dims=batch_dims)
 
 
 @torch.no_grad()
-def image_orthogonal_(
-    tensor: Tensor, *, gain: float = 1.0, generator: torch.Generator | None = None
-) -> Tensor:
+def image_orthogonal_(tensor: Tensor, *, gain: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """Conv / image weights: semi-orthogonal on the ``out x (in * k * ...)`` view, singular values
     ``gain * max(1, sqrt(out / (in * k * ...)))``. The whole tensor is one matrix (no expert batch)."""
     return scaled_orthogonal_(tensor, scale="image_spectral", gain=gain, generator=generator, batch_dims=0)
