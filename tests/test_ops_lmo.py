@@ -60,9 +60,7 @@ def test_spectral_family_duality(norm, shape):
     nuclear = torch.linalg.svdvals(G).sum().item()
     assert inner(G, D) == pytest.approx(factor * nuclear, rel=1e-12)
     s = torch.linalg.svdvals(D)
-    assert s.max().item() == pytest.approx(factor, rel=1e-12) and s.min().item() == pytest.approx(
-        factor, rel=1e-10
-    )
+    assert s.max().item() == pytest.approx(factor, rel=1e-12) and s.min().item() == pytest.approx(factor, rel=1e-10)
     for seed in range(5):  # any other point of the ball pairs lower with G
         other = factor * orthogonalize(gaussian(*shape, seed=100 + seed), backend="svd")
         assert inner(G, other) < inner(G, D)
@@ -80,9 +78,7 @@ def test_row_norms_duality(norm):
     assert inner(G, D) == pytest.approx(factor * row_l2.sum().item(), rel=1e-12)
     d_rows = torch.linalg.vector_norm(D, dim=-1)
     assert (D[3] == 0).all()
-    torch.testing.assert_close(
-        d_rows[row_l2 > 0], torch.full_like(d_rows[row_l2 > 0], factor), rtol=1e-12, atol=0
-    )
+    torch.testing.assert_close(d_rows[row_l2 > 0], torch.full_like(d_rows[row_l2 > 0], factor), rtol=1e-12, atol=0)
     # each row points along the gradient's row
     cos = (D * G).sum(-1)[row_l2 > 0] / (d_rows * row_l2)[row_l2 > 0]
     torch.testing.assert_close(cos, torch.ones_like(cos))
@@ -209,9 +205,9 @@ def test_input_not_modified(norm):
 
 # ---------------------------------------------------------------------------------------------- hypothesis
 
-mats = st.tuples(
-    st.lists(st.integers(1, 3), min_size=0, max_size=2), st.integers(1, 48), st.integers(1, 48)
-).map(lambda t: (*t[0], t[1], t[2]))
+mats = st.tuples(st.lists(st.integers(1, 3), min_size=0, max_size=2), st.integers(1, 48), st.integers(1, 48)).map(
+    lambda t: (*t[0], t[1], t[2])
+)
 
 
 @settings(max_examples=30, deadline=None)
@@ -246,9 +242,7 @@ def test_property_row_norms(shape, norm, dtype, seed):
     factor = ROW_NORMS[norm](shape[-1])
     rows = torch.linalg.vector_norm(D.double(), dim=-1)
     torch.testing.assert_close(rows, torch.full_like(rows, factor), rtol=1e-5, atol=0)
-    assert inner(G, D) == pytest.approx(
-        factor * torch.linalg.vector_norm(G.double(), dim=-1).sum().item(), rel=1e-5
-    )
+    assert inner(G, D) == pytest.approx(factor * torch.linalg.vector_norm(G.double(), dim=-1).sum().item(), rel=1e-5)
 
 
 @settings(max_examples=30, deadline=None)
@@ -264,7 +258,5 @@ def test_property_newton_schulz_lmo_is_bounded_and_aligned(shape, norm, backend,
     factor = norm_factor(norm, tuple(G.shape))
     assert torch.isfinite(D).all()
     s = torch.linalg.svdvals(matrix_view(D, norm).double())
-    assert (
-        s.max().item() <= 1.21 * factor + 1e-6
-    )  # keller's scalar map stays below 1.21 (test_ops_orthogonalize)
+    assert s.max().item() <= 1.21 * factor + 1e-6  # keller's scalar map stays below 1.21 (test_ops_orthogonalize)
     assert inner(G, D) > 0  # a descent direction: positively aligned with the gradient

@@ -272,6 +272,19 @@ def test_svd_maps_the_null_space_to_zero():
         assert (O @ null).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype,small", [(torch.float32, 1e-5), (torch.float64, 2e-14)])
+def test_svd_keeps_small_but_genuine_singular_values(dtype, small):
+    """6 of 96 singular values at ``small`` (relative): real directions, kept (a rank-revealing ``max(m, n) *
+    eps`` cut would drop them, error 0.25); they are only resolved to about eps / small, hence the 0.02."""
+    U = torch.linalg.qr(gaussian(128, 96, seed=27, dtype=torch.float64))[0]
+    V = torch.linalg.qr(gaussian(96, 96, seed=28, dtype=torch.float64))[0]
+    S = torch.cat([torch.ones(90, dtype=torch.float64), torch.full((6,), small, dtype=torch.float64)])
+    G = (U @ torch.diag(S) @ V.T).to(dtype)
+    O = orthogonalize(G, backend="svd")
+    assert rel_err(O, polar64(G)) < 0.02
+    assert (svals(O) > 0.9).all()
+
+
 @pytest.mark.parametrize("backend,table", NS_CONFIGS, ids=lambda x: str(x))
 def test_newton_schulz_on_rank_deficient_input(backend, table):
     A = gaussian(32, 3, seed=18, dtype=torch.float64) @ gaussian(3, 24, seed=19, dtype=torch.float64)
@@ -331,9 +344,7 @@ def test_default_compute_dtype_cuda():
     G = gaussian(64, 128, seed=24).cuda()
     assert default_compute_dtype(G) == torch.bfloat16
     O = orthogonalize(G, backend="polar_express", steps=5)
-    assert (
-        O.dtype == torch.float32 and rel_err(O.cpu(), orthogonalize(G.cpu(), backend="polar_express")) < 3e-2
-    )
+    assert O.dtype == torch.float32 and rel_err(O.cpu(), orthogonalize(G.cpu(), backend="polar_express")) < 3e-2
 
 
 def test_argument_errors_and_empty_inputs():
@@ -370,9 +381,9 @@ def test_orthogonalize_cost():
 
 # ---------------------------------------------------------------------------------------------- hypothesis
 
-shapes = st.tuples(
-    st.lists(st.integers(1, 3), min_size=0, max_size=2), st.integers(1, 48), st.integers(1, 48)
-).map(lambda t: (*t[0], t[1], t[2]))
+shapes = st.tuples(st.lists(st.integers(1, 3), min_size=0, max_size=2), st.integers(1, 48), st.integers(1, 48)).map(
+    lambda t: (*t[0], t[1], t[2])
+)
 configs = st.sampled_from(NS_CONFIGS + [("svd", None)])
 dtypes = st.sampled_from([torch.float32, torch.float64])
 

@@ -27,9 +27,7 @@ class CoefficientTable:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(
-                f"coefficient table {self.name!r}: mode must be one of {MODES}, got {self.mode!r}"
-            )
+            raise ValueError(f"coefficient table {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
         if not self.tuples or any(len(t) != 3 for t in self.tuples):
             raise ValueError(f"coefficient table {self.name!r}: needs at least one (a, b, c) tuple")
 
@@ -93,9 +91,7 @@ TABLES: dict[str, CoefficientTable] = {
     "polar_express": CoefficientTable(
         "polar_express", _with_safety(_POLAR_EXPRESS, 1.01, 7), "repeat_last", safety=1.01, eps=1e-7
     ),
-    "polar_express_5": CoefficientTable(
-        "polar_express_5", _POLAR_EXPRESS_5, "repeat_last", safety=1.02, eps=1e-6
-    ),
+    "polar_express_5": CoefficientTable("polar_express_5", _POLAR_EXPRESS_5, "repeat_last", safety=1.02, eps=1e-6),
 }
 ALIASES = {"simple": "keller", "quintic": "you"}
 
@@ -134,7 +130,5 @@ def get_table(
             raise ValueError(f"coefficient tuples must be (a, b, c), got {tuple(row)}")
         tuples.append((row[0], row[1], row[2]))
     if len(tuples) > 1 and mode is None:
-        raise ValueError(
-            f"a user list of {len(tuples)} coefficient tuples needs an explicit mode: one of {MODES}"
-        )
+        raise ValueError(f"a user list of {len(tuples)} coefficient tuples needs an explicit mode: one of {MODES}")
     return CoefficientTable("custom", tuple(tuples), mode or "cycle")
