@@ -154,6 +154,19 @@ class PlanEngine:
                 "a gradient for a parameter, or none must"
             )
 
+    def average_gradients(self, grads: Sequence[Tensor]) -> None:
+        """Average plain replicated gradients over the group in one flat all-reduce (DDP without the wrapper)."""
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
+        dist.all_reduce(flat, group=self.group)
+        flat /= len(self.group_ranks)
+        self.stats.collectives += 1
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     # ---- execution ---------------------------------------------------------------------------------------
     def _exchange(self, members: list[int]) -> _Exchange:
         send: dict[int, list[int]] = {}

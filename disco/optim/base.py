@@ -166,7 +166,7 @@ class SpectralOptimizer(Optimizer):
         if config is None:
             return LocalEngine(len(items), batch_ndims=batch)
         costs = []
-        for g, _, p, _ in items:
+        for _g, _, p, _ in items:
             shape = tuple(p.shape)
             if keys[len(costs)][-1] == "flatten":
                 shape = (shape[0], math.prod(shape[1:]))
@@ -244,6 +244,9 @@ class SpectralOptimizer(Optimizer):
                 loss = closure()
         tracking = self._track_next is not False
         self._tracked = {}
+        if self.distributed_config is not None and self.distributed_config.average_gradients:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self._engine.average_gradients(grads)
 
         for group in self.param_groups:
             algo = self._algo(group)
