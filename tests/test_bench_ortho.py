@@ -12,7 +12,7 @@ from disco.bench.common import emit, print_table
 
 torch.set_num_threads(1)
 
-ROW_KEYS = {"backend", "table", "shape", "m", "n", "steps", "ms", "x_svd", "rel_err", "sv_min", "sv_max"}
+ROW_KEYS = {"backend", "table", "shape", "m", "n", "steps", "ms", "ms_min", "x_svd", "rel_err", "sv_min", "sv_max"}
 
 
 def test_ortho_json(capsys):

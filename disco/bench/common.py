@@ -112,6 +112,28 @@ def time_call(
     return statistics.median(times)
 
 
+def time_interleaved(
+    fns: Sequence[Callable[[], Any]], repeat: int = 3, warmup: int = 1, device: torch.device | str | None = None
+) -> list[list[float]]:
+    """Wall times in seconds of each of ``fns``, called round-robin ``repeat`` times after ``warmup`` rounds.
+
+    Interleaving spreads a noisy neighbour (a shared machine) over all candidates instead of one, so ratios
+    between them stay meaningful; report the median (or min) of each list.
+    """
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(max(1, repeat)):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[i].append(time.perf_counter() - t0)
+    return times
+
+
 def parse_ints(text: str) -> list[int]:
     """``"256,512,1024"`` -> ``[256, 512, 1024]``."""
     return [int(x) for x in text.replace(" ", "").split(",") if x]
