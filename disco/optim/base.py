@@ -84,18 +84,23 @@ class SpectralOptimizer(Optimizer):
                     f"{self._seen[id(p)]!r}; a parameter may belong to one group only"
                 )
             self._seen[id(p)] = n
+        shown = ", ".join(f"{n!r} (shape {tuple(p.shape)})" for n, p in zip(names[:3], params[:3]))
+        where = f"group {gi} [{shown}{', ...' if len(params) > 3 else ''}]"
         algo = param_group.get("algorithm", self.defaults.get("algorithm"))
         if algo not in ALGORITHMS:
-            raise ValueError(f"group {gi}: unknown algorithm {algo!r}; valid: {sorted(ALGORITHMS)}")
+            raise ValueError(f"{where}: unknown algorithm {algo!r}; valid: {sorted(ALGORITHMS)}")
         if algo in ELEMENTWISE_ALGORITHMS and "eps" in param_group and "adam_eps" not in param_group:
             param_group["adam_eps"] = param_group["eps"]
         param_group = {**param_group, "params": params, "param_names": names}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if algo in LMO_ALGORITHMS:
-            spec = ops.get_norm(group["norm_factor"])
+            try:
+                spec = ops.get_norm(group["norm_factor"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
             if group["backend"] not in ops.BACKENDS:
-                raise ValueError(f"group {gi}: unknown backend {group['backend']!r}; valid: {ops.backend_names()}")
+                raise ValueError(f"{where}: unknown backend {group['backend']!r}; valid: {ops.backend_names()}")
             if group.get("is_light") and group.get("nesterov"):
                 raise ValueError(f"group {gi}: is_light=True keeps no separate gradient, so nesterov must be False")
             for p, n in zip(params, names):
@@ -332,10 +337,17 @@ class SpectralOptimizer(Optimizer):
             )
 
     def _finish_light(self) -> None:
-        for group in self.param_groups:
-            if self._algo(group) in LMO_ALGORITHMS and group.get("is_light"):
-                for p in group["params"]:
-                    if p.grad is not None:
-                        # p.grad = M / (1 - beta) now; leave beta/(1-beta) * M so the next backward yields the EMA.
-                        _local(p.grad).mul_(group["momentum"])
-                        self._light_stepped = True
+        light = [g for g in self.param_groups if self._algo(g) in LMO_ALGORITHMS and g.get("is_light")]
+        for group in light:
+            for p in group["params"]:
+                if p.grad is not None:
+                    # p.grad = M / (1 - beta) now; leave beta/(1-beta) * M so the next backward yields the EMA.
+                    _local(p.grad).mul_(group["momentum"])
+                    self._light_stepped = True
+        if light:
+            # The user does not zero gradients in light mode: clear those of the other groups (element-wise or
+            # not light), which would otherwise accumulate over steps.
+            for group in self.param_groups:
+                if not any(group is g for g in light):
+                    for p in group["params"]:
+                        p.grad = None
