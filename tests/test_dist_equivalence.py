@@ -103,9 +103,7 @@ def _body_dtensor(rank, world_size, kind, layout, shapes):
         place = {n: [Replicate()] for n in shapes}
     else:
         raise ValueError(layout)
-    params = {
-        n: nn.Parameter(distribute_tensor(t, mesh, place[n], src_data_rank=None)) for n, t in full.items()
-    }
+    params = {n: nn.Parameter(distribute_tensor(t, mesh, place[n], src_data_rank=None)) for n, t in full.items()}
     opt = build_optimizer(kind, list(params.items()))
     counts = _step_all(opt, params, shapes, _dtensor_grad)
     return {n: p.full_tensor() for n, p in params.items()}, counts, opt.assignments
@@ -234,7 +232,9 @@ def _body_pp(rank, world_size, kind):
     names = ["a.weight", "b.weight", "b.bias"] if stage == 0 else ["c.weight", "e.weight"]
     shapes = {n: SHAPES[n] for n in names}
     full = {n: t for n, t in full_tensors(SHAPES, 0).items() if n in names}
-    params = {n: nn.Parameter(distribute_tensor(t, mesh["dp"], [Shard(0)], src_data_rank=None)) for n, t in full.items()}
+    params = {
+        n: nn.Parameter(distribute_tensor(t, mesh["dp"], [Shard(0)], src_data_rank=None)) for n, t in full.items()
+    }
     opt = build_optimizer(kind, list(params.items()))
     counts = []
     for step in range(STEPS):
@@ -264,7 +264,10 @@ def _body_missing_grad(rank, world_size):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world_size,))
-    params = {n: nn.Parameter(distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)) for n, t in full_tensors(SHAPES, 0).items()}
+    params = {
+        n: nn.Parameter(distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None))
+        for n, t in full_tensors(SHAPES, 0).items()
+    }
     opt = build_optimizer("disco", list(params.items()))
     grads = full_tensors(SHAPES, 1)
     for n, p in params.items():

@@ -70,7 +70,8 @@ def create_auto_config(
 
     With no group at all, parameters are replicated over the default group (DDP, CP). ``fsdp_process_group``
     shards every parameter on dim 0 (``torch.chunk`` sizes); ``tp_process_group`` shards parameter ``i`` on
-    ``tp_dim_per_param[i]`` (parameters missing there are replicated over TP); ``replicate_process_group`` adds
+    ``tp_dim_per_param[i]``, ``i`` counting the optimizer's parameters over its groups in order, as
+    ``state_dict()`` numbers them (parameters missing there are replicated over TP); ``replicate_process_group`` adds
     a replicated axis (HSDP).
     """
     return DistributedConfig(

@@ -57,6 +57,7 @@ class PlanEngine:
         batch_ndims: Sequence[int],
         config: DistributedConfig,
         names: Sequence[str] | None = None,
+        ids: Sequence[int] | None = None,
     ) -> None:
         self.config = config
         self.names = list(names) if names else None
@@ -66,7 +67,7 @@ class PlanEngine:
         self.stats = EngineStats()
         self.rank = dist.get_rank()
         self.current_rank = self.rank
-        layouts = resolve_layouts(params, config)
+        layouts = resolve_layouts(params, config, ids)
         ranks = sorted({r for lay in layouts for r in lay.ranks} | {self.rank})
         self.group = group_for(ranks)
         layouts = self._agree(layouts, ranks)

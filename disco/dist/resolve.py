@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -52,7 +53,9 @@ def _group_ranks(pg) -> list[int]:
     return dist.get_process_group_ranks(pg) if pg is not None else []
 
 
-def process_group_layouts(params: Sequence[Tensor], config: DistributedConfig) -> list[Layout]:
+def process_group_layouts(
+    params: Sequence[Tensor], config: DistributedConfig, ids: Sequence[int] | None = None
+) -> list[Layout]:
     """Layouts of plain tensors from the config's groups (axes: replicate, fsdp, tp), checked on every rank."""
     me = dist.get_rank()
     axes = [
@@ -92,19 +95,20 @@ def process_group_layouts(params: Sequence[Tensor], config: DistributedConfig) -
             elif name == "fsdp":
                 placements.append(shard(config.fsdp_dim))
             else:
-                d = config.tp_dim_per_param.get(i)
+                d = config.tp_dim_per_param.get(ids[i] if ids is not None else i)
                 placements.append(REPLICATE if d is None else shard(d))
-        # Global size per sharded dim: the sum of the local sizes along that axis at our other coordinates.
+        # Global size of a sharded dim: the sum of local sizes over every coordinate of the axes sharding it.
         shape = list(p.shape)
-        for a, pl in enumerate(placements):
-            if not pl.is_shard:
-                continue
-            base = list(everyone[me]["coord"])
+        for d in {pl.dim for pl in placements if pl.is_shard}:
+            axes = [a for a, pl in enumerate(placements) if pl.is_shard and pl.dim == d]
             total = 0
-            for k in range(mesh_shape[a]):
-                base[a] = k
-                total += everyone[where[tuple(base)]]["shapes"][i][pl.dim]
-            shape[pl.dim] = total
+            for flat in range(math.prod(mesh_shape[a] for a in axes)):
+                coord = list(everyone[me]["coord"])
+                for a in reversed(axes):
+                    coord[a] = flat % mesh_shape[a]
+                    flat //= mesh_shape[a]
+                total += everyone[where[tuple(coord)]]["shapes"][i][d]
+            shape[d] = total
         lay = Layout(tuple(shape), tuple(ranks), tuple(mesh_shape), tuple(placements))
         if lay.local_shape(me) != tuple(p.shape):
             raise ValueError(
@@ -115,7 +119,10 @@ def process_group_layouts(params: Sequence[Tensor], config: DistributedConfig) -
     return layouts
 
 
-def resolve_layouts(params: Sequence[Tensor], config: DistributedConfig) -> list[Layout]:
+def resolve_layouts(
+    params: Sequence[Tensor], config: DistributedConfig, ids: Sequence[int] | None = None
+) -> list[Layout]:
+    """Layouts of ``params``; ``ids`` are their indices in the optimizer (what ``tp_dim_per_param`` keys)."""
     if config.source == "dtensor" or any(isinstance(p, DTensor) for p in params):
         if not all(isinstance(p, DTensor) for p in params):
             plain = [i for i, p in enumerate(params) if not isinstance(p, DTensor)]
@@ -132,7 +139,7 @@ def resolve_layouts(params: Sequence[Tensor], config: DistributedConfig) -> list
                     f"{lay.local_shape(me)} expected for {lay.describe()}"
                 )
         return layouts
-    return process_group_layouts(params, config)
+    return process_group_layouts(params, config, ids)
 
 
 def comm_dtype_for(t: Tensor, config: DistributedConfig) -> torch.dtype:

@@ -191,7 +191,13 @@ class SpectralOptimizer(Optimizer):
             batch_ndims=batch,
             config=config,
             names=[n for *_, n in items],
+            ids=[self._flat_index[id(p)] for _, _, p, _ in items],
         )
+
+    @property
+    def _flat_index(self) -> dict[int, int]:
+        """id(param) -> its index over all groups in order (the numbering of ``state_dict()``)."""
+        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     @property
     def engine(self):
