@@ -56,7 +56,7 @@ def _body_pg(rank, world_size, kind, mode):
 def test_process_group_config_matches_single_device(mode):
     want, per_step = reference("disco", SHAPES)
     out = run_ranks(_body_pg, 4, "disco", mode, timeout=120)
-    for rank, (got, counts) in enumerate(out):
+    for rank, (got, _counts) in enumerate(out):
         assert sum(o[1][0] for o in out) == per_step
         fsdp_ranks = list(range(4)) if mode == "fsdp" else [rank % 2, rank % 2 + 2]
         for name, full in want.items():
@@ -153,7 +153,7 @@ def _body_options(rank, world_size, options, split):
 def test_engine_options_do_not_change_results_and_bytes_match_plan(options):
     want, per_step = reference("disco", SHAPES)
     out = run_ranks(_body_options, 4, options, True, timeout=120)
-    for got, counts, sent, received, planned, stats in out:
+    for got, _counts, sent, received, planned, stats in out:
         _assert_same(got, want)
         scale = 2 if options.get("comm_dtype") == torch.float64 else 1
         assert sent == [planned["sent"] * scale] * STEPS

@@ -113,7 +113,7 @@ def _body_fsdp(rank, world_size, kind):
     from torch.distributed.fsdp import fully_shard
 
     model = nn.Module()
-    for name, shape in SHAPES.items():
+    for name, _shape in SHAPES.items():
         mod_name, attr = name.split(".")
         if not hasattr(model, mod_name):
             setattr(model, mod_name, nn.Module())
@@ -204,7 +204,7 @@ def test_expert_parallel_matches_single_device(kind, layout):
     want, per_step = reference(kind, EXPERTS)
     assert per_step == 8  # 2 stacks of 4 experts
     out = run_ranks(_body_dtensor, 2, kind, layout, EXPERTS, timeout=120)
-    for got, counts, _ in out:
+    for got, _counts, _ in out:
         _assert_same(got, want)
     for step in range(STEPS):
         assert sum(counts[step] for _, counts, _ in out) == per_step
@@ -217,7 +217,7 @@ def test_expert_parallel_matches_single_device(kind, layout):
 def test_ddp_matches_single_device(kind, wrapper):
     want, per_step = _ddp_reference(kind)
     out = run_ranks(_body_ddp, 2, kind, wrapper, timeout=120)
-    for got, counts in out:
+    for got, _counts in out:
         _assert_same({n: got[n] for n in want}, want)
     for step in range(STEPS):
         assert sum(counts[step] for _, counts in out) == per_step
