@@ -81,6 +81,8 @@ class PlanEngine:
             layouts, costs, keys, ranks=ranks, batch_ndims=batch_ndims, bucket_size=config.bucket_size
         )
         self._regions: dict[tuple[int, int], tuple] = {}
+        self._exchanges: dict[tuple[int, ...], _Exchange] = {}
+        self._sends: dict[tuple[bool, tuple[int, ...]], bool] = {}
 
     def _agree(self, layouts: list[Layout], ranks: list[int]) -> list[Layout]:
         """Make every rank of the group plan with the same layouts.
@@ -170,6 +172,12 @@ class PlanEngine:
 
     # ---- execution ---------------------------------------------------------------------------------------
     def _exchange(self, members: list[int]) -> _Exchange:
+        key = tuple(members)
+        if key not in self._exchanges:
+            self._exchanges[key] = self._make_exchange(members)
+        return self._exchanges[key]
+
+    def _make_exchange(self, members: list[int]) -> _Exchange:
         send: dict[int, list[int]] = {}
         recv: dict[int, list[int]] = {}
         owned = []
@@ -321,6 +329,12 @@ class PlanEngine:
 
     def _anyone_sends(self, members: list[int], *, gather: bool) -> bool:
         """Whether any rank moves data for this bucket (static: every rank answers the same)."""
+        key = (gather, tuple(members))
+        if key not in self._sends:
+            self._sends[key] = self._moves_data(members, gather=gather)
+        return self._sends[key]
+
+    def _moves_data(self, members: list[int], *, gather: bool) -> bool:
         for i in members:
             lay, o = self.plan.layouts[i], self.plan.owners[i]
             if lay.senders(o) if gather else lay.receivers(o):
