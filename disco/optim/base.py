@@ -7,6 +7,7 @@ which hands the LMO whole tensors; element-wise algorithms (AdamW, Lion, sign) u
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Hashable, Iterable
 from typing import Any
 
@@ -63,6 +64,7 @@ class SpectralOptimizer(Optimizer):
         self._track_next: tuple[str, ...] | None | bool = False
         self._tracked: dict[str, Tensor] = {}
         self._light_stepped = False
+        self._light_grads: dict[int, weakref.ref] = {}  # id(p) -> p.grad left by the last light step
         self._init_state()
         self._engine = self._build_engine()
 
@@ -338,9 +340,18 @@ class SpectralOptimizer(Optimizer):
         light = [(n, p) for (g, _, p, n), has in zip(items, present) if g.get("is_light") and not has]
         if light and self._light_stepped:
             raise RuntimeError(
-                f"is_light=True keeps the momentum in p.grad, but {light[0][0]!r} has no gradient after a step: "
-                "do not call zero_grad() between steps in light mode"
+                f"is_light=True keeps the momentum in p.grad, but {light[0][0]!r} (shape {tuple(light[0][1].shape)}) "
+                "has no gradient after a step: do not call zero_grad() between steps in light mode"
             )
+        for (g, _, p, n), has in zip(items, present):
+            ref = self._light_grads.get(id(p))
+            if g.get("is_light") and has and ref is not None and ref() is not p.grad:
+                # backward accumulates into the existing p.grad in place; a new tensor means it was set to None
+                raise RuntimeError(
+                    f"is_light=True keeps the momentum in p.grad, but the gradient of {n!r} (shape "
+                    f"{tuple(p.shape)}) was replaced since the last step (zero_grad(set_to_none=True)?): do not "
+                    "call zero_grad() between steps in light mode"
+                )
 
     def _finish_light(self) -> None:
         light = [g for g in self.param_groups if self._algo(g) in LMO_ALGORITHMS and g.get("is_light")]
@@ -349,6 +360,7 @@ class SpectralOptimizer(Optimizer):
                 if p.grad is not None:
                     # p.grad = M / (1 - beta) now; leave beta/(1-beta) * M so the next backward yields the EMA.
                     _local(p.grad).mul_(group["momentum"])
+                    self._light_grads[id(p)] = weakref.ref(p.grad)
                     self._light_stepped = True
         if light:
             # The user does not zero gradients in light mode: clear those of the other groups (element-wise or
