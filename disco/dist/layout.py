@@ -9,10 +9,11 @@ dim, so shards of any placement can be cut out of, and written back into, the fu
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, fields
+from functools import cached_property, lru_cache
 
 
 @dataclass(frozen=True)
@@ -88,17 +89,34 @@ class Layout:
     def _rank_pos(self) -> dict[int, int]:
         return {r: i for i, r in enumerate(self.ranks)}
 
+    # Per-rank tables (in ``ranks`` order), built once per distinct layout: planning for thousands of ranks asks
+    # for local sizes and group keys of every rank of every tensor many times over.
+    @cached_property
+    def _coords(self) -> tuple[tuple[int, ...], ...]:
+        return _coords_table(self.mesh_shape)
+
+    @cached_property
+    def _local_numels(self) -> tuple[int, ...]:
+        return _local_numels_table(self)
+
+    @cached_property
+    def _group_keys(self) -> tuple[tuple[int, ...], ...]:
+        axes = [a for a, p in enumerate(self.placements) if not p.is_shard]
+        return tuple(tuple(c[a] for a in axes) for c in self._coords)
+
+    def __getstate__(self) -> dict:
+        # Pickle the fields only (layouts travel through all_gather_object), not the cached tables.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     def coord(self, rank: int) -> tuple[int, ...]:
-        pos = self._rank_pos[rank]
-        out = []
-        for size in reversed(self.mesh_shape):
-            out.append(pos % size)
-            pos //= size
-        return tuple(reversed(out))
+        return self._coords[self._rank_pos[rank]]
 
     def index_lists(self, rank: int) -> tuple[list[int], ...]:
         """Global indices, per tensor dim, of the local piece of ``rank`` (in local order)."""
@@ -127,22 +145,33 @@ class Layout:
         return tuple(lens)
 
     def local_numel(self, rank: int) -> int:
-        return math.prod(self.local_shape(rank))
+        return self._local_numels[self._rank_pos[rank]]
 
     def group_key(self, rank: int) -> tuple[int, ...]:
         """Coordinates on the replicated axes: ranks with equal keys hold disjoint pieces covering the tensor."""
-        c = self.coord(rank)
-        return tuple(c[a] for a, p in enumerate(self.placements) if not p.is_shard)
+        return self._group_keys[self._rank_pos[rank]]
 
     def senders(self, owner: int) -> list[int]:
         """Ranks (besides ``owner``) whose pieces, with the owner's own, make up the whole tensor."""
         key = self.group_key(owner)
-        return [r for r in self.ranks if r != owner and self.group_key(r) == key and self.local_numel(r)]
+        return [r for r, k, n in zip(self.ranks, self._group_keys, self._local_numels) if r != owner and n and k == key]
 
     def receivers(self, owner: int) -> list[int]:
         """Ranks (besides ``owner``) that hold a non-empty piece and need the result back."""
-        return [r for r in self.ranks if r != owner and self.local_numel(r)]
+        return [r for r, n in zip(self.ranks, self._local_numels) if r != owner and n]
 
     def describe(self) -> str:
         pl = ",".join(str(p) for p in self.placements)
         return f"shape={list(self.shape)} mesh={list(self.mesh_shape)} ranks={list(self.ranks)} placements=({pl})"
+
+
+@lru_cache(maxsize=64)
+def _coords_table(mesh_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Mesh coordinates in row-major order (the order of ``Layout.ranks``)."""
+    return tuple(itertools.product(*(range(n) for n in mesh_shape)))
+
+
+@lru_cache(maxsize=1024)
+def _local_numels_table(lay: Layout) -> tuple[int, ...]:
+    """``local_numel`` of every rank of ``lay`` in ``ranks`` order (shared by equal layouts)."""
+    return tuple(math.prod(lay.local_shape(r)) for r in lay.ranks)
