@@ -73,6 +73,8 @@ class SpectralOptimizer(Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         names = param_group.get("param_names")
+        if params and all(isinstance(p, tuple) for p in params):  # named parameters, as torch.optim accepts
+            names, params = [n for n, _ in params], [p for _, p in params]
         gi = len(self.param_groups)
         if names is None:
             names = [f"group{gi}.param{k}" for k in range(len(params))]
