@@ -1,0 +1,299 @@
+"""The planner and layouts as pure data (no processes): ownership, balance, bytes, and torch's own sharding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.distributed.tensor.placement_types import Shard, _StridedShard
+
+from disco.dist.layout import REPLICATE, Layout, Placement, chunk_bounds, shard
+from disco.dist.plan_cli import build_plan
+from disco.dist.planner import Plan, make_plan
+from disco.dist.shapes import gpt2_small, moe_small
+from disco.ops.orthogonalize import orthogonalize_cost
+
+LAYOUTS_8 = ["fsdp", "ddp", "hsdp:2x4", "hsdp:4x2", "fsdp+tp:4x2", "fsdp+tp:2x4"]
+
+
+def _counts(plan: Plan) -> dict[int, int]:
+    seen: dict[int, int] = {}
+    for b in [*plan.buckets, *plan.local_buckets]:
+        for i in b:
+            seen[i] = seen.get(i, 0) + 1
+    return seen
+
+
+def _assert_owned_once(plan: Plan) -> None:
+    n = len(plan.layouts)
+    assert _counts(plan) == dict.fromkeys(range(n), 1)
+    for i, (lay, o) in enumerate(zip(plan.layouts, plan.owners)):
+        if o >= 0:
+            assert o in lay.ranks, f"tensor {i} owned by {o} outside its mesh"
+    # assignments: exchanged tensors appear under exactly one rank, in-place ones under every holder
+    where: dict[int, list[int]] = {}
+    for r, ids in plan.assignments.items():
+        for i in ids:
+            where.setdefault(i, []).append(r)
+    for i, o in enumerate(plan.owners):
+        if o >= 0:
+            assert where[i] == [o]
+
+
+# ---------------------------------------------------------------------------------------------- ownership
+
+
+@pytest.mark.parametrize("layout", LAYOUTS_8)
+def test_every_tensor_owned_exactly_once_by_a_rank_of_its_mesh(layout):
+    plan = build_plan(gpt2_small(), layout, 8)
+    _assert_owned_once(plan)
+    assert all(o >= 0 for o in plan.owners)  # nothing of gpt2-small is computable in place
+
+
+def test_disjoint_sub_meshes_keep_their_tensors():
+    """Pipeline stages: tensors on ranks {0,1} and {2,3} are owned inside their own stage."""
+    shapes = [(96, 64), (64, 96), (30, 17), (17, 30), (64, 64)]
+    layouts = [Layout.sharded(s, (0, 1) if k % 2 == 0 else (2, 3)) for k, s in enumerate(shapes)]
+    plan = make_plan(layouts, [orthogonalize_cost(s) for s in shapes], [0] * 5, ranks=range(4))
+    _assert_owned_once(plan)
+    for lay, o in zip(plan.layouts, plan.owners):
+        assert o in lay.ranks
+
+
+def test_layout_outside_the_group_is_refused():
+    with pytest.raises(ValueError, match="outside the group"):
+        make_plan([Layout.sharded((8, 8), (0, 5))], [1.0], [0], ranks=range(4))
+
+
+# ---------------------------------------------------------------------------------------- balance, bytes
+
+
+def test_lpt_balance_on_gpt2_small_at_8_ranks():
+    st_ = build_plan(gpt2_small(), "fsdp", 8).stats()
+    # measured: 1.0000 (72 matrices in 3 shapes spread evenly over 8 ranks)
+    assert st_["imbalance"] <= 1.05, st_
+    assert st_["redundancy"] == 1.0
+
+
+@pytest.mark.parametrize("world", [3, 5, 7, 16])
+def test_lpt_balance_bound(world):
+    """LPT is within 4/3 of the optimum; the optimum is at least max(mean load, largest tensor)."""
+    plan = build_plan(gpt2_small(), "fsdp", world)
+    loads = [plan.load[r] for r in plan.ranks]
+    opt_lower = max(sum(plan.costs) / world, max(plan.costs))
+    assert max(loads) <= 4 / 3 * opt_lower + 1e-6
+    assert sum(loads) == pytest.approx(sum(plan.costs))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS_8)
+def test_redundancy_is_one(layout):
+    assert build_plan(gpt2_small(), layout, 8).stats()["redundancy"] == 1.0
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "ddp", "hsdp:2x4", "hsdp:4x2"])
+@pytest.mark.parametrize("world", [8, 4096])
+def test_bytes_at_the_lower_bound(layout, world):
+    if world == 4096 and layout.startswith("hsdp"):
+        layout = "hsdp:64x64" if layout == "hsdp:2x4" else "hsdp:8x512"
+    s = build_plan(gpt2_small(), layout, world).stats()
+    assert s["bytes_total"] == s["bytes_lower_bound"]
+
+
+def test_bytes_per_rank_by_hand_fsdp():
+    """Shard(0) over 4: the owner receives 3 pieces and sends 3 back; each other holder sends and gets one."""
+    plan = make_plan([Layout.sharded((8, 4), range(4))], [1.0], [0], ranks=range(4))
+    o = plan.owners[0]
+    per = plan.bytes_per_rank()
+    piece = 2 * 4 * 4
+    for r in range(4):
+        want = 3 * piece if r == o else piece
+        assert per[r] == {"sent": want, "received": want}
+    s = plan.stats()
+    assert s["bytes_total"] == s["bytes_lower_bound"] == 6 * piece
+    assert s["bytes_per_rank_max"] == 6 * piece
+    assert s["collectives_per_step"] == 2
+
+
+def test_bytes_ddp_is_a_broadcast_of_the_result():
+    plan = make_plan([Layout.replicated((6, 5), range(3))], [1.0], [0], ranks=range(3))
+    per = plan.bytes_per_rank()
+    o = plan.owners[0]
+    assert per[o] == {"sent": 2 * 30 * 4, "received": 0}
+    assert plan.stats()["bytes_total"] == plan.bytes_lower_bound() == 2 * 30 * 4
+
+
+def test_buckets_group_equal_shapes_and_respect_bucket_size():
+    plan = build_plan(gpt2_small(), "fsdp", 8)
+    assert len(plan.buckets) == 3 and sorted(len(b) for b in plan.buckets) == [12, 12, 48]
+    for b in plan.buckets:
+        assert len({plan.layouts[i].shape for i in b}) == 1
+    small = build_plan(gpt2_small(), "fsdp", 8, bucket_size=5)
+    assert all(len(b) <= 5 for b in small.buckets)
+    assert small.stats()["collectives_per_step"] == 2 * len(small.buckets) == 2 * (3 + 3 + 10)
+
+
+def test_plan_for_4096_ranks_is_fast():
+    import time
+
+    t0 = time.perf_counter()
+    s = build_plan(gpt2_small(), "fsdp", 4096).stats()
+    assert time.perf_counter() - t0 < 10
+    assert s["redundancy"] == 1.0 and s["bytes_total"] == s["bytes_lower_bound"]
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def test_validate_catches_corrupted_plans():
+    plan = build_plan(gpt2_small(), "fsdp", 8)
+    plan.validate()
+    dup = Plan(plan.ranks, plan.layouts, plan.costs, plan.owners, [*plan.buckets, [plan.buckets[0][0]]], [])
+    with pytest.raises(ValueError, match="exactly once"):
+        dup.validate()
+    missing = Plan(plan.ranks, plan.layouts, plan.costs, plan.owners, [b[1:] for b in plan.buckets], [])
+    with pytest.raises(ValueError, match="exactly once"):
+        missing.validate()
+    outside = [*plan.owners]
+    outside[3] = 99
+    with pytest.raises(ValueError, match="outside its mesh"):
+        Plan(plan.ranks, plan.layouts, plan.costs, outside, plan.buckets, []).validate()
+    sub = [Layout.sharded(lay.shape, range(4)) for lay in plan.layouts]
+    wrong = [o if o < 4 else 7 for o in plan.owners]
+    with pytest.raises(ValueError, match="outside its mesh"):
+        Plan(plan.ranks, sub, plan.costs, wrong, plan.buckets, []).validate()
+
+
+# --------------------------------------------------------------------------------------- experts in place
+
+
+def test_experts_sharded_on_the_expert_dim_are_local():
+    lay = Layout.sharded((8, 16, 12), range(4), dim=0)
+    plan = make_plan([lay, lay], [orthogonalize_cost(lay.shape)] * 2, [0, 0], ranks=range(4), batch_ndims=[1, 1])
+    assert plan.owners == [-1, -1] and plan.buckets == [] and plan.local_buckets == [[0, 1]]
+    s = plan.stats()
+    assert s["bytes_total"] == 0 and s["collectives_per_step"] == 0 and s["redundancy"] == 1.0
+    assert all(ids == [0, 1] for ids in plan.assignments.values())
+    assert s["imbalance"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        Layout.sharded((8, 16, 12), range(4), dim=1),  # matrix dim sharded: needs an exchange
+        Layout((8, 16, 12), tuple(range(4)), (2, 2), (REPLICATE, shard(0))),  # replicated too: compute once
+    ],
+)
+def test_experts_not_local_when_matrix_dim_sharded_or_replicated(layout):
+    plan = make_plan([layout], [1.0], [0], ranks=range(4), batch_ndims=[1])
+    assert plan.owners[0] >= 0 and plan.local_buckets == []
+    _assert_owned_once(plan)
+
+
+def test_moe_small_fsdp_tp_plan():
+    plan = build_plan(moe_small(), "fsdp+tp:4x2", 8)
+    _assert_owned_once(plan)
+    s = plan.stats()
+    assert s["redundancy"] == 1.0 and s["bytes_total"] == s["bytes_lower_bound"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=IndexError,
+    reason="planner bug: make_plan seeds the LPT heap with load 0.0 after in-place tensors already added load, "
+    "so every heap entry looks stale and the heap runs dry; remove this marker once fixed",
+)
+def test_mixed_local_and_exchanged_tensors():
+    """Experts in place next to FSDP matrices (a real MoE model under FSDP2 with experts on dim 0)."""
+    plan = build_plan(moe_small(), "fsdp", 8)
+    _assert_owned_once(plan)
+    assert plan.local_buckets and plan.buckets
+
+
+# ------------------------------------------------------------------------- layouts vs torch's own splits
+
+_torch_placement = {
+    "shard": lambda p: Shard(p.dim),
+    "strided_shard": lambda p: _StridedShard(p.dim, split_factor=p.split_factor),
+}
+
+
+def _torch_local(shape: tuple[int, ...], lay: Layout, rank: int) -> torch.Tensor:
+    """The piece of ``arange(numel).reshape(shape)`` that DTensor gives ``rank``: placements left to right."""
+    t = torch.arange(math.prod(shape)).reshape(shape)
+    for pl, k, n in zip(lay.placements, lay.coord(rank), lay.mesh_shape):
+        if pl.is_shard:
+            pieces, _ = _torch_placement[pl.kind](pl)._split_tensor(t, n, with_padding=False)
+            t = pieces[k]
+    return t
+
+
+def _from_index_lists(shape: tuple[int, ...], lists: tuple[list[int], ...]) -> torch.Tensor:
+    flat = torch.zeros([len(x) for x in lists], dtype=torch.long)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        view = [1] * len(shape)
+        view[d] = -1
+        flat = flat + torch.tensor(lists[d], dtype=torch.long).view(view) * stride
+        stride *= shape[d]
+    return flat
+
+
+@st.composite
+def layouts(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(0, 40), min_size=ndim, max_size=ndim)))
+    axes = draw(st.integers(1, 3))
+    mesh = tuple(draw(st.lists(st.integers(1, 5), min_size=axes, max_size=axes)))
+    placements = []
+    for _ in range(axes):
+        kind = draw(st.sampled_from(["shard", "shard", "strided_shard", "replicate", "partial"]))
+        if kind == "shard":
+            placements.append(shard(draw(st.integers(0, ndim - 1))))
+        elif kind == "strided_shard":
+            placements.append(Placement("strided_shard", draw(st.integers(0, ndim - 1)), draw(st.integers(1, 4))))
+        else:
+            placements.append(Placement(kind))
+    n = math.prod(mesh)
+    perm = draw(st.permutations(list(range(n))))
+    return Layout(shape, tuple(perm), mesh, tuple(placements))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts())
+def test_index_lists_match_torch_splitting(lay):
+    covered = torch.zeros(max(lay.numel, 1), dtype=torch.long)
+    for r in lay.ranks:
+        lists = lay.index_lists(r)
+        want = _torch_local(lay.shape, lay, r)
+        got = _from_index_lists(lay.shape, lists)
+        assert tuple(want.shape) == tuple(got.shape) == lay.local_shape(r), (lay.describe(), r)
+        assert torch.equal(want, got), (lay.describe(), r)
+        assert lay.local_numel(r) == want.numel()
+        if lay.group_key(r) == lay.group_key(lay.ranks[0]):
+            covered[got.reshape(-1)] += 1
+    # ranks with equal group key hold disjoint pieces covering the tensor
+    if lay.numel:
+        assert torch.equal(covered, torch.ones_like(covered)), lay.describe()
+    # senders + owner reassemble the tensor; receivers are every other non-empty holder
+    owner = lay.ranks[-1]
+    assert lay.local_numel(owner) + sum(lay.local_numel(s) for s in lay.senders(owner)) == lay.numel
+    assert set(lay.receivers(owner)) == {r for r in lay.ranks if r != owner and lay.local_numel(r)}
+
+
+@pytest.mark.parametrize(("length", "n"), [(10, 4), (2, 4), (0, 3), (7, 7), (9, 2), (40, 5), (1, 5)])
+def test_chunk_bounds_follow_torch_chunk(length, n):
+    pieces, _ = Shard(0)._split_tensor(torch.arange(length), n, with_padding=False)
+    assert [hi - lo for lo, hi in chunk_bounds(length, n)] == [p.numel() for p in pieces]
+
+
+def test_fsdp_tp_layouts_are_what_fsdp2_over_tp_makes():
+    """Column-wise: TP Shard(0) then FSDP on the TP shard = _StridedShard(0, sf=T) on dp; row-wise Shard(1)."""
+    plan = build_plan(gpt2_small()[:6], "fsdp+tp:4x2", 8)
+    kinds = [tuple(str(p) for p in lay.placements) for lay in plan.layouts]
+    assert kinds == [("_S(0,2)", "S(0)")] * 3 + [("S(0)", "S(1)"), ("_S(0,2)", "S(0)"), ("S(0)", "S(1)")]
+    # rank (dp=1, tp=0) of a 768-row column-wise matrix: rows 96..191 of TP shard 0 (rows 0..383)
+    col = plan.layouts[0]
+    assert col.index_lists(2)[0] == list(range(96, 192))
