@@ -199,12 +199,6 @@ def test_moe_small_fsdp_tp_plan():
     assert s["redundancy"] == 1.0 and s["bytes_total"] == s["bytes_lower_bound"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="planner bug: make_plan seeds the LPT heap with load 0.0 after in-place tensors already added load, "
-    "so every heap entry looks stale and the heap runs dry; remove this marker once fixed",
-)
 def test_mixed_local_and_exchanged_tensors():
     """Experts in place next to FSDP matrices (a real MoE model under FSDP2 with experts on dim 0)."""
     plan = build_plan(moe_small(), "fsdp", 8)

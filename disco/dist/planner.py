@@ -149,7 +149,7 @@ def make_plan(
             load[r] += costs[i] * lay.local_numel(r) / max(lay.numel, 1)
     # Longest processing time first; ties keep the key/shape order so a bucket spreads over the ranks.
     order = sorted((i for i in range(n) if i not in local_set), key=lambda i: (-costs[i], i))
-    heap = [(0.0, r) for r in ranks]
+    heap = [(load[r], r) for r in ranks]  # in-place tensors already added load
     for i in order:
         cand = set(layouts[i].ranks)
         popped = []
