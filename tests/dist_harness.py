@@ -15,8 +15,13 @@ Writing a distributed test::
         assert torch.equal(out[0], torch.full((3,), 6.0))
 
 Inside ``_body`` the default process group is initialised (gloo, one torch thread, ``RANK`` / ``WORLD_SIZE``
-/ ``MASTER_ADDR`` / ``MASTER_PORT`` / ``LOCAL_RANK`` set), so ``init_device_mesh("cpu", (2, 2))``,
+/ ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` / ``MASTER_ADDR`` set), so ``init_device_mesh("cpu", (2, 2))``,
 ``fully_shard``, ``parallelize_module`` and ``torch.distributed.checkpoint`` work directly.
+
+Rendezvous: by default the ranks meet through a ``FileStore`` in a fresh temporary directory per call (no
+ports at all). ``rendezvous="tcp"`` makes the parent host a ``TCPStore`` on a free port (``port=0``) instead
+and also sets ``MASTER_PORT``; on this gVisor sandbox a ``TCPStore`` client constructor sometimes stalls for
+exactly 5 s when several ranks connect at once (about 1 launch in 10-60), which the file store avoids.
 
 What ``run_ranks`` guarantees:
 
@@ -24,8 +29,8 @@ What ``run_ranks`` guarantees:
   refused: return ``x.full_tensor()`` or ``x.to_local()``);
 * an exception on any rank is raised in the parent as :class:`RankError` whose message holds every failing
   rank's number and full traceback (the first failure's type is in the headline, the original exception is
-  the ``__cause__`` when it unpickles); a rank that dies without reporting (segfault, ``os._exit``) counts as a
-  failure too;
+  the ``__cause__`` when it unpickles); a rank that dies without reporting (segfault, ``os._exit``) counts
+  as a failure too;
 * if not every rank reports within ``timeout`` seconds (counted from the moment all ranks are started), the
   hung ranks' Python stacks are dumped, every rank and its descendants are killed, and ``TimeoutError``
   names the ranks that did not finish (with their stacks), so a deadlock fails the test instead of hanging
@@ -42,6 +47,7 @@ importable module (a test file in ``tests/`` is fine: ``conftest.py`` puts ``tes
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import importlib
 import importlib.util
@@ -153,10 +159,8 @@ def _portable(x: Any) -> Any:
 
 def _watchdog(alive: Any) -> None:
     """Kill this rank (and its process group) once the parent's end of the alive pipe closes."""
-    try:
+    with contextlib.suppress(EOFError, OSError):
         alive.recv_bytes()
-    except (EOFError, OSError):
-        pass
     try:
         if os.getpgid(0) == os.getpid():
             os.killpg(0, signal.SIGKILL)
@@ -167,7 +171,7 @@ def _watchdog(alive: Any) -> None:
 def _rank_entry(
     rank: int,
     world_size: int,
-    port: int,
+    rdzv: tuple[str, Any],
     pg_timeout: float,
     fn_spec: tuple[str, str, str | None],
     payload: bytes,
@@ -175,10 +179,8 @@ def _rank_entry(
     alive_conn: Any,
     log_path: str,
 ) -> None:
-    try:  # own process group: the parent can kill this rank's descendants with it
+    with contextlib.suppress(OSError):  # own process group: the parent can kill this rank's descendants
         os.setpgid(0, 0)
-    except OSError:
-        pass
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
@@ -196,9 +198,10 @@ def _rank_entry(
         LOCAL_WORLD_SIZE=str(world_size),
         GROUP_RANK="0",
         MASTER_ADDR=HOST,
-        MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
+    if rdzv[0] == "tcp":
+        os.environ["MASTER_PORT"] = str(rdzv[1])
     import torch
     import torch.distributed as dist
 
@@ -208,7 +211,11 @@ def _rank_entry(
         fn = _resolve(fn_spec)
         args, kwargs = pickle.loads(payload)
         td = timedelta(seconds=pg_timeout)
-        store = dist.TCPStore(HOST, port, world_size, is_master=False, timeout=td)
+        if rdzv[0] == "tcp":
+            store: Any = dist.TCPStore(HOST, rdzv[1], world_size, is_master=False, timeout=td)
+        else:
+            store = dist.FileStore(rdzv[1], world_size)
+            store.set_timeout(td)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=td)
         result = fn(rank, world_size, *args, **kwargs)
         msg = ("ok", pickle.dumps(_portable(result), protocol=pickle.HIGHEST_PROTOCOL))
@@ -256,14 +263,10 @@ def _tail(text: str) -> str:
 def _kill(proc: Any) -> None:
     if not proc.is_alive():
         return
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
+    with contextlib.suppress(ProcessLookupError, ValueError):
         proc.kill()
-    except (ProcessLookupError, ValueError):
-        pass
 
 
 def run_ranks(
@@ -272,26 +275,35 @@ def run_ranks(
     *args: Any,
     timeout: float = 120.0,
     pg_timeout: float | None = None,
+    rendezvous: str = "file",
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return results by rank.
 
     ``timeout``: seconds for all ranks to report, counted after they are started. ``pg_timeout``: the ranks'
-    ``init_process_group`` timeout (default ``timeout + 30``). ``args`` / ``kwargs`` must pickle.
+    ``init_process_group`` timeout (default ``timeout + 30``). ``rendezvous``: ``"file"`` (``FileStore``,
+    default) or ``"tcp"`` (``TCPStore`` hosted by the parent on a free port). ``args`` / ``kwargs`` must
+    pickle; ``timeout``, ``pg_timeout`` and ``rendezvous`` are not passed on to ``fn``.
     """
     import torch.distributed as dist
 
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
+    if rendezvous not in ("file", "tcp"):
+        raise ValueError(f"rendezvous must be 'file' or 'tcp', got {rendezvous!r}")
     spec = _fn_spec(fn)
     payload = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
     pg_timeout = float(timeout + 30.0 if pg_timeout is None else pg_timeout)
     ctx = _context()
 
-    store = dist.TCPStore(
-        HOST, 0, None, is_master=True, timeout=timedelta(seconds=pg_timeout), wait_for_workers=False
-    )
     logdir = tempfile.mkdtemp(prefix="disco-ranks-")
+    store: Any = None
+    if rendezvous == "tcp":
+        td = timedelta(seconds=pg_timeout)
+        store = dist.TCPStore(HOST, 0, None, is_master=True, timeout=td, wait_for_workers=False)
+        rdzv: tuple[str, Any] = ("tcp", store.port)
+    else:
+        rdzv = ("file", os.path.join(logdir, "store"))
     logs = [os.path.join(logdir, f"rank{r}.log") for r in range(world_size)]
     alive_r, alive_w = ctx.Pipe(duplex=False)
     procs: list[Any] = []
@@ -301,7 +313,7 @@ def run_ranks(
             recv, send = ctx.Pipe(duplex=False)
             p = ctx.Process(
                 target=_rank_entry,
-                args=(r, world_size, store.port, pg_timeout, spec, payload, send, alive_r, logs[r]),
+                args=(r, world_size, rdzv, pg_timeout, spec, payload, send, alive_r, logs[r]),
                 name=f"disco-rank{r}",
             )
             p.start()
@@ -349,10 +361,8 @@ def run_ranks(
         if pending:
             # Dump the stacks of the ranks that are still running, then kill everything.
             for r in pending:
-                try:
+                with contextlib.suppress(ProcessLookupError, TypeError):
                     os.kill(procs[r].pid, signal.SIGUSR1)
-                except (ProcessLookupError, TypeError):
-                    pass
             time.sleep(0.5)
             for p in procs:
                 _kill(p)
@@ -375,9 +385,7 @@ def run_ranks(
                             cause = None
                 else:
                     types[r] = "died"
-                    failures[r] = f"process exited with code {st[1]} without reporting\n" + _tail(
-                        _read_log(logs[r])
-                    )
+                    failures[r] = f"process exited with code {st[1]} without reporting\n" + _tail(_read_log(logs[r]))
             first = failed[0]
             head = (
                 f"rank {first} raised {types[first]}"
@@ -424,10 +432,8 @@ def run_ranks(
             _kill(p)
         for p in procs:
             p.join(5)
-            try:
+            with contextlib.suppress(ValueError):
                 p.close()
-            except ValueError:
-                pass
         for c in conns:
             c.close()
         alive_w.close()

@@ -57,7 +57,7 @@ def _identity_body(rank, world_size, scale, *, tag):
 def _all_reduce_body(rank, world_size):
     t = torch.tensor([float(rank + 1), 10.0 * rank])
     dist.all_reduce(t)
-    return t
+    return t, os.environ.get("MASTER_PORT")
 
 
 def _dtensor_body(rank, world_size):
@@ -159,11 +159,13 @@ def test_results_in_rank_order():
     assert os.getpid() not in {o["pid"] for o in out}
 
 
-def test_all_reduce_four_ranks():
-    out = run_ranks(_all_reduce_body, 4)
+@pytest.mark.parametrize("rendezvous", ["file", "tcp"])
+def test_all_reduce_four_ranks(rendezvous):
+    out = run_ranks(_all_reduce_body, 4, rendezvous=rendezvous)
     expected = torch.tensor([1.0 + 2 + 3 + 4, 10.0 * (0 + 1 + 2 + 3)])
-    for t in out:
+    for t, port in out:
         assert torch.equal(t, expected)
+        assert (port is not None) == (rendezvous == "tcp")
 
 
 def test_dtensor_uneven_shards_round_trip():
@@ -257,7 +259,10 @@ _ORPHAN_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
     sys.path.insert(0, {tests!r})
+    import dist_harness
     from dist_harness import run_ranks
+
+    dist_harness._PRELOAD = ["torch"]  # a cheaper forkserver for this throw-away parent
 
     def body(rank, world_size):
         print("PID", os.getpid(), flush=True)
@@ -278,9 +283,7 @@ def test_ranks_die_with_a_killed_parent(tmp_path):
     tests = os.path.dirname(os.path.abspath(__file__))
     script = tmp_path / "orphan.py"
     script.write_text(_ORPHAN_SCRIPT.format(tests=tests, tmp=str(tmp_path)))
-    proc = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 90
         while not all((tmp_path / f"{r}.pid").exists() for r in range(2)):
