@@ -26,7 +26,7 @@ def role_by_shape(shape: tuple[int, ...]) -> str:
     return "row" if out_dim < in_dim else "col"
 
 
-def _transformer(
+def transformer(
     layers: int,
     width: int,
     ffn: int,
@@ -55,17 +55,17 @@ def _transformer(
 
 def gpt2_small() -> list[ShapeSpec]:
     """12 layers x (q, k, v: 768x768; out 768x768; fc 3072x768; proj 768x3072): 72 matrices, 85M elements."""
-    return _transformer(12, 768, 3072)
+    return transformer(12, 768, 3072)
 
 
 def gpt2_medium() -> list[ShapeSpec]:
     """24 layers, width 1024, MLP 4096: 144 matrices."""
-    return _transformer(24, 1024, 4096)
+    return transformer(24, 1024, 4096)
 
 
 def llama_1b() -> list[ShapeSpec]:
     """Llama-3.2-1B-like: 16 layers, width 2048, 8 KV heads of 64 (k, v: 512x2048), SwiGLU 8192: 112 matrices."""
-    return _transformer(16, 2048, 8192, kv_width=512, gated=True)
+    return transformer(16, 2048, 8192, kv_width=512, gated=True)
 
 
 def moe_small() -> list[ShapeSpec]:
