@@ -363,7 +363,7 @@ def run_ranks(
             for r in pending:
                 with contextlib.suppress(ProcessLookupError, TypeError):
                     os.kill(procs[r].pid, signal.SIGUSR1)
-            time.sleep(0.5)
+            _wait_for_dumps([logs[r] for r in pending], within=3.0)
             for p in procs:
                 _kill(p)
             for p in procs:
@@ -442,6 +442,18 @@ def run_ranks(
         del store
         _replay_logs(logs)
         shutil.rmtree(logdir, ignore_errors=True)
+
+
+def _wait_for_dumps(paths: list[str], within: float) -> None:
+    """Wait until every log holds a faulthandler dump and has stopped growing (at most ``within`` s)."""
+    end = time.monotonic() + within
+    sizes: list[int] = []
+    while time.monotonic() < end:
+        time.sleep(0.1)
+        new = [os.path.getsize(x) if os.path.exists(x) else 0 for x in paths]
+        if new == sizes and all("most recent call first" in _read_log(x) for x in paths):
+            return
+        sizes = new
 
 
 def _replay_logs(logs: list[str]) -> None:

@@ -24,7 +24,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _wait_dead(pids, within: float = 5.0) -> list[int]:
+def _wait_dead(pids, within: float = 15.0) -> list[int]:
     end = time.monotonic() + within
     while time.monotonic() < end:
         alive = [p for p in pids if _pid_alive(p)]
@@ -238,11 +238,11 @@ def test_lambda_is_refused():
 def test_deadlock_raises_timeout_and_kills_ranks(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(TimeoutError) as info:
-        run_ranks(_deadlock_body, 2, str(tmp_path), timeout=8, pg_timeout=300)
+        run_ranks(_deadlock_body, 2, str(tmp_path), timeout=10, pg_timeout=300)
     elapsed = time.monotonic() - t0
-    assert elapsed < 30, elapsed
+    assert elapsed < 60, elapsed  # 10 s deadline + stack dumps + kills, with slack for a loaded machine
     msg = str(info.value)
-    assert "ranks [0, 1]" in msg and "did not finish within 8 s" in msg
+    assert "ranks [0, 1]" in msg and "did not finish within 10 s" in msg
     assert "_deadlock_body" in msg  # the hung ranks' stacks are dumped
     pids = [int((tmp_path / f"{r}.pid").read_text()) for r in range(2)]
     assert _wait_dead(pids) == []
@@ -283,7 +283,9 @@ def test_ranks_die_with_a_killed_parent(tmp_path):
     tests = os.path.dirname(os.path.abspath(__file__))
     script = tmp_path / "orphan.py"
     script.write_text(_ORPHAN_SCRIPT.format(tests=tests, tmp=str(tmp_path)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the killed parent cannot remove its temporary files
+    devnull = subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=devnull, stderr=devnull, env=env)
     try:
         end = time.monotonic() + 90
         while not all((tmp_path / f"{r}.pid").exists() for r in range(2)):
@@ -295,7 +297,7 @@ def test_ranks_die_with_a_killed_parent(tmp_path):
         assert all(_pid_alive(p) for p in pids)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert _wait_dead(pids, within=10) == []
+        assert _wait_dead(pids, within=20) == []
     finally:
         if proc.poll() is None:
             proc.kill()
