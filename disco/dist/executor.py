@@ -290,10 +290,10 @@ class PlanEngine:
                         off += n
             results: dict[int, Tensor] = {}
             if ex.owned:
-                by: dict[Hashable, list[int]] = {}
+                by_key: dict[Hashable, list[int]] = {}
                 for i in ex.owned:
-                    by.setdefault(self.keys[i], []).append(i)
-                for key, ids in by.items():
+                    by_key.setdefault(self.keys[i], []).append(i)
+                for key, ids in by_key.items():
                     res = fn(key, torch.stack([fulls[i] for i in ids])).to(wire)
                     for kk, i in enumerate(ids):
                         results[i] = res[kk]
@@ -322,8 +322,8 @@ class PlanEngine:
                 finish_return(returns.popleft())
         while returns:
             finish_return(returns.popleft())
-        for j, r in enumerate(out):
-            if r is None:  # a holder of an empty piece
+        for j, res_j in enumerate(out):
+            if res_j is None:  # a holder of an empty piece
                 out[j] = jobs[j][1].clone()
         return out  # type: ignore[return-value]
 

@@ -169,7 +169,7 @@ def make_plan(
         by: dict[tuple, list[int]] = {}
         for i in idx:
             by.setdefault((keys[i], layouts[i].shape), []).append(i)
-        out = []
+        out: list[list[int]] = []
         for members in by.values():
             step = bucket_size or len(members)
             out.extend(members[k : k + step] for k in range(0, len(members), step))

@@ -75,7 +75,7 @@ def process_group_layouts(
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     mesh_shape = everyone[me]["sizes"]
-    where = {}
+    where: dict[tuple[int, ...], int] = {}
     for r, info in enumerate(everyone):
         if info["sizes"] == mesh_shape:
             where.setdefault(info["coord"], r)
@@ -97,14 +97,14 @@ def process_group_layouts(
             else:
                 d = config.tp_dim_per_param.get(ids[i] if ids is not None else i)
                 placements.append(REPLICATE if d is None else shard(d))
-        # Global size of a sharded dim: the sum of local sizes over every coordinate of the axes sharding it.
+        # Global size of a sharded dim: the sum of local sizes over every coordinate of the shard_axes sharding it.
         shape = list(p.shape)
         for d in {pl.dim for pl in placements if pl.is_shard}:
-            axes = [a for a, pl in enumerate(placements) if pl.is_shard and pl.dim == d]
+            shard_axes = [a for a, q in enumerate(placements) if q.is_shard and q.dim == d]
             total = 0
-            for flat in range(math.prod(mesh_shape[a] for a in axes)):
+            for flat in range(math.prod(mesh_shape[a] for a in shard_axes)):
                 coord = list(everyone[me]["coord"])
-                for a in reversed(axes):
+                for a in reversed(shard_axes):
                     coord[a] = flat % mesh_shape[a]
                     flat //= mesh_shape[a]
                 total += everyone[where[tuple(coord)]]["shapes"][i][d]

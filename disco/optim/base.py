@@ -116,7 +116,7 @@ class SpectralOptimizer(Optimizer):
                     )
 
     def _algo(self, group: dict) -> str:
-        return group.get("algorithm", self.defaults.get("algorithm"))
+        return str(group.get("algorithm", self.defaults.get("algorithm")))
 
     def _lmo_params(self) -> list[tuple[dict, int, Tensor, str]]:
         """(group, position in group, param, name) for every parameter whose LMO reads the whole tensor."""
@@ -218,8 +218,11 @@ class SpectralOptimizer(Optimizer):
 
     @staticmethod
     def _run_lmo(key: Hashable, X: Tensor) -> Tensor:
-        norm, backend, steps, coeffs, eps, cdtype, view = key  # type: ignore[misc]
-        kw = dict(norm=norm, backend=backend, steps=steps, coefficients=coeffs, eps=eps, compute_dtype=cdtype)
+        fields: tuple[Any, ...] = key  # type: ignore[assignment]
+        norm, backend, steps, coeffs, eps, cdtype, view = fields
+        kw: dict[str, Any] = dict(
+            norm=norm, backend=backend, steps=steps, coefficients=coeffs, eps=eps, compute_dtype=cdtype
+        )
         if view == "flatten":
             flat = X.reshape(X.shape[0], X.shape[1], -1)
             return ops.lmo(flat, param_ndim=2, **kw).reshape(X.shape)
@@ -243,7 +246,7 @@ class SpectralOptimizer(Optimizer):
         norms = self._track_next or default_tracked_norms(group.get("norm_factor", "none"), p.dim())
         full_p, full_u = _full(p.detach()), _full(update)
         for kind, t in (("update", full_u), ("param", full_p)):
-            for n in norms:
+            for n in norms:  # type: ignore[union-attr]
                 if t.dim() < 2 and n not in ("rms", "supremum"):
                     continue
                 view = t.reshape(t.shape[0], -1) if t.dim() >= 4 else t
@@ -313,7 +316,7 @@ class SpectralOptimizer(Optimizer):
         g = p.grad
         if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
             g = g.redistribute(p.device_mesh, p.placements)  # e.g. Partial gradients
-        return _local(g)
+        return _local(g)  # type: ignore[arg-type]
 
     def _momentum(self, group: dict, p: Tensor) -> Tensor:
         """Update the momentum of ``p`` in place and return the local direction the LMO reads."""
