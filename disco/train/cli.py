@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", help="comma-separated registered names (see --list-optimizers)")
     p.add_argument("--list-optimizers", action="store_true", help="print the registered optimizers and exit")
     p.add_argument("--steps", type=int)
+    p.add_argument("--lr", help="learning rate for every optimizer (0.01) or per optimizer (adamw=3e-3,muon=0.02)")
     p.add_argument("--data", help="a text file to train on (default: the pydoc_data topics corpus)")
     p.add_argument("--parallel", choices=PARALLEL_MODES)
     p.add_argument("--out", help="output folder")
@@ -90,17 +91,29 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
-        if f.name != "optimizers" and getattr(args, f.name, None) is not None
+        if f.name not in ("optimizers", "lr") and getattr(args, f.name, None) is not None
     }
     cfg = dataclasses.replace(cfg, **overrides)
     if args.optimizers:
-        return dataclasses.replace(cfg, optimizers=split_names(args.optimizers))
+        cfg = dataclasses.replace(cfg, optimizers=split_names(args.optimizers))
+    if args.lr:
+        cfg = dataclasses.replace(cfg, lr={**cfg.lr, **parse_lr(args.lr, cfg.optimizers)})
+    if args.optimizers:
+        return cfg
     # names that come from a config file and are not registered (yet) are skipped, not fatal
     known = set(optimizer_names())
     missing = [n for n in cfg.optimizers if n not in known]
     if missing:
         print(f"[disco] skipping unregistered optimizers from the config: {', '.join(missing)}")
     return dataclasses.replace(cfg, optimizers=[n for n in cfg.optimizers if n in known])
+
+
+def parse_lr(text: str, names: list[str]) -> dict[str, float]:
+    """``"0.01"`` -> that lr for every name; ``"adamw=3e-3,muon=0.02"`` -> per name."""
+    if "=" not in text:
+        return dict.fromkeys(names, float(text))
+    pairs = (item.split("=", 1) for item in split_names(text))
+    return {name.strip(): float(value) for name, value in pairs}
 
 
 def main(argv: list[str] | None = None) -> int:
