@@ -2,7 +2,7 @@
 
 A builder turns a model into a ready optimizer::
 
-    @register_optimizer("adamw", default_lr=3e-3, doc="torch.optim.AdamW, decay on matrices only")
+    @register_optimizer("adamw", default_lr=1e-3, doc="torch.optim.AdamW, decay on matrices only")
     def build_adamw(model, *, lr, weight_decay=0.0, **kwargs):
         ...
 
@@ -75,7 +75,7 @@ def matrix_and_other_params(model: nn.Module) -> tuple[list[nn.Parameter], list[
     return [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
 
 
-@register_optimizer("adamw", default_lr=3e-3, doc="torch.optim.AdamW (betas 0.9/0.95), weight decay on matrices only")
+@register_optimizer("adamw", default_lr=1e-3, doc="torch.optim.AdamW (betas 0.9/0.95), weight decay on matrices only")
 def build_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
     matrices, others = matrix_and_other_params(model)
     groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
