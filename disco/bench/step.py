@@ -3,12 +3,13 @@
 The parameter set is ``layers`` blocks of ``width``: per block four ``width x width`` matrices (attention
 q, k, v, o), one ``width x 4*width`` and one ``4*width x width`` (MLP), as plain parameters with fixed random
 gradients (no model). Two comparisons, each measured in the same process (median of ``--repeat`` steps after
-``--warmup``):
+``--warmup``, the two sides interleaved step by step):
 
 (a) ``disco.Muon`` in fp32 (same-shape matrices batched into one Newton-Schulz call) against a per-parameter
     fp32 loop of the same algorithm (what ``torch.optim.Muon`` does, but in fp32); goal: ratio <= 0.8.
 (b) ``disco.Muon`` with ``compute_dtype=bfloat16`` against ``torch.optim.Muon`` (always bf16). bf16 matmuls are
-    very slow on CPUs without bf16 units, so (b) runs on ``--bf16-layers`` blocks (default 1) unless set.
+    5-150x slower than fp32 on CPUs without bf16 instructions (AVX2 only), so (b) runs on ``--bf16-layers``
+    blocks (default 1) unless set.
 
 ``max_abs_diff`` is the largest parameter difference between the two sides after the timed steps (both start
 from the same weights and see the same gradients), a check that they compute the same thing.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from collections.abc import Callable, Sequence
 
 import torch
@@ -124,8 +126,15 @@ def _compare(
     warmup: int,
     device: str,
 ) -> dict:
-    peer_s = time_call(peer_step, repeat=repeat, warmup=warmup, device=device)
-    ours_s = time_call(ours_step, repeat=repeat, warmup=warmup, device=device)
+    # interleaved (peer, ours) pairs, so that a change of machine load hits both sides alike
+    for _ in range(warmup):
+        peer_step()
+        ours_step()
+    peer_t, ours_t = [], []
+    for _ in range(max(1, repeat)):
+        peer_t.append(time_call(peer_step, repeat=1, warmup=0, device=device))
+        ours_t.append(time_call(ours_step, repeat=1, warmup=0, device=device))
+    peer_s, ours_s = statistics.median(peer_t), statistics.median(ours_t)
     diff = max((a.detach() - b.detach()).abs().max().item() for a, b in zip(ours_params, peer_params))
     return {
         "case": case,
