@@ -18,7 +18,8 @@ gradients, and times, side by side in the same processes:
 
 Step time is the median over ``--steps`` timed steps of the slowest rank's time (ranks meet at a barrier before
 each step). ``x_1rank`` is the time over the same method's 1-rank time; ``x_disco`` over ``disco``'s at the same
-rank count. Goals (reported, not asserted): redundancy 1.00, bytes at the lower bound, 2 ranks < 0.7x of 1.
+rank count; ``ns_ms`` is the slowest rank's time inside Newton-Schulz (the rest of a step is communication,
+packing and the update). Goals (reported, not asserted): redundancy 1.00, bytes at the lower bound, 2 ranks < 0.7x of 1.
 On a machine with fewer cores than ranks, more ranks cannot be faster: the core count is printed.
 """
 
@@ -49,6 +50,7 @@ COLUMNS: list[Column] = [
     ("ranks", "ranks"),
     ("method", "method"),
     ("ms", "step_ms", ".1f"),
+    ("compute_ms", "ns_ms", ".1f"),
     ("x_1rank", "x_1rank", ".2f"),
     ("x_disco", "x_disco", ".2f"),
     ("sent_max", "sent/rank MiB", ".2f"),
@@ -71,20 +73,28 @@ def _matrices(layers: int, width: int) -> list[tuple[int, int]]:
     return [s.shape for s in transformer(layers, width, 4 * width)]  # type: ignore[misc]
 
 
-def _timed(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
+def _timed(fn, steps: int, warmup: int, clock: dict | None = None) -> dict:
+    """Median ms of the slowest rank per step; with ``clock``, also the median of the slowest rank's
+    ``clock["compute"]`` (seconds spent orthogonalizing, which ``fn`` adds up)."""
     import torch.distributed as dist
 
+    clock = clock if clock is not None else {"compute": 0.0}
     for _ in range(warmup):
         fn()
-    times = []
+    times, computes = [], []
     for _ in range(max(1, steps)):
         dist.barrier()
+        clock["compute"] = 0.0
         t0 = time.perf_counter()
         fn()
-        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        t = torch.tensor([time.perf_counter() - t0, clock["compute"]], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        times.append(float(t))
-    return statistics.median(times), times
+        times.append(float(t[0]) * 1e3)
+        computes.append(float(t[1]) * 1e3)
+    out = {"ms": statistics.median(times), "times_ms": times}
+    if any(computes):
+        out["compute_ms"] = statistics.median(computes)
+    return out
 
 
 def _make_params(shapes, mesh, seed: int, scale: bool = True):
@@ -137,9 +147,18 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
         "collectives": st.collectives,
         "matrices": st.matrices_computed,
     }
-    ms, times = _timed(opt.step, cfg["steps"], cfg["warmup"])
-    plan_stats = opt.engine.plan.stats()
-    row.update(ms=ms * 1e3, times=times, plan=plan_stats, n_matrices=len(shapes))
+    clock = {"compute": 0.0}
+    run_lmo = opt._run_lmo
+
+    def timed_lmo(key, X):
+        t0 = time.perf_counter()
+        res = run_lmo(key, X)
+        clock["compute"] += time.perf_counter() - t0
+        return res
+
+    opt._run_lmo = timed_lmo  # type: ignore[method-assign]
+    row.update(_timed(opt.step, cfg["steps"], cfg["warmup"], clock))
+    row.update(plan=opt.engine.plan.stats(), n_matrices=len(shapes))
     out["rows"]["disco"] = row
     del opt
 
@@ -165,6 +184,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
             counted["sent"] += u.numel() * 4 * (world - 1)
             counted["collectives"] += 1 if world > 1 else 0
         for shape, ids in by_shape.items():
+            t0 = time.perf_counter()
             O = ops.orthogonalize(
                 torch.stack([fulls[i] for i in ids]),
                 steps=5,
@@ -172,6 +192,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
                 eps=1e-7,
                 compute_dtype=cdtype,
             )
+            clock["compute"] += time.perf_counter() - t0
             scale = math.sqrt(max(1.0, shape[0] / shape[1]))
             lo, hi = chunk_bound(shape[0], world, rank)
             for k, i in enumerate(ids):
@@ -180,10 +201,8 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
 
     naive_step()
     diff = max(float((p.to_local() - b - d).abs().max()) for p, b, d in zip(params, before, disco_delta))
-    ms, times = _timed(naive_step, cfg["steps"], cfg["warmup"])
     out["rows"]["naive_full_tensor"] = {
-        "ms": ms * 1e3,
-        "times": times,
+        **_timed(naive_step, cfg["steps"], cfg["warmup"], clock),
         "bytes_sent": counted["sent"],
         "bytes_received": counted["received"],
         "collectives": counted["collectives"],
@@ -212,10 +231,10 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
                 f"torch.optim.Muon: first step took {float(first):.1f} s on {world} ranks "
                 f"(> --torch-muon-max-s {cfg['torch_muon_max_s']:g}); not timed further"
             )
-            out["rows"]["torch_muon"] = {"ms": float(first) * 1e3, "times": [float(first)], "matrices": len(shapes)}
+            first_ms = float(first) * 1e3
+            out["rows"]["torch_muon"] = {"ms": first_ms, "times_ms": [first_ms], "matrices": len(shapes)}
         else:
-            ms, times = _timed(topt.step, cfg["steps"], 0)
-            out["rows"]["torch_muon"] = {"ms": ms * 1e3, "times": times, "matrices": len(shapes)}
+            out["rows"]["torch_muon"] = {**_timed(topt.step, cfg["steps"], 0), "matrices": len(shapes)}
     return out
 
 
@@ -324,7 +343,8 @@ def summarize(world: int, per_rank: list[dict]) -> tuple[list[dict], list[str]]:
         if method not in per_rank[0]["rows"]:
             continue
         rs = [r["rows"][method] for r in per_rank]
-        row: dict[str, Any] = {"ranks": world, "method": method, "ms": rs[0]["ms"], "times_ms": rs[0]["times"]}
+        row: dict[str, Any] = {"ranks": world, "method": method, "ms": rs[0]["ms"], "times_ms": rs[0]["times_ms"]}
+        row["compute_ms"] = rs[0].get("compute_ms")
         if "bytes_sent" in rs[0]:
             row["sent_max"] = _mib(max(x["bytes_sent"] for x in rs))
             row["recv_max"] = _mib(max(x["bytes_received"] for x in rs))
