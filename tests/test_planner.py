@@ -204,6 +204,11 @@ def test_mixed_local_and_exchanged_tensors():
     plan = build_plan(moe_small(), "fsdp", 8)
     _assert_owned_once(plan)
     assert plan.local_buckets and plan.buckets
+    for lay, o in zip(plan.layouts, plan.owners):
+        assert (o == -1) == (len(lay.shape) == 3)  # experts in place, matrices exchanged
+    s = plan.stats()
+    assert s["redundancy"] == pytest.approx(1.0) and s["imbalance"] <= 1.05
+    assert s["bytes_total"] == s["bytes_lower_bound"] and s["collectives_per_step"] == 2 * len(plan.buckets)
 
 
 # ------------------------------------------------------------------------- layouts vs torch's own splits
