@@ -137,6 +137,7 @@ def _body_options(rank, world_size, options, split):
         sent.append(opt.engine.stats.bytes_sent)
         received.append(opt.engine.stats.bytes_received)
         counts.append(opt.engine.stats.matrices_computed)
+        assert opt.engine.stats.collectives == opt.engine.plan.stats()["collectives_per_step"]
     planned = opt.engine.plan.bytes_per_rank(element_size=4)[rank]
     return {n: p.full_tensor() for n, p in params.items()}, counts, sent, received, planned, opt.engine.plan.stats()
 

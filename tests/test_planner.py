@@ -296,3 +296,16 @@ def test_fsdp_tp_layouts_are_what_fsdp2_over_tp_makes():
     # rank (dp=1, tp=0) of a 768-row column-wise matrix: rows 96..191 of TP shard 0 (rows 0..383)
     col = plan.layouts[0]
     assert col.index_lists(2)[0] == list(range(96, 192))
+
+
+def test_ties_go_to_the_rank_with_the_biggest_piece_and_collectives_count_moving_exchanges():
+    # 10 rows over 4 ranks: 3, 3, 3, 1 (and 10 over 8: 2,2,2,2,2,0,0,0). Equal loads: an owner with a full piece.
+    for n in (4, 8):
+        plan = make_plan([Layout.sharded((10, 8), range(n))], [1.0], [0], ranks=range(n))
+        s = plan.stats()
+        assert s["bytes_total"] == s["bytes_lower_bound"]
+        assert s["collectives_per_step"] == 2
+    ddp = make_plan([Layout.replicated((10, 8), range(4))] * 3, [1.0] * 3, [0] * 3, ranks=range(4))
+    assert ddp.stats()["collectives_per_step"] == 1  # results go back; nothing to gather
+    single = make_plan([Layout.sharded((10, 8), [0])], [1.0], [0], ranks=[0])
+    assert single.stats()["collectives_per_step"] == 0

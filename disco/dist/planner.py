@@ -75,6 +75,14 @@ class Plan:
             )
         return total
 
+    def collectives_per_step(self) -> int:
+        """All-to-alls the executor runs per step: one per bucket and direction in which any data moves."""
+        n = 0
+        for b in self.buckets:
+            n += any(self.layouts[i].senders(self.owners[i]) for i in b)
+            n += any(self.layouts[i].receivers(self.owners[i]) for i in b)
+        return n
+
     def stats(self, element_size: int = 4) -> dict:
         loads = [self.load.get(r, 0.0) for r in self.ranks]
         mean = sum(loads) / len(loads) if loads else 0.0
@@ -88,7 +96,7 @@ class Plan:
             "bytes_total": sum(v["received"] for v in per_rank.values()),
             "bytes_lower_bound": self.bytes_lower_bound(element_size),
             "bytes_per_rank_max": max((v["received"] + v["sent"] for v in per_rank.values()), default=0),
-            "collectives_per_step": 2 * len(self.buckets),
+            "collectives_per_step": self.collectives_per_step(),
             "buckets": len(self.buckets),
             "local_buckets": len(self.local_buckets),
         }
@@ -159,6 +167,16 @@ def make_plan(
                 break
             if ld == load[r]:
                 popped.append((ld, r))
+        # Among equally loaded candidates, the one holding the biggest piece moves the fewest bytes.
+        while heap and heap[0][0] == ld:
+            ld2, r2 = heapq.heappop(heap)
+            if ld2 != load[r2]:
+                continue
+            if r2 in cand and layouts[i].local_numel(r2) > layouts[i].local_numel(r):
+                popped.append((ld, r))
+                r = r2
+            else:
+                popped.append((ld2, r2))
         owners[i] = r
         load[r] += costs[i]
         heapq.heappush(heap, (load[r], r))
