@@ -60,11 +60,16 @@ def newton_schulz(
     X = G.mT if G.size(-2) > G.size(-1) else G
     tall = X is not G
     X = _frobenius_normalise(X, table.safety, table.eps if eps is None else eps).to(dtype)
+    lead = X.shape[:-2]
+    # Fused multiply-adds (one rounding, as in the 2-D case) on a flat batch: (batch, m, n).
+    X = X.reshape(-1, *X.shape[-2:]) if X.dim() != 2 else X
+    mm = torch.addmm if X.dim() == 2 else torch.baddbmm
     for k in range(steps):
         a, b, c = table.at(k)
         A = X @ X.mT
-        B = torch.addmm(A, A, A, beta=b, alpha=c) if A.dim() == 2 else b * A + c * (A @ A)
-        X = torch.addmm(X, B, X, beta=a, alpha=1.0) if X.dim() == 2 else a * X + B @ X
+        B = mm(A, A, A, beta=b, alpha=c)
+        X = mm(X, B, X, beta=a, alpha=1.0)
+    X = X.reshape(*lead, *X.shape[-2:])
     if tall:
         X = X.mT
     return X.to(G.dtype)
