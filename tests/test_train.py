@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -86,6 +87,16 @@ def test_data_split_and_deterministic_rank_slices():
         parts = [h.next() for h in halves]
         assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
         assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_shipped_configs_load():
+    from disco.train.config import CONFIG_DIR, load_config
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"tiny_cpu", "gpt_small_gpu"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.steps > 0 and cfg.model.dim % cfg.model.n_heads == 0
 
 
 def test_registry():
@@ -207,3 +218,23 @@ def test_two_ranks_match_one_process(parallel, extra, tmp_path):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=2e-4, rtol=0)
     assert math.isclose(out[0]["final_val_loss"], single["final_val_loss"], abs_tol=2e-4)
     assert (tmp_path / parallel / "adamw" / "ckpt" / "step_000006" / ".metadata").exists()
+
+
+@pytest.mark.dist
+def test_torchrun_cli_ddp(tmp_path):
+    """The real launcher: ``torchrun -m disco train`` owns the process group (gloo) and writes the summary."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model: {dim: 32, n_layers: 1, n_heads: 2}\nbatch_size: 4\nseq_len: 32\neval_batches: 1\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "disco"]
+    cmd += ["train", "--config", str(cfg), "--optimizers", "adamw", "--steps", "3", "--parallel", "ddp"]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "out"
+    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=150, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["results"]["adamw"]["steps"] == 3
+    assert "ddp on 2 x cpu" in proc.stdout
