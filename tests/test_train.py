@@ -199,25 +199,52 @@ def test_resume_continues_the_same_curve(tmp_path):
 # --- several ranks ---------------------------------------------------------------------------------------------
 
 
-def _rank_run(rank, world_size, out, parallel, extra):
-    return cli.run(tiny_cfg(out, steps=6, parallel=parallel, **extra))["adamw"]
+def _rank_run(rank, world_size, out, parallel, name, extra):
+    from torch.distributed.tensor import DTensor
+
+    from disco.train import loop
+
+    seen = {}
+    build = loop.build_optimizer
+
+    def spy(cfg, spec, model, world):
+        seen["dtensor"] = {isinstance(p, DTensor) for p in model.parameters()}
+        return build(cfg, spec, model, world)
+
+    loop.build_optimizer = spy
+    result = cli.run(tiny_cfg(out, steps=6, parallel=parallel, optimizers=[name], **extra))[name]
+    return result, seen["dtensor"]
+
+
+_SINGLE: dict[str, list[float]] = {}
+
+
+def _single_losses(name, tmp_path):
+    if name not in _SINGLE:
+        cli.run(tiny_cfg(tmp_path / "single", steps=6, optimizers=[name]))
+        _SINGLE[name] = losses(tmp_path / "single", name)
+    return _SINGLE[name]
+
+
+PARALLEL = [("ddp", {}), ("fsdp", {}), ("hsdp", {"dp_shard": 1}), ("tp", {}), ("fsdp+tp", {"tp_size": 2})]
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize(
-    "parallel,extra",
-    [("ddp", {}), ("fsdp", {}), ("hsdp", {"dp_shard": 1}), ("tp", {}), ("fsdp+tp", {"tp_size": 2})],
-)
-def test_two_ranks_match_one_process(parallel, extra, tmp_path):
+@pytest.mark.parametrize("name", optimizer_names())
+@pytest.mark.parametrize("parallel,extra", PARALLEL, ids=[p for p, _ in PARALLEL])
+def test_two_ranks_match_one_process(parallel, extra, name, tmp_path):
+    """Same global batch, same seed: every layout reproduces the single-process loss curve."""
     from dist_harness import run_ranks
 
-    single = cli.run(tiny_cfg(tmp_path / "single", steps=6))["adamw"]
-    out = run_ranks(_rank_run, 2, str(tmp_path / parallel), parallel, extra, timeout=90)
-    assert out[0] == out[1] or all(math.isclose(out[0][k], out[1][k]) for k in ("final_val_loss", "steps"))
-    ref, got = losses(tmp_path / "single", "adamw"), losses(tmp_path / parallel, "adamw")
+    ref = _single_losses(name, tmp_path)
+    out = run_ranks(_rank_run, 2, str(tmp_path / parallel), parallel, name, extra, timeout=90)
+    (r0, dtensor0), (r1, _) = out
+    assert r0["steps"] == r1["steps"] == 6 and r0["final_val_loss"] == pytest.approx(r1["final_val_loss"])
+    # DDP keeps plain tensors; every other layout makes every parameter a DTensor
+    assert dtensor0 == ({False} if parallel == "ddp" else {True})
+    got = losses(tmp_path / parallel, name)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=2e-4, rtol=0)
-    assert math.isclose(out[0]["final_val_loss"], single["final_val_loss"], abs_tol=2e-4)
-    assert (tmp_path / parallel / "adamw" / "ckpt" / "step_000006" / ".metadata").exists()
+    assert (tmp_path / parallel / name / "ckpt" / "step_000006" / ".metadata").exists()
 
 
 @pytest.mark.dist

@@ -99,8 +99,26 @@ def _mesh_shape(parallel: str, world: int, tp_size: int, dp_shard: int) -> tuple
     return (world // tp_size, tp_size), ("dp_shard", "tp")
 
 
+def _replicate(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Parameters become ``Replicate`` DTensors; inputs and outputs stay plain tensors."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+    def to_dtensor(_mod: nn.Module, inputs: tuple, device_mesh: DeviceMesh) -> tuple:
+        return tuple(DTensor.from_local(x, device_mesh, [Replicate()], run_check=False) for x in inputs)
+
+    def to_local(_mod: nn.Module, output: DTensor, _mesh: DeviceMesh) -> torch.Tensor:
+        return output.to_local()
+
+    distribute_module(module, mesh, input_fn=to_dtensor, output_fn=to_local)  # type: ignore[arg-type]
+
+
 def apply_tp(model: GPT, tp_mesh: DeviceMesh) -> None:
-    """Megatron-style TP inside each block: heads and FFN hidden units split over the ``tp`` mesh."""
+    """Megatron-style TP: heads and FFN hidden units split over the ``tp`` mesh.
+
+    Embedding and head are split over the vocabulary (their outputs gathered), the norms replicated, so
+    that every parameter is a DTensor on the same mesh, as a distributed optimizer expects.
+    """
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         ParallelStyle,
@@ -111,15 +129,21 @@ def apply_tp(model: GPT, tp_mesh: DeviceMesh) -> None:
     cfg = model.cfg
     if cfg.fused_qkv:
         raise ValueError("tensor parallelism needs separate wq/wk/wv (fused_qkv: false)")
+    if cfg.n_experts:
+        raise ValueError("tensor parallelism does not split experts: use --parallel fsdp for a MoE model")
     if cfg.n_heads % tp_mesh.size():
         raise ValueError(f"n_heads={cfg.n_heads} is not divisible by the TP degree {tp_mesh.size()}")
     plan: dict[str, ParallelStyle] = {f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")}
-    plan["attention.wo"] = RowwiseParallel()
-    if cfg.n_experts == 0:  # experts stay replicated under TP
-        plan.update({"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel()})
-        plan["feed_forward.w2"] = RowwiseParallel()
+    plan.update({"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel()})
+    plan.update({"attention.wo": RowwiseParallel(), "feed_forward.w2": RowwiseParallel()})
     for block in model.layers:
         parallelize_module(block, tp_mesh, plan)  # type: ignore[arg-type]
+        _replicate(block.attention_norm, tp_mesh)  # type: ignore[union-attr,arg-type]
+        _replicate(block.ffn_norm, tp_mesh)  # type: ignore[union-attr,arg-type]
+    rep = Replicate()
+    parallelize_module(model.tok_embeddings, tp_mesh, RowwiseParallel(input_layouts=rep, output_layouts=rep))
+    parallelize_module(model.output, tp_mesh, ColwiseParallel(input_layouts=rep, output_layouts=rep))
+    _replicate(model.norm, tp_mesh)
 
 
 def apply_fsdp(model: GPT, mesh: DeviceMesh) -> None:
