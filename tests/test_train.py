@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -184,14 +185,15 @@ def test_cli_yaml_overrides_summary_plot_and_norms(tmp_path, tmp_optimizer, caps
     assert "final_train_loss" not in capsys.readouterr().err
 
 
-def test_resume_continues_the_same_curve(tmp_path):
-    cfg = tiny_cfg(tmp_path, steps=6, ckpt_every=3)
+@pytest.mark.parametrize("name", optimizer_names())
+def test_resume_continues_the_same_curve(name, tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=6, ckpt_every=3, optimizers=[name])
     cli.run(cfg)
-    straight = losses(tmp_path, "adamw")
-    shutil.rmtree(tmp_path / "adamw" / "ckpt" / "step_000006")  # as if the run died after step 3..5
-    resumed = cli.run(tiny_cfg(tmp_path, steps=6, ckpt_every=3, resume=True))
-    again = losses(tmp_path, "adamw")
-    assert len(again) == 6 and resumed["adamw"]["steps"] == 6
+    straight = losses(tmp_path, name)
+    shutil.rmtree(tmp_path / name / "ckpt" / "step_000006")  # as if the run died after step 3..5
+    resumed = cli.run(dataclasses.replace(cfg, resume=True))
+    again = losses(tmp_path, name)
+    assert len(again) == 6 and resumed[name]["steps"] == 6
     assert again[:3] == straight[:3]
     torch.testing.assert_close(torch.tensor(again[3:]), torch.tensor(straight[3:]), atol=1e-5, rtol=0)
 
@@ -265,3 +267,20 @@ def test_torchrun_cli_ddp(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["results"]["adamw"]["steps"] == 3
     assert "ddp on 2 x cpu" in proc.stdout
+
+
+def _rank_run_ckpt(rank, world_size, out, name):
+    return cli.run(tiny_cfg(out, steps=6, ckpt_every=3, parallel="fsdp", optimizers=[name]))[name]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", optimizer_names())
+def test_resume_fsdp_checkpoint_in_one_process(name, tmp_path):
+    """DCP reshards: a checkpoint written by 2 FSDP ranks resumes in one process on the same curve."""
+    from dist_harness import run_ranks
+
+    run_ranks(_rank_run_ckpt, 2, str(tmp_path), name, timeout=90)
+    straight = losses(tmp_path, name)
+    shutil.rmtree(tmp_path / name / "ckpt" / "step_000006")
+    cli.run(tiny_cfg(tmp_path, steps=6, ckpt_every=3, optimizers=[name], resume=True))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path, name)), torch.tensor(straight), atol=2e-5, rtol=0)
