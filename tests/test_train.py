@@ -218,27 +218,30 @@ def _rank_run(rank, world_size, out, parallel, name, extra):
     return result, seen["dtensor"]
 
 
-_SINGLE: dict[str, list[float]] = {}
+_SINGLE: dict[str, list[float]] = {}  # single-process reference curves
 
 
-def _single_losses(name, tmp_path):
-    if name not in _SINGLE:
-        cli.run(tiny_cfg(tmp_path / "single", steps=6, optimizers=[name]))
-        _SINGLE[name] = losses(tmp_path / "single", name)
-    return _SINGLE[name]
+def _single_losses(name, tmp_path, model=None):
+    key = f"{name}-{model}"
+    if key not in _SINGLE:
+        cli.run(tiny_cfg(tmp_path / "single", steps=6, optimizers=[name], model=model or TINY))
+        _SINGLE[key] = losses(tmp_path / "single", name)
+    return _SINGLE[key]
 
 
+MOE = {"model": {**TINY, "n_experts": 4, "fused_qkv": True}}
 PARALLEL = [("ddp", {}), ("fsdp", {}), ("hsdp", {"dp_shard": 1}), ("tp", {}), ("fsdp+tp", {"tp_size": 2})]
+PARALLEL += [("fsdp", MOE)]  # 3-D expert weights, fused QKV
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("name", optimizer_names())
-@pytest.mark.parametrize("parallel,extra", PARALLEL, ids=[p for p, _ in PARALLEL])
+@pytest.mark.parametrize("parallel,extra", PARALLEL, ids=[p + ("-moe" if e is MOE else "") for p, e in PARALLEL])
 def test_two_ranks_match_one_process(parallel, extra, name, tmp_path):
     """Same global batch, same seed: every layout reproduces the single-process loss curve."""
     from dist_harness import run_ranks
 
-    ref = _single_losses(name, tmp_path)
+    ref = _single_losses(name, tmp_path, extra.get("model"))
     out = run_ranks(_rank_run, 2, str(tmp_path / parallel), parallel, name, extra, timeout=90)
     (r0, dtensor0), (r1, _) = out
     assert r0["steps"] == r1["steps"] == 6 and r0["final_val_loss"] == pytest.approx(r1["final_val_loss"])
