@@ -234,3 +234,23 @@ def test_adamw_groups_match_torch(cls):
     other = make_model()
     run(torch.optim.AdamW(other, **{**kw, "eps": 1e-8}), other, 5)
     assert max((a - b).abs().max().item() for a, b in zip(ps, other)) > 1e-4
+
+
+def test_groups_added_or_changed_after_construction_are_planned_at_the_next_step():
+    from disco import ops
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8, 8))
+    opt = Disco([a], lr=0.1, momentum=0.0, compute_dtype=torch.float64)
+    opt.add_param_group({"params": [b], "param_names": ["b"], "backend": "svd"})
+    assert "momentum_buffer" in opt.state[b]  # state exists before any step
+    opt.param_groups[0]["norm_factor"] = "original"
+    ga, gb = torch.randn(16, 8), torch.randn(8, 8)
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    a.grad, b.grad = ga.clone(), gb.clone()
+    opt.step()
+    want_a = a0 - 0.1 * ops.lmo(ga, norm="original", compute_dtype=torch.float64)
+    want_b = b0 - 0.1 * ops.lmo(gb, norm="spectral", backend="svd")
+    torch.testing.assert_close(a.detach(), want_a, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.detach(), want_b, atol=1e-6, rtol=0)
+    assert opt.engine.stats.tensors_computed == 2

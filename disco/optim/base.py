@@ -114,6 +114,8 @@ class SpectralOptimizer(Optimizer):
                         f"{group['norm_factor']!r}, which needs a matrix (2-D or more); route it to 'bias_rms', "
                         "'sign' or an element-wise algorithm ('adamw', 'lion')"
                     )
+        if hasattr(self, "_engine_keys"):  # added after construction: state now, the engine re-plans at step()
+            self._init_state()
 
     def _algo(self, group: dict) -> str:
         return str(group.get("algorithm", self.defaults.get("algorithm")))
@@ -166,6 +168,7 @@ class SpectralOptimizer(Optimizer):
     def _build_engine(self):
         items = self._lmo_params()
         keys = [self._lmo_key(g, p) for g, _, p, _ in items]
+        self._engine_keys = keys
         batch = [self._batch_ndim(g["norm_factor"], p) for g, _, p, _ in items]
         config = self.distributed_config
         if config is None and any(isinstance(p, DTensor) for _, _, p, _ in items):
@@ -278,6 +281,10 @@ class SpectralOptimizer(Optimizer):
                         self._track(group, p, name, (before - p.detach()) / max(group["lr"], 1e-30))
 
         items = self._lmo_params()
+        if [self._lmo_key(g, p) for g, _, p, _ in items] != self._engine_keys:
+            # Groups were added or their LMO settings changed: re-plan (collective, as every rank does the same).
+            self._init_state()
+            self._engine = self._build_engine()
         present = [p.grad is not None for _, _, p, _ in items]
         self._check_light(items, present)
         self._engine.check_grads(present, [n for *_, n in items])
