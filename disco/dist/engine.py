@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 Job = tuple[int, Tensor, Hashable]
 MapFn = Callable[[Hashable, Tensor], Tensor]
@@ -33,6 +34,11 @@ class EngineStats:
     def reset(self) -> None:
         self.matrices_computed = self.tensors_computed = 0
         self.bytes_sent = self.bytes_received = self.collectives = 0
+
+
+def local_piece(t: Tensor) -> Tensor:
+    """The tensor this rank holds: a DTensor's local piece, a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _n_matrices(shape: Sequence[int], batch_ndim: int) -> int:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from .config import DistributedConfig
 from .engine import EngineStats, Job, MapFn, _n_matrices
@@ -340,7 +339,3 @@ class PlanEngine:
             if lay.senders(o) if gather else lay.receivers(o):
                 return True
         return False
-
-
-def local_piece(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .. import ops
-from ..dist.engine import LocalEngine
+from ..dist.engine import LocalEngine, local_piece
 from . import elementwise
 
 LMO_ALGORITHMS = ("disco", "muon", "scion")
@@ -26,10 +26,6 @@ ALGORITHMS = LMO_ALGORITHMS + ELEMENTWISE_ALGORITHMS
 # Norms that read the whole tensor (so a sharded tensor must be gathered first).
 _LOCAL_NORMS = ("sign", "none")
 _SPECTRAL_FAMILY = ("spectral", "original", "match_rms_adamw", "image_spectral", "conv_spectral")
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _full(t: Tensor) -> Tensor:
@@ -276,7 +272,7 @@ class SpectralOptimizer(Optimizer):
                     if p.grad is None:
                         continue
                     before = p.detach().clone() if tracking else None
-                    elementwise.step(algo, p, p.grad, self.state[p], group)
+                    elementwise.step(algo, p, self._grad(p), self.state[p], group)
                     if tracking:
                         self._track(group, p, name, (before - p.detach()) / max(group["lr"], 1e-30))
 
@@ -323,7 +319,7 @@ class SpectralOptimizer(Optimizer):
         g = p.grad
         if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
             g = g.redistribute(p.device_mesh, p.placements)  # e.g. Partial gradients
-        return _local(g)  # type: ignore[arg-type]
+        return local_piece(g)  # type: ignore[arg-type]
 
     def _momentum(self, group: dict, p: Tensor) -> Tensor:
         """Update the momentum of ``p`` in place and return the local direction the LMO reads."""
@@ -332,7 +328,7 @@ class SpectralOptimizer(Optimizer):
         if group.get("is_light"):
             # p.grad holds beta/(1-beta) * M_prev + G, so (1 - beta) * p.grad is the EMA momentum M.
             return g * (1 - beta)
-        buf = _local(self.state[p]["momentum_buffer"])
+        buf = local_piece(self.state[p]["momentum_buffer"])
         buf.lerp_(g.to(buf.dtype), 1 - beta)
         if group.get("nesterov"):
             return g.lerp(buf.to(g.dtype), beta)
@@ -341,7 +337,7 @@ class SpectralOptimizer(Optimizer):
     def _apply(self, group: dict, p: Tensor, O: Tensor) -> None:
         lr, wd = group["lr"], group["weight_decay"]
         scale = group.get("scale", 1.0)
-        local = _local(p)
+        local = local_piece(p)
         if group.get("update_rule", "decoupled") == "frank_wolfe":
             local.mul_(1 - lr)
         elif wd:
@@ -371,7 +367,7 @@ class SpectralOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     # p.grad = M / (1 - beta) now; leave beta/(1-beta) * M so the next backward yields the EMA.
-                    _local(p.grad).mul_(group["momentum"])
+                    local_piece(p.grad).mul_(group["momentum"])
                     self._light_grads[id(p)] = weakref.ref(p.grad)
                     self._light_stepped = True
         if light:

@@ -9,11 +9,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+from ..dist.engine import local_piece
 
 
 def init_state(algorithm: str, p: Tensor) -> dict[str, Tensor]:
@@ -32,7 +29,7 @@ def adamw(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
     lr, wd, eps = group["lr"], group.get("weight_decay", 0.0), group.get("adam_eps", 1e-8)
     state["step"] += 1
     t = float(state["step"])
-    m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+    m, v = local_piece(state["exp_avg"]), local_piece(state["exp_avg_sq"])
     m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     if wd:
@@ -45,7 +42,7 @@ def lion(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
     r"""Lion (Chen et al., 2023): ``p <- (1 - lr wd) p - lr sign(lerp(m, g, 1-b1)); m <- lerp(m, g, 1-b2)``."""
     b1, b2 = group.get("betas", (0.9, 0.99))
     lr, wd = group["lr"], group.get("weight_decay", 0.0)
-    m = _local(state["exp_avg"])
+    m = local_piece(state["exp_avg"])
     if wd:
         p.mul_(1 - lr * wd)
     p.add_(torch.sign(m.lerp(g, 1 - b1)), alpha=-lr)
@@ -55,7 +52,7 @@ def lion(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
 def sign(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
     r"""signSGD with EMA momentum: ``m <- lerp(m, g, 1-beta); p <- (1 - lr wd) p - lr sign(m)``."""
     lr, wd, beta = group["lr"], group.get("weight_decay", 0.0), group.get("momentum", 0.9)
-    m = _local(state["momentum_buffer"])
+    m = local_piece(state["momentum_buffer"])
     m.lerp_(g, 1 - beta)
     if wd:
         p.mul_(1 - lr * wd)
@@ -67,7 +64,5 @@ STEPS: dict[str, Callable[[Tensor, Tensor, dict, dict], None]] = {"adamw": adamw
 
 @torch.no_grad()
 def step(algorithm: str, p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
-    g = grad
-    if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
-        g = g.redistribute(p.device_mesh, p.placements)
-    STEPS[algorithm](_local(p), _local(g), state, group)
+    """Update ``p`` in place; ``grad`` is the local gradient, already laid out like ``p``."""
+    STEPS[algorithm](local_piece(p), grad, state, group)
