@@ -9,7 +9,7 @@ COMMANDS = {
     "train": ("disco.train.cli", "Train a small GPT with any optimizer and parallelism (the main job)."),
     "bench": ("disco.bench", "Benchmarks: ortho | step | dist."),
     "groups": ("disco.groups", "Print the parameter routing table of MODULE:FACTORY."),
-    "plan": ("disco.dist.plan_cli", "Print the distribution plan for a world size and a list of shapes."),
+    "plan": ("disco.distributed.plan_cli", "Print the distribution plan for a world size and a list of shapes."),
 }
 
 

@@ -8,8 +8,8 @@ from dist_harness import RankError, run_ranks
 from test_dist_equivalence import SHAPES, STEPS, _assert_same, _dtensor_grad, build_optimizer, full_tensors, reference
 from torch import nn
 
-from disco.dist import create_auto_config, create_callback_config, create_dtensor_config
-from disco.dist.layout import chunk_bound
+from disco.distributed import create_auto_config, create_callback_config, create_dtensor_config
+from disco.distributed.layout import chunk_bound
 
 # build_optimizer puts the matrices first, then the bias: the optimizer's own parameter numbering.
 FLAT_ORDER = ["a.weight", "b.weight", "c.weight", "e.weight", "b.bias"]

@@ -129,7 +129,7 @@ def _body_fsdp(rank, world_size, kind):
 
 
 def _body_ddp(rank, world_size, kind, wrapper):
-    from disco.dist import create_auto_config
+    from disco.distributed import create_auto_config
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 97, bias=False), nn.Linear(97, 32), nn.Linear(32, 18, bias=False))

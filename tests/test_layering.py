@@ -1,4 +1,4 @@
-"""Layering: integrations -> optim -> dist -> ops -> torch (DESIGN.md section 2), checked statically with ``ast``.
+"""Layering: integrations -> optim -> distributed -> ops -> torch (DESIGN.md section 2), checked statically with ``ast``.
 
 Importing ``torch`` already imports ``torch.distributed``, so a runtime ``sys.modules`` check cannot show that
 ``disco.ops`` avoids it; instead every file is parsed and each import (absolute, relative, ``from torch import
@@ -22,14 +22,14 @@ RULES: dict[str, tuple[str, ...]] = {
     "disco.ops": (
         "torch.distributed",
         "disco.optim",
-        "disco.dist",
+        "disco.distributed",
         "disco.integrations",
         "disco.train",
         "disco.bench",
         "disco.groups",
         "disco.tracking",
     ),
-    "disco.dist": ("disco.optim", "disco.integrations", "disco.train"),
+    "disco.distributed": ("disco.optim", "disco.integrations", "disco.train"),
 }
 
 
@@ -112,11 +112,11 @@ def test_ops_imports_only_torch_stdlib_and_itself():
         "import importlib\nimportlib.import_module('torch.distributed')",
         "__import__('torch.distributed')",
         "from ..optim import Muon",
-        "from .. import dist",
+        "from .. import distributed",
         "from disco.optim.muon import Muon",
         "from disco import train",
         "def f():\n    from ..integrations import torchtitan",
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from disco.dist import plan",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from disco.distributed import plan",
     ],
 )
 def test_checker_catches_violations(source):
@@ -132,7 +132,7 @@ def test_checker_accepts_clean_imports(source):
 
 def test_relative_imports_resolve_from_package_init():
     assert "disco.ops.lmo" in [n for _, n in imported_modules("from .lmo import lmo", "disco.ops", True)]
-    assert violations("from ..optim import x", "disco.dist", RULES["disco.dist"], is_package=True)
+    assert violations("from ..optim import x", "disco.distributed", RULES["disco.distributed"], is_package=True)
 
 
 def test_importing_ops_loads_no_other_disco_layer():

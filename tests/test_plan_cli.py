@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from disco.dist import plan_cli
+from disco.distributed import plan_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {

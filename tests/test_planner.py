@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.distributed.tensor.placement_types import Shard, _StridedShard
 
-from disco.dist.layout import REPLICATE, Layout, Placement, chunk_bounds, shard
-from disco.dist.plan_cli import build_plan
-from disco.dist.planner import Plan, make_plan
-from disco.dist.shapes import gpt2_small, moe_small
+from disco.distributed.layout import REPLICATE, Layout, Placement, chunk_bounds, shard
+from disco.distributed.plan_cli import build_plan
+from disco.distributed.planner import Plan, make_plan
+from disco.distributed.shapes import gpt2_small, moe_small
 from disco.ops.orthogonalize import orthogonalize_cost
 
 LAYOUTS_8 = ["fsdp", "ddp", "hsdp:2x4", "hsdp:4x2", "fsdp+tp:4x2", "fsdp+tp:2x4"]

@@ -68,7 +68,7 @@ COLUMNS: list[Column] = [
 
 
 def _matrices(layers: int, width: int) -> list[tuple[int, int]]:
-    from disco.dist.shapes import transformer
+    from disco.distributed.shapes import transformer
 
     return [s.shape for s in transformer(layers, width, 4 * width)]  # type: ignore[misc]
 
@@ -119,7 +119,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
 
     import disco
     from disco import ops
-    from disco.dist.layout import chunk_bound
+    from disco.distributed.layout import chunk_bound
 
     mesh = init_device_mesh("cpu", (world,))
     shapes = _matrices(cfg["layers"], cfg["width"])

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .. import ops
-from ..dist.engine import LocalEngine, local_piece
+from ..distributed.engine import LocalEngine, local_piece
 from . import elementwise
 
 LMO_ALGORITHMS = ("disco", "muon", "scion")
@@ -168,7 +168,7 @@ class SpectralOptimizer(Optimizer):
         batch = [self._batch_ndim(g["norm_factor"], p) for g, _, p, _ in items]
         config = self.distributed_config
         if config is None and any(isinstance(p, DTensor) for _, _, p, _ in items):
-            from ..dist.config import create_dtensor_config
+            from ..distributed.config import create_dtensor_config
 
             config = create_dtensor_config()
         if config is None:
@@ -180,12 +180,12 @@ class SpectralOptimizer(Optimizer):
                 shape = (shape[0], math.prod(shape[1:]))
             costs.append(ops.orthogonalize_cost(shape) if len(shape) >= 2 else float(math.prod(shape)))
         if config.source == "callbacks":
-            from ..dist.callbacks import CallbackEngine
+            from ..distributed.callbacks import CallbackEngine
 
             return CallbackEngine(
                 [p for _, _, p, _ in items], config=config, batch_ndims=batch, names=[n for *_, n in items]
             )
-        from ..dist.executor import PlanEngine
+        from ..distributed.executor import PlanEngine
 
         return PlanEngine(
             [p for _, _, p, _ in items],

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..dist.engine import local_piece
+from ..distributed.engine import local_piece
 
 
 def init_state(algorithm: str, p: Tensor) -> dict[str, Tensor]:

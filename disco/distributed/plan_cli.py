@@ -5,7 +5,7 @@
     python -m disco plan --world-size 16 --shapes shapes.json --layout hsdp:2x8
 
 ``--shapes FILE``: a JSON list of shapes, each a list of 2 or 3 positive ints (3: a stack of experts).
-``--model NAME``: a built-in set from ``disco.dist.shapes`` (embeddings and output head excluded).
+``--model NAME``: a built-in set from ``disco.distributed.shapes`` (embeddings and output head excluded).
 
 Layouts over ranks ``0..N-1`` (row-major meshes):
 

@@ -45,7 +45,7 @@ class _Exchange:
 
 
 class PlanEngine:
-    """Runs a ``Plan`` over a process group; see ``disco.dist.planner`` for who owns what."""
+    """Runs a ``Plan`` over a process group; see ``disco.distributed.planner`` for who owns what."""
 
     def __init__(
         self,
