@@ -64,13 +64,7 @@ def test_fp32_matmul_precision_restored(prec):
     W = torch.nn.Parameter(torch.randn(16, 16))
     opt = Scion([W], lr=0.01, fp32_matmul_prec="medium")
     seen = []
-    inner = opt._run_lmo
-
-    def spy(key, X):
-        seen.append(torch.get_float32_matmul_precision())
-        return inner(key, X)
-
-    opt._run_lmo = spy  # type: ignore[method-assign]
+    opt.engine.stats.observers.append(lambda spec, X: seen.append(torch.get_float32_matmul_precision()))
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision(prec)

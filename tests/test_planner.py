@@ -273,12 +273,13 @@ def test_index_lists_match_torch_splitting(lay):
         assert lay.local_numel(r) == want.numel()
         if lay.group_key(r) == lay.group_key(lay.ranks[0]):
             covered[got.reshape(-1)] += 1
-    # ranks with equal group key hold disjoint pieces covering the tensor
+    # ranks with equal group key hold pieces covering the tensor once per summand (disjoint without Partial)
     if lay.numel:
-        assert torch.equal(covered, torch.ones_like(covered)), lay.describe()
-    # senders + owner reassemble the tensor; receivers are every other non-empty holder
+        assert torch.equal(covered, torch.full_like(covered, lay.partial_count)), lay.describe()
+    # senders + owner reassemble the tensor (every summand of it); receivers are every other non-empty holder
     owner = lay.ranks[-1]
-    assert lay.local_numel(owner) + sum(lay.local_numel(s) for s in lay.senders(owner)) == lay.numel
+    contributed = lay.local_numel(owner) + sum(lay.local_numel(s) for s in lay.senders(owner))
+    assert contributed == lay.numel * lay.partial_count
     assert set(lay.receivers(owner)) == {r for r in lay.ranks if r != owner and lay.local_numel(r)}
 
 

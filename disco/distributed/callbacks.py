@@ -1,14 +1,29 @@
-"""The escape hatch: an engine driven by three user functions (``create_callback_config``)."""
+"""The escape hatch: an engine driven by three user functions (``create_callback_config``).
+
+The user's functions know where the pieces live; the engine does not (it has no layouts). So it implements:
+
+* ``map(out="input")``: per tensor, in index order, ``gather_fn`` to the owner, ``spec`` there, ``redistribute_fn``
+  back;
+* ``map(out="replicated")``: the same gather, then the owner's result broadcast to every rank;
+* ``check_presence`` / ``check_agreement``: over the default group (the callbacks run on every rank);
+
+and refuses what needs layouts: ``Partial`` job layouts and ``all_reduce`` (so ``average_gradients=True`` is
+refused when the engine is built, never mid-step).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..ops.specs import Spec
 from .config import DistributedConfig
-from .engine import EngineStats, Job, MapFn, _n_matrices
+from .engine import EngineStats, Job, Out, Over, ReduceOp, digest, first_difference, n_matrices, run_spec, spec_of
+from .layout import Layout
 
 
 def validate_assignments(assignments: dict[int, list[int]], n_params: int, world_size: int) -> None:
@@ -30,46 +45,105 @@ def validate_assignments(assignments: dict[int, list[int]], n_params: int, world
 
 
 class CallbackEngine:
-    """Per parameter, in index order: ``gather_fn`` to the owner, ``fn`` there, ``redistribute_fn`` back."""
+    """Per tensor, in index order: ``gather_fn`` to the owner, the spec there, ``redistribute_fn`` back."""
+
+    has_layouts = False
 
     def __init__(
-        self,
-        params: Sequence[Tensor],
-        *,
-        config: DistributedConfig,
-        batch_ndims: Sequence[int],
-        names: Sequence[str] | None = None,
+        self, params: Sequence[Tensor], *, config: DistributedConfig, names: Sequence[str] | None = None
     ) -> None:
+        if config.average_gradients:
+            raise ValueError(
+                "a callbacks config cannot average gradients: it knows no layouts, so it cannot tell replicas "
+                "from shards; average them in your framework (or use create_auto_config / DTensors)"
+            )
+        if config.assign_fn is None or config.gather_fn is None or config.redistribute_fn is None:
+            raise ValueError("a callbacks config needs assign_fn, gather_fn and redistribute_fn")
         self.config = config
-        self.batch_ndims = list(batch_ndims)
+        self.names = list(names) if names is not None else [f"param{i}" for i in range(len(params))]
         self.stats = EngineStats()
         self.current_rank = dist.get_rank()
+        self.shapes = [tuple(p.shape) for p in params]
         world = dist.get_world_size()
-        assert config.assign_fn is not None
-        self.assignments = {
-            int(r): sorted(int(i) for i in ids)
-            for r, ids in config.assign_fn([tuple(p.shape) for p in params], world).items()
+        self._assignments = {
+            int(r): sorted(int(i) for i in ids) for r, ids in config.assign_fn(list(self.shapes), world).items()
         }
-        validate_assignments(self.assignments, len(params), world)
-        self.owner = {i: r for r, ids in self.assignments.items() for i in ids}
+        validate_assignments(self._assignments, len(params), world)
+        self.owner = {i: r for r, ids in self._assignments.items() for i in ids}
+        self._mapped: list[int] | None = None
 
-    def check_grads(self, present: list[bool], names: Sequence[str]) -> None:
-        return None  # the user's collectives define who takes part
+    @property
+    def assignments(self) -> dict[int, list[int]]:
+        """rank -> parameter indices it computes (all of ``assign_fn``'s, or those of the last ``map``)."""
+        if self._mapped is None:
+            return {r: list(ids) for r, ids in self._assignments.items()}
+        mapped = set(self._mapped)
+        return {r: [i for i in ids if i in mapped] for r, ids in self._assignments.items()}
 
-    def map(self, jobs: Sequence[Job], fn: MapFn) -> list[Tensor]:
+    def layout(self, index: int) -> Layout:
+        raise ValueError(
+            f"a callbacks config has no layouts (asked for {self.names[index]}); only its gather_fn and "
+            "redistribute_fn know where pieces live"
+        )
+
+    def _all_ranks_int(self, values: list[int]) -> list[list[int]]:
+        mine = torch.tensor(values, dtype=torch.int64)
+        everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mine)
+        return [t.tolist() for t in everyone]
+
+    def check_presence(self, present: Sequence[bool], names: Sequence[str]) -> None:
+        total = torch.tensor([1 if p else 0 for p in present], dtype=torch.int32)
+        dist.all_reduce(total)
+        n = dist.get_world_size()
+        bad = [i for i, s in enumerate(total.tolist()) if s not in (0, n)]
+        if bad:
+            listed = ", ".join(f"{names[i]} ({int(total[i])}/{n} ranks)" for i in bad[:8])
+            raise RuntimeError(f"gradients present on some ranks and missing on others for: {listed}")
+
+    def check_agreement(self, items: Sequence[str], what: str) -> None:
+        if len({v[0] for v in self._all_ranks_int([digest(tuple(items))])}) == 1:
+            return
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, list(items))
+        raise RuntimeError(f"ranks disagree on {what}: " + first_difference(everyone, range(len(everyone))))
+
+    def all_reduce(
+        self, tensors: Sequence[Tensor], layouts: Sequence[Layout], *, over: Over = "replicas", op: ReduceOp = "sum"
+    ) -> None:
+        raise ValueError("a callbacks config knows no layouts, so it cannot reduce over mesh axes")
+
+    def assign(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> dict[int, list[int]]:
+        self._mapped = sorted(j.index for j in jobs)
+        return self.assignments
+
+    def map(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> list[Tensor]:
         self.stats.reset()
         assert self.config.gather_fn is not None and self.config.redistribute_fn is not None
-        out = []
-        for i, local, key in sorted(jobs, key=lambda j: j[0]):
-            owner = self.owner[i]
-            full = self.config.gather_fn(local, i, owner)
+        for job in jobs:
+            if job.layout is not None:
+                raise ValueError(
+                    f"a callbacks config maps parameters only; {self.names[job.index]} came with a layout of its "
+                    f"own ({job.layout.describe()})"
+                )
+        results: dict[int, Tensor] = {}
+        for k in sorted(range(len(jobs)), key=lambda k: jobs[k].index):
+            job, s = jobs[k], spec_of(jobs[k], spec)
+            i, owner = job.index, self.owner[job.index]
+            full = self.config.gather_fn(job.tensor, i, owner)
             result = None
             if self.current_rank == owner:
                 if full is None:
                     raise RuntimeError(f"gather_fn returned None on the owner (rank {owner}) of parameter {i}")
-                result = fn(key, full.unsqueeze(0))[0]
-                self.stats.matrices_computed += _n_matrices(tuple(full.shape), self.batch_ndims[i])
+                result = run_spec(s, full.unsqueeze(0), self.stats)[0]
+                shape = tuple(full.shape)
+                self.stats.matrices_computed += n_matrices(shape, s.batch_ndim(shape))
                 self.stats.tensors_computed += 1
-            out.append((i, self.config.redistribute_fn(result, i, owner, local)))
-        by_index = dict(out)
-        return [by_index[i] for i, _, _ in jobs]
+            if out == "replicated":
+                box = [result]
+                dist.broadcast_object_list(box, src=owner)
+                results[k] = box[0]  # type: ignore[assignment]
+            else:
+                results[k] = self.config.redistribute_fn(result, i, owner, job.tensor)
+        self._mapped = sorted(j.index for j in jobs)
+        return [results[k] for k in range(len(jobs))]

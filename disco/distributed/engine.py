@@ -1,39 +1,107 @@
-"""Engines run a whole-tensor function on tensors whose pieces may live on many ranks.
+"""The engine: the whole vocabulary an optimizer uses to compute on tensors whose pieces live on many ranks.
 
-The optimizer hands ``map`` a list of jobs ``(param index, local piece, key)`` and a function
-``fn(key, stack) -> stack`` on stacks of whole tensors; the engine decides who computes what, moves pieces to the
-owner, runs ``fn`` once per owned bucket and brings each rank its piece of the result. It never names an
-algorithm. ``LocalEngine`` is the single-device twin used as the oracle.
+An optimizer registers its parameters once (the engine reads their layouts) and then speaks in movements:
+
+* ``map(jobs, spec, out=...)``: each job is a local piece of a tensor with a layout (by default its
+  parameter's). Sharded or replicated pieces are gathered to one owner per tensor, ``Partial`` pieces are summed
+  (or averaged) there; the owner runs ``spec`` once per bucket of same-shape tensors; the result comes back in
+  the input layout (``out="input"``: each holder gets its piece, ``Partial`` axes come back reduced) or whole to
+  every holder (``out="replicated"``).
+* ``all_reduce(tensors, layouts, over=..., op=...)``: small coalesced reductions of local pieces over a
+  layout's replica axes (``over="replicas"``), the axes that shard tensor dim ``d`` (``over=d``) or every
+  shard axis (``over="shards"``).
+* ``check_presence`` / ``check_agreement``: every rank holds the same thing, or every rank raises the same error.
+* ``stats``, ``assignments``, ``current_rank``, ``layout(index)``.
+
+The engine never names an algorithm: it calls ``spec(stack)``, ``spec.cost(shape)``, ``spec.batch_ndim(shape)``,
+``spec.result_shape(shape)`` and ``spec.needs_whole``. ``LocalEngine`` is the single-process twin (the oracle);
+``disco.distributed.executor.PlanEngine`` runs a plan over a process group; ``disco.distributed.callbacks``
+drives user functions. ``build_engine`` picks one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable, Hashable, Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
 
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-Job = tuple[int, Tensor, Hashable]
-MapFn = Callable[[Hashable, Tensor], Tensor]
+from ..ops.specs import Spec
+from .layout import Layout
+
+if TYPE_CHECKING:
+    from .config import DistributedConfig
+
+Out = Literal["input", "replicated"]
+Over = Union[Literal["replicas", "shards"], int]
+ReduceOp = Literal["sum", "avg", "max", "min"]
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One tensor to map: ``tensor`` is this rank's local piece of tensor ``index`` (a registered parameter).
+
+    ``spec`` overrides the ``spec`` given to ``map``; ``layout`` overrides the parameter's layout (a tensor
+    derived from the parameter, e.g. ``Partial`` products or state of another shape).
+    """
+
+    index: int
+    tensor: Tensor
+    spec: Spec | None = None
+    layout: Layout | None = None
 
 
 @dataclass
 class EngineStats:
-    """Counters of the last ``map`` call on this rank."""
+    """Counters of the last ``map`` (and the ``all_reduce`` calls since) on this rank."""
 
     matrices_computed: int = 0
     tensors_computed: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
-    collectives: int = 0
-    history: list[dict] = field(default_factory=list)
+    collectives: int = 0  # collectives that move data (all-to-alls, all-reduces)
+    checks: int = 0  # agreement collectives (a few bytes per rank)
+    compute_s: float = 0.0  # seconds inside ``spec(stack)`` calls
+    batches: list[tuple[int, ...]] = field(default_factory=list)  # the stack shape of each spec call
+    #: called as ``observer(spec, stack)`` before each spec call: the public hook for tests and benchmarks.
+    observers: list[Callable[[Spec, Tensor], None]] = field(default_factory=list)
 
     def reset(self) -> None:
         self.matrices_computed = self.tensors_computed = 0
-        self.bytes_sent = self.bytes_received = self.collectives = 0
+        self.bytes_sent = self.bytes_received = self.collectives = self.checks = 0
+        self.compute_s = 0.0
+        self.batches = []
+
+
+class Engine(Protocol):
+    """What ``disco.optim`` sees of the distribution layer (see the module docstring)."""
+
+    stats: EngineStats
+    current_rank: int
+    has_layouts: bool  # False: layout() and all_reduce() refuse (the callbacks config)
+
+    @property
+    def assignments(self) -> dict[int, list[int]]: ...
+
+    def layout(self, index: int) -> Layout: ...
+
+    def map(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> list[Tensor]: ...
+
+    def assign(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> dict[int, list[int]]: ...
+
+    def all_reduce(
+        self, tensors: Sequence[Tensor], layouts: Sequence[Layout], *, over: Over = "replicas", op: ReduceOp = "sum"
+    ) -> None: ...
+
+    def check_presence(self, present: Sequence[bool], names: Sequence[str]) -> None: ...
+
+    def check_agreement(self, items: Sequence[str], what: str) -> None: ...
 
 
 def local_piece(t: Tensor) -> Tensor:
@@ -41,33 +109,113 @@ def local_piece(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _n_matrices(shape: Sequence[int], batch_ndim: int) -> int:
+def n_matrices(shape: Sequence[int], batch_ndim: int) -> int:
     return math.prod(shape[:batch_ndim]) if batch_ndim else 1
 
 
-class LocalEngine:
-    """Everything on this process: same-key, same-shape tensors stacked into one batched call."""
+def spec_of(job: Job, spec: Spec | None) -> Spec:
+    s = job.spec if job.spec is not None else spec
+    if s is None:
+        raise ValueError(f"job for tensor {job.index} has no spec and map() was given none")
+    return s
 
-    def __init__(self, n_params: int, *, batch_ndims: Sequence[int] | None = None) -> None:
-        self.n_params = n_params
-        self.batch_ndims = list(batch_ndims or [0] * n_params)
+
+def digest(obj: Any) -> int:
+    """A digest of ``repr(obj)`` that is equal across processes (``hash`` of strings is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def first_difference(everyone: list[Any], ranks: Sequence[int]) -> str:
+    """Where the ranks' lists first differ, with each rank's value there."""
+    longest = max(len(x) for x in everyone)
+    for pos in range(longest):
+        vals = [x[pos] if pos < len(x) else "<missing>" for x in everyone]
+        if len(set(map(str, vals))) > 1:
+            shown = "; ".join(f"rank {r}: {v}" for r, v in zip(ranks, vals))
+            return f"item {pos} differs: {shown}"
+    return "lengths differ: " + ", ".join(f"rank {r}: {len(x)}" for r, x in zip(ranks, everyone))
+
+
+def run_spec(spec: Spec, stack: Tensor, stats: EngineStats) -> Tensor:
+    """``spec(stack)``, timed into ``stats.compute_s`` and recorded in ``stats.batches``."""
+    for observe in stats.observers:
+        observe(spec, stack)
+    stats.batches.append(tuple(stack.shape))
+    t0 = time.perf_counter()
+    out = spec(stack)
+    stats.compute_s += time.perf_counter() - t0
+    return out
+
+
+class LocalEngine:
+    """Everything on this process: same-spec, same-shape tensors stacked into one batched call."""
+
+    has_layouts = True
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.layouts = [Layout.replicated(tuple(p.shape), (0,)) for p in params]
         self.stats = EngineStats()
         self.current_rank = 0
-        self.assignments = {0: list(range(n_params))}
+        self._assigned: list[int] = []
 
-    def check_grads(self, present: list[bool], names: Sequence[str]) -> None:
+    @property
+    def assignments(self) -> dict[int, list[int]]:
+        return {0: list(self._assigned)}
+
+    def layout(self, index: int) -> Layout:
+        return self.layouts[index]
+
+    def assign(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> dict[int, list[int]]:
+        self._assigned = sorted({j.index for j in jobs if spec_of(j, spec).needs_whole})
+        return self.assignments
+
+    def map(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> list[Tensor]:
+        self.stats.reset()
+        results: list[Tensor | None] = [None] * len(jobs)
+        by: dict[tuple[Any, ...], list[int]] = {}
+        for k, job in enumerate(jobs):
+            if job.layout is not None and job.layout.partial_count > 1:
+                raise ValueError(f"tensor {job.index}: a Partial layout needs a distributed engine")
+            by.setdefault((spec_of(job, spec), tuple(job.tensor.shape), job.tensor.dtype), []).append(k)
+        for (s, shape, _), members in by.items():
+            res = run_spec(s, torch.stack([jobs[k].tensor for k in members]), self.stats)
+            for m, k in enumerate(members):
+                results[k] = res[m]
+                self.stats.matrices_computed += n_matrices(shape, s.batch_ndim(shape))
+            self.stats.tensors_computed += len(members)
+        self._assigned = sorted({j.index for j in jobs})
+        return results  # type: ignore[return-value]
+
+    def all_reduce(
+        self, tensors: Sequence[Tensor], layouts: Sequence[Layout], *, over: Over = "replicas", op: ReduceOp = "sum"
+    ) -> None:
+        return None  # one process holds every piece: nothing to reduce
+
+    def check_presence(self, present: Sequence[bool], names: Sequence[str]) -> None:
         return None
 
-    def map(self, jobs: Sequence[Job], fn: MapFn) -> list[Tensor]:
-        self.stats.reset()
-        out: list[Tensor | None] = [None] * len(jobs)
-        by: dict[tuple, list[int]] = {}
-        for j, (_, t, key) in enumerate(jobs):
-            by.setdefault((key, tuple(t.shape), t.dtype), []).append(j)
-        for (key, shape, _), members in by.items():
-            res = fn(key, torch.stack([jobs[j][1] for j in members]))
-            for k, j in enumerate(members):
-                out[j] = res[k]
-                self.stats.matrices_computed += _n_matrices(shape, self.batch_ndims[jobs[j][0]])
-            self.stats.tensors_computed += len(members)
-        return out  # type: ignore[return-value]
+    def check_agreement(self, items: Sequence[str], what: str) -> None:
+        return None
+
+
+def build_engine(
+    params: Sequence[Tensor], config: DistributedConfig | None, names: Sequence[str] | None = None
+) -> Engine:
+    """The engine for ``params`` (every parameter of an optimizer, in ``state_dict()`` order).
+
+    ``config=None`` with DTensor parameters reads their layouts (``create_dtensor_config()``); ``None`` with plain
+    tensors runs on this process alone.
+    """
+    if config is None and any(isinstance(p, DTensor) for p in params):
+        from .config import create_dtensor_config
+
+        config = create_dtensor_config()
+    if config is None:
+        return LocalEngine(params)
+    if config.source == "callbacks":
+        from .callbacks import CallbackEngine
+
+        return CallbackEngine(params, config=config, names=names)
+    from .executor import PlanEngine
+
+    return PlanEngine(params, config=config, names=names)

@@ -1,23 +1,34 @@
-"""The executor: one packed all-to-all per bucket to the owners, one back, overlapped with compute."""
+"""The planned engine: one packed all-to-all per bucket to the owners, one back, overlapped with compute.
+
+``PlanEngine`` reads every parameter's layout once (and makes the ranks agree on them), then plans each distinct
+set of jobs the first time ``map`` sees it (``disco.distributed.planner``: pure, so every rank plans the same)
+and caches the plan with its exchange tables. Every ``map`` first checks, with one 8-byte-per-rank all-gather,
+that every rank maps the same jobs (tensors, specs, layouts, dtypes): a disagreement raises the same error on
+every rank instead of exchanging mismatched pieces.
+"""
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..ops.specs import Spec
 from .config import DistributedConfig
-from .engine import EngineStats, Job, MapFn, _n_matrices
+from .engine import EngineStats, Job, Out, Over, ReduceOp, digest, first_difference, n_matrices, run_spec, spec_of
 from .layout import REPLICATE, Layout
 from .planner import Plan, make_plan
 from .resolve import comm_dtype_for, group_for, resolve_layouts
 
+Region = tuple[Any, ...]
 
-def _indexer(lists: tuple[list[int], ...]) -> tuple:
+
+def _indexer(lists: tuple[list[int], ...]) -> Region:
     """Index that selects the outer product of per-dim index lists (slices where contiguous)."""
     contiguous = [not lst or lst == list(range(lst[0], lst[0] + len(lst))) for lst in lists]
     if all(contiguous):
@@ -36,39 +47,45 @@ def _indexer(lists: tuple[list[int], ...]) -> tuple:
 
 @dataclass
 class _Exchange:
-    """Static description of one bucket's exchange, seen from this rank."""
+    """One bucket's exchange, seen from this rank (positions into the job list)."""
 
-    members: list[int]  # param indices of the bucket, in order
-    send_gather: dict[int, list[int]]  # dest group rank -> params whose piece I send there
-    recv_gather: dict[int, list[int]]  # src group rank -> params (owned by me) whose piece it sends
+    members: list[int]
+    send: dict[int, list[int]]  # dest group rank -> jobs whose piece I send there
+    recv: dict[int, list[int]]  # src group rank -> jobs (owned by me) whose piece it sends
     owned: list[int]
+    back_from: list[tuple[int, list[int]]]  # src group rank -> jobs whose result it returns to me
+    gathers: bool  # whether any rank sends a piece to an owner
+    returns: bool  # whether any owner sends a result back
+
+
+@dataclass
+class _Program:
+    """A plan for one set of jobs, with everything the executor derives from it once."""
+
+    plan: Plan
+    specs: list[Spec]
+    result_shapes: list[tuple[int, ...]]
+    exchanges: list[_Exchange]
+    regions: dict[tuple[int, int], Region] = field(default_factory=dict)
 
 
 class PlanEngine:
-    """Runs a ``Plan`` over a process group; see ``disco.distributed.planner`` for who owns what."""
+    """Runs plans over a process group; see ``disco.distributed.planner`` for who owns what."""
+
+    has_layouts = True
 
     def __init__(
-        self,
-        params: Sequence[Tensor],
-        *,
-        costs: Sequence[float],
-        keys: Sequence[Hashable],
-        batch_ndims: Sequence[int],
-        config: DistributedConfig,
-        names: Sequence[str] | None = None,
-        ids: Sequence[int] | None = None,
+        self, params: Sequence[Tensor], *, config: DistributedConfig, names: Sequence[str] | None = None
     ) -> None:
         self.config = config
-        self.names = list(names) if names else None
-        self.params = list(params)
-        self.keys = list(keys)
-        self.batch_ndims = list(batch_ndims)
+        self.names = list(names) if names is not None else [f"param{i}" for i in range(len(params))]
         self.stats = EngineStats()
         self.rank = dist.get_rank()
         self.current_rank = self.rank
-        layouts = resolve_layouts(params, config, ids)
+        layouts = resolve_layouts(params, config)
         ranks = sorted({r for lay in layouts for r in lay.ranks} | {self.rank})
         self.group = group_for(ranks)
+        self.group_ranks = ranks
         layouts = self._agree(layouts, ranks)
         if not config.split_replicas:
             layouts = [self._within_replica(lay) for lay in layouts]
@@ -76,27 +93,27 @@ class PlanEngine:
             self.group = group_for(ranks)
         self.group_ranks = ranks
         self._grank = {r: i for i, r in enumerate(ranks)}
-        self.plan: Plan = make_plan(
-            layouts, costs, keys, ranks=ranks, batch_ndims=batch_ndims, bucket_size=config.bucket_size
-        )
-        self._regions: dict[tuple[int, int], tuple] = {}
-        self._exchanges: dict[tuple[int, ...], _Exchange] = {}
-        self._sends: dict[tuple[bool, tuple[int, ...]], bool] = {}
+        self.layouts = layouts
+        self._programs: dict[tuple[Any, ...], _Program] = {}
+        self._digests: dict[tuple[Any, ...], int] = {}
+        self._current: _Program | None = None
+        self._job_index: list[int] = []  # parameter index of each job of the current program
 
+    # ---- layouts -----------------------------------------------------------------------------------------
     def _agree(self, layouts: list[Layout], ranks: list[int]) -> list[Layout]:
         """Make every rank of the group plan with the same layouts.
 
         A parameter may sit on a different sub-mesh on different ranks (FSDP over TP leaves non-TP parameters
         on each TP rank's own dp mesh): such copies are one tensor replicated over an extra mesh axis.
         """
-        everyone: list = [None] * len(ranks)
-        dist.all_gather_object(everyone, layouts, group=self.group)
-        if any(len(other) != len(layouts) for other in everyone):
-            counts = {r: len(other) for r, other in zip(ranks, everyone)}
+        everyone: list[Any] = [None] * len(ranks)
+        dist.all_gather_object(everyone, (layouts, self.names), group=self.group)
+        if any(len(other) != len(layouts) for other, _ in everyone):
+            counts = {r: len(other) for r, (other, _) in zip(ranks, everyone)}
             raise ValueError(f"optimizer ranks hold different numbers of parameters: {counts}")
         merged = []
         for i, lay in enumerate(layouts):
-            variants = sorted({other[i] for other in everyone}, key=lambda v: min(v.ranks))
+            variants = sorted({other[i] for other, _ in everyone}, key=lambda v: min(v.ranks))
             if len(variants) == 1:
                 merged.append(lay)
                 continue
@@ -106,7 +123,7 @@ class PlanEngine:
             ) and len({r for v in variants for r in v.ranks}) == sum(len(v.ranks) for v in variants)
             if not ok:
                 raise ValueError(
-                    f"parameter {i} ({self.names[i] if self.names else i}) has incompatible layouts across ranks: "
+                    f"parameter {i} ({self.names[i]}) has incompatible layouts across ranks: "
                     + "; ".join(v.describe() for v in variants)
                 )
             merged.append(
@@ -120,33 +137,55 @@ class PlanEngine:
         return merged
 
     def _within_replica(self, lay: Layout) -> Layout:
-        """The same layout restricted to this rank's replica (replicated axes dropped)."""
+        """The same layout restricted to this rank's replica (replica axes dropped)."""
         key = lay.group_key(self.rank)
         ranks = [r for r in lay.ranks if lay.group_key(r) == key]
-        axes = [a for a, p in enumerate(lay.placements) if p.is_shard]
+        axes = [a for a, p in enumerate(lay.placements) if p.kind != "replicate"]
         return Layout(
             lay.shape,
             tuple(ranks),
             tuple(lay.mesh_shape[a] for a in axes) or (1,),
-            tuple(lay.placements[a] for a in axes) or (lay.placements[0],),
+            tuple(lay.placements[a] for a in axes) or (REPLICATE,),
         )
+
+    def layout(self, index: int) -> Layout:
+        return self.layouts[index]
+
+    @property
+    def plan(self) -> Plan:
+        """The plan of the last mapped (or assigned) job set."""
+        if self._current is None:
+            raise RuntimeError("no job set planned yet: call map() or assign() first")
+        return self._current.plan
 
     @property
     def assignments(self) -> dict[int, list[int]]:
-        return self.plan.assignments
+        """rank -> parameter indices it computes in the last planned job set."""
+        if self._current is None:
+            return {r: [] for r in self.group_ranks}
+        return {r: sorted(self._job_index[k] for k in ks) for r, ks in self._current.plan.assignments.items()}
 
-    def region(self, i: int, rank: int) -> tuple:
-        key = (i, rank)
-        if key not in self._regions:
-            self._regions[key] = _indexer(self.plan.layouts[i].index_lists(rank))
-        return self._regions[key]
+    # ---- agreement ---------------------------------------------------------------------------------------
+    def _all_gather_int(self, value: int) -> list[int]:
+        mine = torch.tensor([value], dtype=torch.int64)
+        everyone = [torch.zeros_like(mine) for _ in self.group_ranks]
+        dist.all_gather(everyone, mine, group=self.group)
+        self.stats.checks += 1
+        return [int(t) for t in everyone]
 
-    # ---- consistency -------------------------------------------------------------------------------------
-    def check_grads(self, present: list[bool], names: Sequence[str]) -> None:
-        """Every rank must agree on which parameters have a gradient; else fail everywhere, same message."""
-        mask = torch.tensor([1 if p else 0 for p in present], dtype=torch.int32)
-        total = mask.clone()
+    def check_agreement(self, items: Sequence[str], what: str) -> None:
+        """Every rank holds the same ``items`` (strings, in order); else the same error on every rank."""
+        if len(set(self._all_gather_int(digest(tuple(items))))) == 1:
+            return
+        everyone: list[Any] = [None] * len(self.group_ranks)
+        dist.all_gather_object(everyone, list(items), group=self.group)
+        raise RuntimeError(f"ranks disagree on {what}: " + first_difference(everyone, self.group_ranks))
+
+    def check_presence(self, present: Sequence[bool], names: Sequence[str]) -> None:
+        """Every rank must agree on which tensors have a gradient; else fail everywhere, same message."""
+        total = torch.tensor([1 if p else 0 for p in present], dtype=torch.int32)
         dist.all_reduce(total, group=self.group)
+        self.stats.checks += 1
         n = len(self.group_ranks)
         bad = [i for i, s in enumerate(total.tolist()) if s not in (0, n)]
         if bad:
@@ -156,186 +195,323 @@ class PlanEngine:
                 "a gradient for a parameter, or none must"
             )
 
-    def average_gradients(self, grads: Sequence[Tensor]) -> None:
-        """Average plain replicated gradients over the group in one flat all-reduce (DDP without the wrapper)."""
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
-        dist.all_reduce(flat, group=self.group)
-        flat /= len(self.group_ranks)
-        self.stats.collectives += 1
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+    # ---- all_reduce --------------------------------------------------------------------------------------
+    def all_reduce(
+        self, tensors: Sequence[Tensor], layouts: Sequence[Layout], *, over: Over = "replicas", op: ReduceOp = "sum"
+    ) -> None:
+        """Reduce local pieces in place over mesh axes of their layouts, coalesced per rank set and dtype.
 
-    # ---- execution ---------------------------------------------------------------------------------------
-    def _exchange(self, members: list[int]) -> _Exchange:
-        key = tuple(members)
-        if key not in self._exchanges:
-            self._exchanges[key] = self._make_exchange(members)
-        return self._exchanges[key]
+        ``over``: ``"replicas"`` (the replica axes), ``"shards"`` (every shard axis) or a tensor dim ``d`` (the
+        axes that shard ``d``). ``op``: ``"sum"``, ``"avg"``, ``"max"``, ``"min"``. Rank sets are visited in
+        one global order, so ranks in overlapping sets never wait on each other in a cycle.
+        """
+        if len(tensors) != len(layouts):
+            raise ValueError(f"all_reduce: {len(tensors)} tensors for {len(layouts)} layouts")
+        if op not in ("sum", "avg", "max", "min"):
+            raise ValueError(f"all_reduce: unknown op {op!r}; valid: 'sum', 'avg', 'max', 'min'")
+        by: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = {}
+        for k, (t, lay) in enumerate(zip(tensors, layouts)):
+            if self.rank not in lay.ranks:
+                raise ValueError(f"all_reduce: rank {self.rank} is not in {lay.describe()}")
+            if over == "replicas":
+                axes = lay.replica_axes()
+            elif over == "shards":
+                axes = lay.shard_axes()
+            elif isinstance(over, int):
+                axes = lay.shard_axes(over)
+            else:
+                raise ValueError(f"all_reduce: over must be 'replicas', 'shards' or a tensor dim, got {over!r}")
+            ranks = lay.axis_group(self.rank, axes)
+            if len(ranks) > 1:
+                by.setdefault((ranks, t.dtype), []).append(k)
+        reduce_op = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+        reduce_op["min"] = dist.ReduceOp.MIN
+        for ranks, dtype in sorted(by, key=lambda key: (key[0], str(key[1]))):
+            ks = by[(ranks, dtype)]
+            flat = torch.cat([tensors[k].reshape(-1) for k in ks])
+            dist.all_reduce(flat, op=reduce_op[op], group=group_for(ranks))
+            if op == "avg":
+                flat /= len(ranks)
+            self.stats.collectives += 1
+            self.stats.bytes_sent += flat.numel() * flat.element_size()
+            offset = 0
+            for k in ks:
+                t = tensors[k]
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
 
-    def _make_exchange(self, members: list[int]) -> _Exchange:
+    # ---- planning ----------------------------------------------------------------------------------------
+    def _effective_layout(self, job: Job) -> Layout:
+        if job.layout is None:
+            return self.layouts[job.index]
+        return job.layout if self.config.split_replicas else self._within_replica(job.layout)
+
+    def _program(self, signature: tuple[Any, ...], specs: list[Spec], out: Out) -> _Program:
+        prog = self._programs.get(signature)
+        if prog is None:
+            prog = self._make_program(signature, specs, out)
+            self._programs[signature] = prog
+        return prog
+
+    def _make_program(self, signature: tuple[Any, ...], specs: list[Spec], out: Out) -> _Program:
+        layouts = [lay for _, _, lay, _ in signature[:-1]]
+        keys = [(s, dtype) for (_, s, _, dtype) in signature[:-1]]
+        result_shapes = []
+        for i, s, lay, _ in signature[:-1]:
+            rs = tuple(s.result_shape(lay.shape))
+            if out == "input" and rs != tuple(lay.shape):
+                raise ValueError(
+                    f"map(out='input') of {self.names[i]}: the spec's result shape {rs} differs from the input "
+                    f"shape {tuple(lay.shape)}; use out='replicated'"
+                )
+            result_shapes.append(rs)
+        plan = make_plan(
+            layouts,
+            [s.cost(lay.shape) for s, lay in zip(specs, layouts)],
+            keys,
+            ranks=self.group_ranks,
+            batch_ndims=[s.batch_ndim(lay.shape) for s, lay in zip(specs, layouts)],
+            bucket_size=self.config.bucket_size,
+            out=out,
+            result_numels=[_numel(rs) for rs in result_shapes],
+        )
+        exchanges = [self._make_exchange(plan, b) for b in plan.buckets]
+        return _Program(plan, specs, result_shapes, exchanges)
+
+    def _make_exchange(self, plan: Plan, members: list[int]) -> _Exchange:
         send: dict[int, list[int]] = {}
         recv: dict[int, list[int]] = {}
+        back: dict[int, list[int]] = {}
         owned = []
-        for i in members:
-            lay, o = self.plan.layouts[i], self.plan.owners[i]
+        gathers = returns = False
+        for k in members:
+            lay, o = plan.layouts[k], plan.owners[k]
+            gathers = gathers or bool(lay.senders(o))
+            receivers = plan.receivers(k)
+            returns = returns or bool(receivers)
             if o == self.rank:
-                owned.append(i)
+                owned.append(k)
                 for s in lay.senders(o):
-                    recv.setdefault(self._grank[s], []).append(i)
-            elif self.rank in lay.senders(o):
-                send.setdefault(self._grank[o], []).append(i)
-        return _Exchange(members, send, recv, owned)
+                    recv.setdefault(self._grank[s], []).append(k)
+            else:
+                if self.rank in lay.senders(o):
+                    send.setdefault(self._grank[o], []).append(k)
+                if self.rank in receivers:
+                    back.setdefault(self._grank[o], []).append(k)
+        return _Exchange(members, send, recv, owned, sorted(back.items()), gathers, returns)
 
-    def _a2a(self, chunks: dict[int, list[Tensor]], recv_sizes: dict[int, int], like: Tensor):
+    def assign(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> dict[int, list[int]]:
+        """Plan ``jobs`` without running them (no communication); sets ``assignments`` and ``plan``."""
+        specs = [spec_of(j, spec) for j in jobs]
+        mapped = [k for k, s in enumerate(specs) if self._exchanged(s, jobs[k], out)]
+        signature = self._signature([jobs[k] for k in mapped], [specs[k] for k in mapped], out)
+        self._current = self._program(signature, [specs[k] for k in mapped], out)
+        self._job_index = [jobs[k].index for k in mapped]
+        return self.assignments
+
+    def _exchanged(self, spec: Spec, job: Job, out: Out) -> bool:
+        lay = self._effective_layout(job)
+        return spec.needs_whole or out == "replicated" or lay.partial_count > 1
+
+    def _signature(self, jobs: Sequence[Job], specs: Sequence[Spec], out: Out) -> tuple[Any, ...]:
+        items = []
+        for job, s in zip(jobs, specs):
+            lay = self._effective_layout(job)
+            if tuple(job.tensor.shape) != lay.local_shape(self.rank):
+                raise ValueError(
+                    f"{self.names[job.index]}: local piece of shape {tuple(job.tensor.shape)} on rank {self.rank}, "
+                    f"but its layout {lay.describe()} gives {lay.local_shape(self.rank)}"
+                )
+            items.append((job.index, s, lay, job.tensor.dtype))
+        return (*items, out)
+
+    def _agree_on(self, signature: tuple[Any, ...]) -> None:
+        mine = self._digests.get(signature)
+        if mine is None:
+            mine = self._digests[signature] = digest(signature)
+        if len(set(self._all_gather_int(mine))) == 1:
+            return
+        everyone: list[Any] = [None] * len(self.group_ranks)
+        shown = [f"{self.names[i]}: {lay.describe()} {dtype} {s!r}" for i, s, lay, dtype in signature[:-1]]
+        dist.all_gather_object(everyone, [*shown, f"out={signature[-1]}"], group=self.group)
+        raise RuntimeError(
+            "ranks disagree on the tensors of this step (parameters, order, settings, dtypes or gradient "
+            "presence): " + first_difference(everyone, self.group_ranks)
+        )
+
+    # ---- execution ---------------------------------------------------------------------------------------
+    def region(self, prog: _Program, k: int, rank: int) -> Region:
+        key = (k, rank)
+        if key not in prog.regions:
+            prog.regions[key] = _indexer(prog.plan.layouts[k].index_lists(rank))
+        return prog.regions[key]
+
+    def _a2a(
+        self, chunks: dict[int, list[Tensor]], recv_sizes: dict[int, int], like: Tensor
+    ) -> tuple[Any, Tensor, list[int]]:
         n = len(self.group_ranks)
         in_splits = [sum(t.numel() for t in chunks.get(g, [])) for g in range(n)]
         out_splits = [recv_sizes.get(g, 0) for g in range(n)]
         flat = [t.reshape(-1) for g in range(n) for t in chunks.get(g, [])]
         send = torch.cat(flat) if flat else like.new_empty(0)
-        out = like.new_empty(sum(out_splits))
+        buf = like.new_empty(sum(out_splits))
         es = like.element_size()
         self.stats.bytes_sent += send.numel() * es
-        self.stats.bytes_received += out.numel() * es
+        self.stats.bytes_received += buf.numel() * es
         self.stats.collectives += 1
-        work = dist.all_to_all_single(out, send, out_splits, in_splits, group=self.group, async_op=True)
-        return work, out, out_splits
+        work = dist.all_to_all_single(buf, send, out_splits, in_splits, group=self.group, async_op=True)
+        return work, buf, out_splits
 
-    def map(self, jobs: Sequence[Job], fn: MapFn) -> list[Tensor]:
+    def map(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> list[Tensor]:
+        """Run each job's spec on its whole tensor, once, on one owner; see the module docstring of ``engine``."""
         self.stats.reset()
-        pos = {i: j for j, (i, _, _) in enumerate(jobs)}
-        local = {i: t for i, t, _ in jobs}
-        key_of = {i: k for i, _, k in jobs}
-        if any(key_of[i] != self.keys[i] for i in key_of):
-            raise RuntimeError("parameter group settings changed after construction; rebuild the optimizer")
-        out: list[Tensor | None] = [None] * len(jobs)
-        some = next(iter(local.values()), None)
-        if some is None:
-            return []
-        wire = comm_dtype_for(some, self.config)
+        if out not in ("input", "replicated"):
+            raise ValueError(f"map: out must be 'input' or 'replicated', got {out!r}")
+        specs = [spec_of(j, spec) for j in jobs]
+        results: list[Tensor | None] = [None] * len(jobs)
+        mapped: list[int] = []
+        for k, (job, s) in enumerate(zip(jobs, specs)):
+            if self._exchanged(s, job, out):
+                mapped.append(k)
+            else:  # element-wise: the local piece is all it needs
+                results[k] = run_spec(s, job.tensor.unsqueeze(0), self.stats)[0]
+        signature = self._signature([jobs[k] for k in mapped], [specs[k] for k in mapped], out)
+        self._agree_on(signature)
+        prog = self._program(signature, [specs[k] for k in mapped], out)
+        self._current = prog
+        self._job_index = [jobs[k].index for k in mapped]
+        mres = self._run(prog, [jobs[k].tensor for k in mapped], out)
+        for k, r in zip(mapped, mres):
+            results[k] = r
+        return results  # type: ignore[return-value]
 
-        for bucket in self.plan.local_buckets:
-            present = [i for i in bucket if i in local and local[i].numel()]
-            by: dict[tuple, list[int]] = {}
-            for i in present:
-                by.setdefault(tuple(local[i].shape), []).append(i)
-            for shape, ids in by.items():
-                res = fn(self.keys[ids[0]], torch.stack([local[i] for i in ids]))
-                for k, i in enumerate(ids):
-                    out[pos[i]] = res[k]
-                    self.stats.matrices_computed += _n_matrices(shape, self.batch_ndims[i])
-            for i in bucket:
-                if i in local and out[pos[i]] is None:
-                    out[pos[i]] = local[i].clone()
+    def _run(self, prog: _Program, local: list[Tensor], out: Out) -> list[Tensor]:
+        plan = prog.plan
+        res_out: list[Tensor | None] = [None] * len(local)
+        me = self.rank
 
-        buckets = [[i for i in b if i in local] for b in self.plan.buckets]
-        buckets = [b for b in buckets if b]
-        exchanges = [self._exchange(b) for b in buckets]
-        gathers: deque = deque()
-        returns: deque = deque()
-        issued = 0
+        def compute(spec: Spec, stack: Tensor, ks: list[int]) -> Tensor:
+            res = run_spec(spec, stack, self.stats)
+            for k in ks:
+                self.stats.matrices_computed += n_matrices(plan.layouts[k].shape, spec.batch_ndim(plan.layouts[k].shape))
+                self.stats.tensors_computed += 1
+            return res
 
-        def issue_gather(k: int):
-            ex = exchanges[k]
-            chunks = {g: [local[i].to(wire) for i in ids] for g, ids in ex.send_gather.items()}
-            sizes = {
-                g: sum(self.plan.layouts[i].local_numel(self.group_ranks[g]) for i in ids)
-                for g, ids in ex.recv_gather.items()
-            }
-            if not self._anyone_sends(ex.members, gather=True):
+        for bucket in plan.local_buckets:  # sharded on batch dims only: each rank computes its own pieces
+            by: dict[tuple[int, ...], list[int]] = {}
+            for k in bucket:
+                if local[k].numel():
+                    by.setdefault(tuple(local[k].shape), []).append(k)
+                else:
+                    res_out[k] = local[k].clone()
+            for ks in by.values():
+                res = run_spec(prog.specs[ks[0]], torch.stack([local[k] for k in ks]), self.stats)
+                for m, k in enumerate(ks):
+                    res_out[k] = res[m]
+                    shape = tuple(local[k].shape)
+                    self.stats.matrices_computed += n_matrices(shape, prog.specs[k].batch_ndim(shape))
+                    self.stats.tensors_computed += 1
+
+        gathers: deque[tuple[Any, Tensor, list[int]] | None] = deque()
+        returns: deque[tuple[Any, Tensor, _Exchange]] = deque()
+        wires = [comm_dtype_for(local[ex.members[0]], self.config) for ex in prog.exchanges]
+        device = local[0].device if local else torch.device("cpu")
+
+        def issue_gather(b: int) -> tuple[Any, Tensor, list[int]] | None:
+            ex, wire = prog.exchanges[b], wires[b]
+            if not ex.gathers:
                 return None
-            return self._a2a(chunks, sizes, torch.empty(0, dtype=wire, device=some.device))
+            chunks = {g: [local[k].to(wire) for k in ks] for g, ks in ex.send.items()}
+            sizes = {
+                g: sum(plan.layouts[k].local_numel(self.group_ranks[g]) for k in ks) for g, ks in ex.recv.items()
+            }
+            return self._a2a(chunks, sizes, torch.empty(0, dtype=wire, device=device))
 
-        def finish_return(item):
-            work, buf, splits, ex_recv = item
-            if work is not None:
-                work.wait()
+        def finish_return(item: tuple[Any, Tensor, _Exchange]) -> None:
+            work, buf, ex = item
+            work.wait()
             offset = 0
-            for _, ids in ex_recv:
-                for i in ids:
-                    n = self.plan.layouts[i].local_numel(self.rank)
-                    out[pos[i]] = buf[offset : offset + n].view(local[i].shape)
+            for _, ks in ex.back_from:
+                for k in ks:
+                    n = plan.returned_numel(k, me)
+                    shape = prog.result_shapes[k] if out == "replicated" else plan.layouts[k].local_shape(me)
+                    res_out[k] = buf[offset : offset + n].view(shape)
                     offset += n
 
         prefetch = max(0, self.config.prefetch_count)
-        for k, ex in enumerate(exchanges):
-            while issued < len(exchanges) and issued <= k + prefetch:
+        issued = 0
+        for b, ex in enumerate(prog.exchanges):
+            while issued < len(prog.exchanges) and issued <= b + prefetch:
                 gathers.append(issue_gather(issued))
                 issued += 1
             g = gathers.popleft()
+            wire = wires[b]
             fulls: dict[int, Tensor] = {}
-            for i in ex.owned:
-                lay = self.plan.layouts[i]
-                full = torch.empty(lay.shape, dtype=wire, device=some.device)
-                if local[i].numel():
-                    full[self.region(i, self.rank)] = local[i].to(wire)
-                fulls[i] = full
+            for k in ex.owned:
+                lay = plan.layouts[k]
+                partial = lay.partial_count > 1
+                full = (torch.zeros if partial else torch.empty)(lay.shape, dtype=wire, device=device)
+                if local[k].numel():
+                    full[self.region(prog, k, me)] = local[k].to(wire)
+                fulls[k] = full
             if g is not None:
                 work, buf, splits = g
                 work.wait()
                 offsets = [0]
                 for s in splits:
                     offsets.append(offsets[-1] + s)
-                for src, ids in ex.recv_gather.items():
+                for src, ks in ex.recv.items():
                     off = offsets[src]
                     r = self.group_ranks[src]
-                    for i in ids:
-                        lay = self.plan.layouts[i]
+                    for k in ks:
+                        lay = plan.layouts[k]
                         n = lay.local_numel(r)
-                        fulls[i][self.region(i, r)] = buf[off : off + n].view(lay.local_shape(r))
+                        piece = buf[off : off + n].view(lay.local_shape(r))
+                        if lay.partial_count > 1:
+                            fulls[k][self.region(prog, k, r)] += piece
+                        else:
+                            fulls[k][self.region(prog, k, r)] = piece
                         off += n
+            for k in ex.owned:
+                lay = plan.layouts[k]
+                if lay.partial_count > 1 and lay.partial_op == "avg":
+                    fulls[k] /= lay.partial_count
             results: dict[int, Tensor] = {}
-            if ex.owned:
-                by_key: dict[Hashable, list[int]] = {}
-                for i in ex.owned:
-                    by_key.setdefault(self.keys[i], []).append(i)
-                for key, ids in by_key.items():
-                    res = fn(key, torch.stack([fulls[i] for i in ids])).to(wire)
-                    for kk, i in enumerate(ids):
-                        results[i] = res[kk]
-                        if local[i].numel():
-                            out[pos[i]] = res[kk][self.region(i, self.rank)]
-                        self.stats.matrices_computed += _n_matrices(self.plan.layouts[i].shape, self.batch_ndims[i])
-                        self.stats.tensors_computed += 1
-            # Return: owners send each holder its piece; holders receive pieces of params owned elsewhere.
-            chunks: dict[int, list[Tensor]] = {}
-            for i in ex.owned:
-                for r in self.plan.layouts[i].receivers(self.rank):
-                    chunks.setdefault(self._grank[r], []).append(results[i][self.region(i, r)])
-            recv_from: dict[int, list[int]] = {}
-            for i in ex.members:
-                o = self.plan.owners[i]
-                if o != self.rank and local[i].numel():
-                    recv_from.setdefault(self._grank[o], []).append(i)
-            sizes = {g2: sum(self.plan.layouts[i].local_numel(self.rank) for i in ids) for g2, ids in recv_from.items()}
-            ex_recv = sorted(recv_from.items())
-            if self._anyone_sends(ex.members, gather=False):
-                work, buf, splits = self._a2a(chunks, sizes, torch.empty(0, dtype=wire, device=some.device))
+            by_spec: dict[Any, list[int]] = {}
+            for k in ex.owned:
+                by_spec.setdefault(prog.specs[k], []).append(k)
+            for s, ks in by_spec.items():
+                res = compute(s, torch.stack([fulls[k] for k in ks]), ks).to(wire)
+                for m, k in enumerate(ks):
+                    results[k] = res[m]
+                    if out == "replicated":
+                        res_out[k] = res[m]
+                    elif local[k].numel():
+                        res_out[k] = res[m][self.region(prog, k, me)]
+            # Return: owners send each receiver its piece (or the whole result); receivers take theirs.
+            if ex.returns:
+                chunks: dict[int, list[Tensor]] = {}
+                for k in ex.owned:
+                    for r in plan.receivers(k):
+                        piece = results[k] if out == "replicated" else results[k][self.region(prog, k, r)]
+                        chunks.setdefault(self._grank[r], []).append(piece)
+                sizes = {g2: sum(plan.returned_numel(k, me) for k in ks) for g2, ks in ex.back_from}
+                work, buf, _ = self._a2a(chunks, sizes, torch.empty(0, dtype=wire, device=device))
                 if not self.config.async_gpu_parallelism:
                     work.wait()
-                returns.append((work, buf, splits, ex_recv))
+                returns.append((work, buf, ex))
             while len(returns) > max(1, prefetch + 1):
                 finish_return(returns.popleft())
         while returns:
             finish_return(returns.popleft())
-        for j, res_j in enumerate(out):
-            if res_j is None:  # a holder of an empty piece
-                out[j] = jobs[j][1].clone()
-        return out  # type: ignore[return-value]
+        for k, r_k in enumerate(res_out):
+            if r_k is None:  # a holder of an empty piece
+                res_out[k] = local[k].clone()
+        return res_out  # type: ignore[return-value]
 
-    def _anyone_sends(self, members: list[int], *, gather: bool) -> bool:
-        """Whether any rank moves data for this bucket (static: every rank answers the same)."""
-        key = (gather, tuple(members))
-        if key not in self._sends:
-            self._sends[key] = self._moves_data(members, gather=gather)
-        return self._sends[key]
 
-    def _moves_data(self, members: list[int], *, gather: bool) -> bool:
-        for i in members:
-            lay, o = self.plan.layouts[i], self.plan.owners[i]
-            if lay.senders(o) if gather else lay.receivers(o):
-                return True
-        return False
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -5,6 +5,11 @@ placement per mesh axis. ``Shard`` follows ``torch.chunk`` (uneven and empty sha
 splits the dim into ``split_factor`` pieces first and takes the same chunk of each (FSDP2 over TP); ``Replicate``
 and ``Partial`` keep the dim whole. The local piece of a rank is the outer product of one index list per tensor
 dim, so shards of any placement can be cut out of, and written back into, the full tensor.
+
+Axes come in three kinds: *replica* axes (``Replicate``: equal copies), *partial* axes (``Partial``: the tensor
+is the sum, or mean, of the pieces along the axis) and *shard* axes. The pieces that make up the whole tensor
+(its *contributors*, seen from one owner) are those on the owner's replica coordinates: every shard, and every
+summand along partial axes.
 """
 
 from __future__ import annotations
@@ -21,24 +26,34 @@ class Placement:
     kind: str  # "shard" | "strided_shard" | "replicate" | "partial"
     dim: int = -1
     split_factor: int = 1
+    op: str = "sum"  # partial only: "sum" | "avg"
 
     def __post_init__(self) -> None:
         if self.kind not in ("shard", "strided_shard", "replicate", "partial"):
             raise ValueError(f"unknown placement kind {self.kind!r}")
+        if self.op not in ("sum", "avg"):
+            raise ValueError(f"unsupported partial reduce op {self.op!r}; supported: 'sum', 'avg'")
 
     @property
     def is_shard(self) -> bool:
         return self.kind in ("shard", "strided_shard")
+
+    @property
+    def is_partial(self) -> bool:
+        return self.kind == "partial"
 
     def __str__(self) -> str:
         if self.kind == "shard":
             return f"S({self.dim})"
         if self.kind == "strided_shard":
             return f"_S({self.dim},{self.split_factor})"
-        return "R" if self.kind == "replicate" else "P"
+        if self.kind == "partial":
+            return "P" if self.op == "sum" else "P(avg)"
+        return "R"
 
 
 REPLICATE = Placement("replicate")
+PARTIAL = Placement("partial")
 
 
 def shard(dim: int) -> Placement:
@@ -101,7 +116,7 @@ class Layout:
 
     @cached_property
     def _group_keys(self) -> tuple[tuple[int, ...], ...]:
-        axes = [a for a, p in enumerate(self.placements) if not p.is_shard]
+        axes = self.replica_axes()
         return tuple(tuple(c[a] for a in axes) for c in self._coords)
 
     def __getstate__(self) -> dict:
@@ -117,6 +132,64 @@ class Layout:
 
     def coord(self, rank: int) -> tuple[int, ...]:
         return self._coords[self._rank_pos[rank]]
+
+    # ---- axes --------------------------------------------------------------------------------------------
+    def replica_axes(self) -> tuple[int, ...]:
+        """Mesh axes over which the tensor is replicated (equal copies)."""
+        return tuple(a for a, p in enumerate(self.placements) if p.kind == "replicate")
+
+    def partial_axes(self) -> tuple[int, ...]:
+        """Mesh axes over which the tensor is a sum (or mean) of pieces."""
+        return tuple(a for a, p in enumerate(self.placements) if p.is_partial)
+
+    def shard_axes(self, dim: int | None = None) -> tuple[int, ...]:
+        """Mesh axes that shard tensor dim ``dim`` (any dim when ``None``)."""
+        return tuple(a for a, p in enumerate(self.placements) if p.is_shard and (dim is None or p.dim == dim))
+
+    @property
+    def is_partial(self) -> bool:
+        return any(p.is_partial for p in self.placements)
+
+    @property
+    def partial_op(self) -> str:
+        """``"sum"`` or ``"avg"``: how the pieces along the partial axes combine (one op per layout)."""
+        ops = {p.op for p in self.placements if p.is_partial}
+        if len(ops) > 1:
+            raise ValueError(f"layout {self.describe()} mixes partial reduce ops {sorted(ops)}")
+        return ops.pop() if ops else "sum"
+
+    @property
+    def partial_count(self) -> int:
+        """Summands per element: the product of the partial axes' sizes (1 without partial axes)."""
+        return math.prod(self.mesh_shape[a] for a in self.partial_axes())
+
+    def axis_group(self, rank: int, axes: Sequence[int]) -> tuple[int, ...]:
+        """Ranks that share ``rank``'s coordinates on every mesh axis except ``axes`` (``rank`` included), sorted."""
+        mine = self.coord(rank)
+        free = set(axes)
+        keep = [a for a in range(len(self.mesh_shape)) if a not in free]
+        return tuple(
+            sorted(r for r, c in zip(self.ranks, self._coords) if all(c[a] == mine[a] for a in keep))
+        )
+
+    def derive(self, shape: Sequence[int], follows: dict[int, int]) -> Layout:
+        """The layout of a tensor of ``shape`` whose dim ``d`` is sharded like this layout's dim ``follows[d]``.
+
+        Every other axis becomes a replica axis. E.g. Dion's ``Q`` (``n x r``) of an ``m x n`` parameter follows
+        its column sharding: ``layout.derive((n, r), {0: 1})``.
+        """
+        src = {v: k for k, v in follows.items()}
+        placements = []
+        for p in self.placements:
+            if p.is_shard and p.dim in src:
+                placements.append(Placement(p.kind, src[p.dim], p.split_factor))
+            else:
+                placements.append(REPLICATE)
+        return Layout(tuple(shape), self.ranks, self.mesh_shape, tuple(placements))
+
+    def with_placements(self, placements: Sequence[Placement], shape: Sequence[int] | None = None) -> Layout:
+        """The same mesh with other placements (and optionally another shape)."""
+        return Layout(tuple(self.shape if shape is None else shape), self.ranks, self.mesh_shape, tuple(placements))
 
     def index_lists(self, rank: int) -> tuple[list[int], ...]:
         """Global indices, per tensor dim, of the local piece of ``rank`` (in local order)."""
@@ -148,11 +221,12 @@ class Layout:
         return self._local_numels[self._rank_pos[rank]]
 
     def group_key(self, rank: int) -> tuple[int, ...]:
-        """Coordinates on the replicated axes: ranks with equal keys hold disjoint pieces covering the tensor."""
+        """Coordinates on the replica axes: ranks with equal keys hold the pieces (shards, summands) of one copy."""
         return self._group_keys[self._rank_pos[rank]]
 
     def senders(self, owner: int) -> list[int]:
-        """Ranks (besides ``owner``) whose pieces, with the owner's own, make up the whole tensor."""
+        """Ranks (besides ``owner``) whose pieces, with the owner's own, make up the whole tensor (contributors:
+        every shard, and every summand along partial axes)."""
         key = self.group_key(owner)
         return [r for r, k, n in zip(self.ranks, self._group_keys, self._local_numels) if r != owner and n and k == key]
 

@@ -5,12 +5,17 @@ Every tensor gets exactly one owner among the ranks of its mesh, chosen longest-
 the per-rank cost; same-key, same-shape tensors form buckets so that an owner runs one batched kernel per bucket
 and the executor makes one exchange each way per bucket. Tensors sharded only on batch dims (3-D expert stacks
 sharded on the expert dim, with no replicated axis) need no exchange: each rank computes its own pieces.
+
+A tensor's contributors (``Layout.senders``) are its shards and, on ``Partial`` axes, its summands: the owner
+receives every one of them. Results return in the input layout (each holder its piece) or, with
+``out="replicated"``, whole to every holder; ``result_numels`` counts what one result holds.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Hashable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 from .layout import Layout
@@ -25,6 +30,14 @@ class Plan:
     buckets: list[list[int]]  # exchanged buckets, in execution order
     local_buckets: list[list[int]]  # in-place buckets (no communication)
     load: dict[int, float] = field(default_factory=dict)
+    out: str = "input"  # "input" | "replicated"
+    result_numels: list[int] | None = None  # per tensor, for out="replicated" (default: the tensor's numel)
+
+    def returned_numel(self, i: int, rank: int) -> int:
+        """Elements of tensor ``i``'s result that ``rank`` gets back from the owner."""
+        if self.out == "replicated":
+            return self.result_numels[i] if self.result_numels is not None else self.layouts[i].numel
+        return self.layouts[i].local_numel(rank)
 
     @property
     def world_size(self) -> int:
@@ -45,7 +58,16 @@ class Plan:
             v.sort()
         return out
 
+    def receivers(self, i: int) -> list[int]:
+        """Ranks that get tensor ``i``'s result from its owner: holders of a non-empty piece, or, with
+        ``out="replicated"``, every rank of its mesh (empty holders too: all ranks then hold the same values)."""
+        lay, o = self.layouts[i], self.owners[i]
+        if self.out == "replicated":
+            return [r for r in lay.ranks if r != o]
+        return lay.receivers(o)
+
     def bytes_per_rank(self, element_size: int = 4) -> dict[int, dict[str, int]]:
+        """Bytes each rank sends and receives per step (contributors in, results back)."""
         out = {r: {"sent": 0, "received": 0} for r in self.ranks}
         for i, o in enumerate(self.owners):
             if o < 0:
@@ -55,24 +77,29 @@ class Plan:
                 n = lay.local_numel(s) * element_size
                 out[s]["sent"] += n
                 out[o]["received"] += n
-            for r in lay.receivers(o):
-                n = lay.local_numel(r) * element_size
+            for r in self.receivers(i):
+                n = self.returned_numel(i, r) * element_size
                 out[o]["sent"] += n
                 out[r]["received"] += n
         return out
 
     def bytes_lower_bound(self, element_size: int = 4) -> int:
-        """Fewest bytes any owner choice must move: the whole tensor minus the owner's piece in, pieces out."""
+        """Fewest bytes any owner choice must move: every contributor's piece but the owner's in, results out."""
         total = 0
         for i, o in enumerate(self.owners):
             if o < 0:
                 continue
             lay = self.layouts[i]
             holders = [lay.local_numel(r) for r in lay.ranks]
-            back = sum(h for h in holders if h)
-            total += (
-                min((lay.numel - lay.local_numel(c)) + (back - lay.local_numel(c)) for c in lay.ranks) * element_size
-            )
+            # One copy's pieces cover the tensor once per summand (partial_count times).
+            pieces_in = lay.numel * lay.partial_count
+            if self.out == "replicated":
+                back = (len(lay.ranks) - 1) * self.returned_numel(i, o)
+                best = min(pieces_in - lay.local_numel(c) for c in lay.ranks) + back
+            else:
+                back = sum(holders)
+                best = min(pieces_in - lay.local_numel(c) + back - lay.local_numel(c) for c in lay.ranks)
+            total += best * element_size
         return total
 
     def collectives_per_step(self) -> int:
@@ -80,7 +107,7 @@ class Plan:
         n = 0
         for b in self.buckets:
             n += any(self.layouts[i].senders(self.owners[i]) for i in b)
-            n += any(self.layouts[i].receivers(self.owners[i]) for i in b)
+            n += any(self.receivers(i) for i in b)
         return n
 
     def stats(self, element_size: int = 4) -> dict:
@@ -129,6 +156,8 @@ def make_plan(
     ranks: Sequence[int],
     batch_ndims: Sequence[int] | None = None,
     bucket_size: int | None = None,
+    out: str = "input",
+    result_numels: Sequence[int] | None = None,
 ) -> Plan:
     """Build and validate a plan.
 
@@ -140,7 +169,11 @@ def make_plan(
         batch_ndims: leading dims per tensor that are independent (expert stacks); sharding only those dims
             makes the tensor computable in place.
         bucket_size: most tensors per exchange (``None``: one exchange per key and shape).
+        out: ``"input"`` (results return in the input layout) or ``"replicated"`` (whole, to every holder).
+        result_numels: elements of one result per tensor, for ``out="replicated"`` (default: its numel).
     """
+    if out not in ("input", "replicated"):
+        raise ValueError(f"out must be 'input' or 'replicated', got {out!r}")
     n = len(layouts)
     batch_ndims = list(batch_ndims) if batch_ndims is not None else [0] * n
     rank_set = set(ranks)
@@ -149,7 +182,7 @@ def make_plan(
             raise ValueError(f"tensor {i} ({lay.describe()}) lives on ranks outside the group {sorted(rank_set)}")
     owners = [-1] * n
     load = {r: 0.0 for r in ranks}
-    local = [i for i in range(n) if _is_local(layouts[i], batch_ndims[i])]
+    local = [i for i in range(n) if out == "input" and _is_local(layouts[i], batch_ndims[i])]
     local_set = set(local)
     for i in local:
         lay = layouts[i]
@@ -201,6 +234,8 @@ def make_plan(
         buckets=group([i for i in range(n) if i not in local_set]),
         local_buckets=group(local),
         load=load,
+        out=out,
+        result_numels=list(result_numels) if result_numels is not None else None,
     )
     plan.validate()
     return plan

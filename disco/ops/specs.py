@@ -1,0 +1,178 @@
+"""Specs: what the distribution layer runs on a stack of whole tensors, as frozen, hashable data.
+
+A spec is the unit of work an optimizer hands the engine (``engine.map(jobs, spec)``). The engine groups jobs
+by spec, shape and dtype, stacks them and calls ``spec(stack)`` once per group on the owner; it plans with
+``spec.cost(shape)`` and never looks inside. Equal specs (same fields) batch together, so a spec holds only what
+changes the math, never a tensor.
+
+Every spec provides:
+
+* ``__call__(stack)``: ``stack`` is ``(k, *shape)``, ``k`` whole tensors of one shape; the result is
+  ``(k, *result_shape(shape))``;
+* ``cost(shape)``: relative compute cost of one tensor (the planner balances it over ranks);
+* ``batch_ndim(shape)``: leading dims that are independent problems (3-D expert stacks): a tensor sharded only
+  on those dims can be computed in place, piece by piece;
+* ``result_shape(shape)``: the shape of one result (the input's, or e.g. a vector of norms);
+* ``needs_whole``: ``False`` when the spec is element-wise, so a local piece can be mapped in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from .coefficients import CoefficientTable
+from .lmo import get_norm, lmo
+from .norms import OPERATOR_NORMS, operator_norm
+from .orthogonalize import BACKENDS, orthogonalize_cost
+
+
+class Spec(Protocol):
+    """What ``engine.map`` needs of a spec (see the module docstring)."""
+
+    needs_whole: bool
+
+    def __call__(self, stack: Tensor) -> Tensor: ...
+
+    def cost(self, shape: tuple[int, ...]) -> float: ...
+
+    def batch_ndim(self, shape: tuple[int, ...]) -> int: ...
+
+    def result_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]: ...
+
+
+def _hashable_coefficients(coefficients: Any) -> Any:
+    if isinstance(coefficients, (list, tuple)):
+        return tuple(_hashable_coefficients(c) for c in coefficients)
+    return coefficients
+
+
+def _matrix_shape(shape: tuple[int, ...], view: str) -> tuple[int, ...]:
+    if view == "flatten":
+        return (shape[0], math.prod(shape[1:]))
+    return shape
+
+
+@dataclass(frozen=True)
+class LMOSpec:
+    """The LMO of one parameter group: ``lmo(X, norm, backend, steps, coefficients, eps, compute_dtype)``.
+
+    Args:
+        norm: a name from ``disco.ops.NORMS`` (``"spectral"``, ``"embed_sqrt"``, ``"bias_rms"``, ...).
+        backend: orthogonalization backend (``"newtonschulz5"``, ``"polar_express"``, ``"svd"``, ``"identity"``).
+        steps: iterations of the Newton-Schulz backends. Default 5.
+        coefficients: a table name, a ``CoefficientTable`` or ``(a, b, c)`` tuples; ``None``: the backend's.
+        eps: added to the Frobenius norm before Newton-Schulz; ``None``: the table's.
+        compute_dtype: matmul dtype; ``None``: bf16 on accelerators, fp32 on CPU.
+        view: ``"native"`` (2-D matrix, 3-D batch of expert matrices, conv by its norm) or ``"flatten"``
+            (a >= 4-D weight seen as ``out x prod(rest)``).
+    """
+
+    norm: str = "spectral"
+    backend: str = "newtonschulz5"
+    steps: int = 5
+    coefficients: str | CoefficientTable | tuple[Any, ...] | None = None
+    eps: float | None = None
+    compute_dtype: torch.dtype | None = None
+    view: str = "native"
+
+    def __post_init__(self) -> None:
+        get_norm(self.norm)  # ValueError naming the valid norms
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; valid: {sorted(BACKENDS)}")
+        if self.view not in ("native", "flatten"):
+            raise ValueError(f"unknown view {self.view!r}; valid: 'native', 'flatten'")
+        object.__setattr__(self, "coefficients", _hashable_coefficients(self.coefficients))
+        object.__setattr__(self, "steps", int(self.steps))
+
+    @classmethod
+    def for_param(cls, shape: Sequence[int], **settings: Any) -> LMOSpec:
+        """The spec of a parameter of ``shape``: a >= 4-D weight is flattened unless its norm is ``conv_spectral``."""
+        norm = settings.get("norm", "spectral")
+        view = "flatten" if len(shape) >= 4 and norm != "conv_spectral" else "native"
+        return cls(view=view, **settings)
+
+    @property
+    def needs_whole(self) -> bool:
+        return self.norm not in ("sign", "none")
+
+    def __call__(self, stack: Tensor) -> Tensor:
+        kw: dict[str, Any] = dict(
+            norm=self.norm,
+            backend=self.backend,
+            steps=self.steps,
+            coefficients=self.coefficients,
+            eps=self.eps,
+            compute_dtype=self.compute_dtype,
+        )
+        if self.view == "flatten":
+            flat = stack.reshape(stack.shape[0], stack.shape[1], -1)
+            return lmo(flat, param_ndim=2, **kw).reshape(stack.shape)
+        return lmo(stack, param_ndim=stack.dim() - 1, **kw)
+
+    def cost(self, shape: tuple[int, ...]) -> float:
+        view = _matrix_shape(tuple(shape), self.view)
+        return orthogonalize_cost(view) if len(view) >= 2 else float(math.prod(view))
+
+    def batch_ndim(self, shape: tuple[int, ...]) -> int:
+        elementwise = get_norm(self.norm).kind == "elementwise"
+        return 1 if len(shape) == 3 and self.norm != "conv_spectral" and not elementwise else 0
+
+    def result_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
+
+
+@dataclass(frozen=True)
+class NormsSpec:
+    """Operator norms of whole tensors, for tracking: one float32 value per norm, maximised over expert stacks.
+
+    ``spec(stack)`` is ``(k, len(norms))``. A >= 4-D tensor is viewed as ``out x prod(rest)``; a 1-D tensor
+    takes only the norms that are defined on vectors (``rms``, ``supremum``) and gives NaN for the others.
+
+    Args:
+        norms: names from ``disco.ops.OPERATOR_NORMS``.
+    """
+
+    norms: tuple[str, ...]
+    needs_whole: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norms", tuple(self.norms))
+        for n in self.norms:
+            if n not in OPERATOR_NORMS:
+                raise ValueError(f"unknown operator norm {n!r}; valid: {sorted(OPERATOR_NORMS)}")
+
+    def one(self, t: Tensor) -> Tensor:
+        """The norms of one tensor ``t`` (not a stack)."""
+        out = []
+        for n in self.norms:
+            if t.dim() < 2 and n not in VECTOR_NORMS:
+                out.append(t.new_tensor(float("nan"), dtype=torch.float32))
+                continue
+            view = t.reshape(t.shape[0], -1) if t.dim() >= 4 else t
+            if n == "supremum" and view.dim() < 2:
+                view = view.view(1, -1)
+            out.append(operator_norm(n, view).amax().float())
+        return torch.stack(out) if out else t.new_zeros(0, dtype=torch.float32)
+
+    def __call__(self, stack: Tensor) -> Tensor:
+        return torch.stack([self.one(t) for t in stack])
+
+    def cost(self, shape: tuple[int, ...]) -> float:
+        view = _matrix_shape(tuple(shape), "flatten" if len(shape) >= 4 else "native")
+        return orthogonalize_cost(view) if len(view) >= 2 else float(math.prod(view))
+
+    def batch_ndim(self, shape: tuple[int, ...]) -> int:
+        return 0
+
+    def result_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (len(self.norms),)
+
+
+#: Norms defined on vectors as well as matrices.
+VECTOR_NORMS = ("rms", "supremum")
