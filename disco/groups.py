@@ -272,23 +272,10 @@ def routing_table(param_groups: Sequence[dict[str, Any]], defaults: dict[str, An
 
 
 def _optimizer_defaults() -> dict[str, Any]:
-    """``Disco``'s constructor defaults where the optimizer is importable, else the documented ones."""
-    defaults: dict[str, Any] = {
-        "algorithm": "disco",
-        "norm_factor": "spectral",
-        "backend": "newtonschulz5",
-    }
-    try:
-        import inspect
+    """``Disco``'s defaults (``disco.optim.defaults``), for the table's unset cells."""
+    from .optim.defaults import DISCO_DEFAULTS
 
-        from .optim.disco import Disco  # type: ignore[import-not-found,unused-ignore]
-
-        for k, prm in inspect.signature(Disco.__init__).parameters.items():
-            if k in ("norm_factor", "backend", "lr") and prm.default is not inspect.Parameter.empty:
-                defaults[k] = prm.default
-    except Exception:  # the optimizer is optional for printing a table
-        pass
-    return defaults
+    return {"algorithm": "disco", **DISCO_DEFAULTS.as_dict()}
 
 
 def _load_factory(spec: str) -> Any:

@@ -1,4 +1,4 @@
-"""Tests of the multi-process harness itself (tests/dist_harness.py)."""
+"""Tests of the multi-process launcher itself (disco.distributed.launch, via the tests/dist_harness.py shim)."""
 
 import multiprocessing
 import os
@@ -8,10 +8,13 @@ import sys
 import textwrap
 import time
 
+import dist_harness
 import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import RankError, run_ranks
+
+from disco.distributed import launch
 
 pytestmark = pytest.mark.dist
 
@@ -140,6 +143,10 @@ def _pid_body(rank, world_size):
     return os.getpid()
 
 
+def _modules_body(rank, world_size, names):
+    return {n: n in sys.modules for n in names}
+
+
 # ------------------------------------------------------------------------------------------------ tests
 
 
@@ -249,6 +256,38 @@ def test_deadlock_raises_timeout_and_kills_ranks(tmp_path):
     assert multiprocessing.active_children() == []
 
 
+def test_shim_delegates_to_the_package_launcher(monkeypatch):
+    """``dist_harness`` is a thin shim: the launcher that runs is ``disco.distributed.launch.run_ranks``."""
+    assert dist_harness.RankError is launch.RankError and dist_harness.HOST == launch.HOST
+    calls = []
+
+    def fake(fn, world_size, *args, **kwargs):
+        calls.append((fn, world_size, args, kwargs))
+        return ["sentinel"]
+
+    monkeypatch.setattr(launch, "run_ranks", fake)
+    assert run_ranks(_pid_body, 3, 7, timeout=5, preload=["json"], tag="x") == ["sentinel"]
+    [(fn, world_size, args, kwargs)] = calls
+    assert fn is _pid_body and world_size == 3 and args == (7,)
+    assert kwargs == {"timeout": 5, "preload": ["pytest", "json"], "tag": "x"}
+
+
+def test_preload_modules_are_imported_in_the_ranks():
+    """Asked-for modules are there in each rank: preloaded by the forkserver, or (here) imported by the rank."""
+    launch._context([])  # the process's forkserver context exists from here on (usually: an earlier test made it)
+    assert launch._context(["pyclbr"])[1] == ["pyclbr"]  # not preloaded: each rank imports it
+    names = ["pytest", "torch.distributed.checkpoint", "pyclbr"]
+    out = run_ranks(_modules_body, 2, names, preload=["pyclbr"])
+    assert out == [dict.fromkeys(names, True)] * 2
+
+
+def test_launcher_does_not_need_pytest():
+    """The package's launcher preloads torch only; the tests' shim adds pytest."""
+    assert "pytest" not in launch._PRELOAD and "pytest" in dist_harness.PRELOAD
+    code = "import sys, disco.distributed.launch; assert 'pytest' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_processes_exit_after_success():
     pids = run_ranks(_pid_body, 2)
     assert _wait_dead(pids) == []
@@ -261,8 +300,9 @@ _ORPHAN_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import dist_harness
     from dist_harness import run_ranks
+    from disco.distributed import launch
 
-    dist_harness._PRELOAD = ["torch"]  # a cheaper forkserver for this throw-away parent
+    launch._PRELOAD, dist_harness.PRELOAD = ["torch"], []  # a cheaper forkserver for this throw-away parent
 
     def body(rank, world_size):
         print("PID", os.getpid(), flush=True)

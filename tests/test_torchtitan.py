@@ -13,6 +13,7 @@ from torch import nn
 
 from disco.dummy_parallel_dims import DummyParallelDims
 from disco.groups import create_disco_param_groups
+from disco.optim.defaults import DISCO_DEFAULTS
 from disco.integrations.torchtitan import (
     build_disco_optimizer,
     create_disco_optimizer_kwargs_from_optimizer_config,
@@ -117,7 +118,7 @@ def test_minimal_object_json_rules_mapping_and_light():
         kwargs = create_disco_optimizer_kwargs_from_optimizer_config(Minimal())
     assert kwargs["extra_param_group_split_rules"] == [{"str_match": "norm", "algorithm": "adamw"}]
     assert kwargs["nesterov"] is False  # is_light without an explicit nesterov
-    assert kwargs["eps"] == 1e-8 and kwargs["vector_algorithm"] == "lion"
+    assert kwargs["eps"] == DISCO_DEFAULTS.eps == 1e-7 and kwargs["vector_algorithm"] == "lion"  # Disco's own
     kwargs = create_disco_optimizer_kwargs_from_optimizer_config({"lr": 0.5, "name": "disco", "momentum": 0.5})
     assert kwargs["lr"] == 0.5 and kwargs["momentum"] == 0.5
     with pytest.raises(ValueError, match="lr"):
@@ -181,3 +182,23 @@ def test_dummy_parallel_dims_reads_world_size():
     from dist_harness import run_ranks
 
     assert run_ranks(_world_size_body, 2, timeout=60) == [(2, 2, True), (2, 2, True)]
+
+
+def test_defaults_have_one_source():
+    """Disco's constructor, the routing table, the CLI builder and this integration agree (disco.optim.defaults)."""
+    import inspect
+
+    from disco import Disco
+    from disco.groups import _optimizer_defaults
+    from disco.integrations.torchtitan import DISCO_DEFAULTS as TITAN
+
+    sig = inspect.signature(Disco.__init__).parameters
+    for k, v in DISCO_DEFAULTS.as_dict().items():
+        if k != "nesterov":
+            assert sig[k].default == v, k
+        assert _optimizer_defaults()[k] == v
+        if k != "lr":
+            assert TITAN[k] == v
+    W = nn.Parameter(torch.randn(4, 4))
+    assert Disco([W]).param_groups[0]["nesterov"] is DISCO_DEFAULTS.nesterov is True
+    assert Disco([W := nn.Parameter(torch.randn(4, 4))], is_light=True).param_groups[0]["nesterov"] is False

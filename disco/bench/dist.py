@@ -1,7 +1,7 @@
 """``python -m disco bench dist``: a distributed Muon step on CPU gloo ranks against two naive peers.
 
-For each rank count (default 1, 2, 4) the benchmark starts that many gloo processes (a ``forkserver`` that
-preloads torch, and a ``TCPStore(port=0)`` made by this parent, so no port races), builds a transformer-shaped
+For each rank count (default 1, 2, 4) the benchmark starts that many gloo processes (with
+``disco.distributed.launch.run_ranks``: a ``forkserver`` that preloads torch and disco), builds a transformer-shaped
 set of matrices (``--layers`` x (q, k, v, out: ``w x w``; fc ``4w x w``; proj ``w x 4w``)) as DTensors
 ``Shard(0)`` over all ranks (FSDP2's layout; ``distribute_tensor(..., src_data_rank=None)``), gives them random
 gradients, and times, side by side in the same processes:
@@ -27,24 +27,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
-import multiprocessing
-import multiprocessing.connection
 import os
-import pickle
 import statistics
 import sys
 import time
-import traceback
-from datetime import timedelta
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from disco.bench.common import Column, emit, environment, parse_ints
+from disco.distributed.launch import RankError, run_ranks
 
-HOST = "127.0.0.1"
-_PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "disco", "disco.bench.dist"]
+_PRELOAD = ["disco", "disco.bench.dist"]  # on top of the launcher's torch modules
 
 COLUMNS: list[Column] = [
     ("ranks", "ranks"),
@@ -73,21 +70,20 @@ def _matrices(layers: int, width: int) -> list[tuple[int, int]]:
     return [s.shape for s in transformer(layers, width, 4 * width)]  # type: ignore[misc]
 
 
-def _timed(fn, steps: int, warmup: int, clock: dict | None = None) -> dict:
-    """Median ms of the slowest rank per step; with ``clock``, also the median of the slowest rank's
-    ``clock["compute"]`` (seconds spent orthogonalizing, which ``fn`` adds up)."""
+def _timed(fn, steps: int, warmup: int, compute: Callable[[], float] | None = None) -> dict:
+    """Median ms of the slowest rank per step; with ``compute``, also the median of the slowest rank's
+    ``compute()`` after each step (seconds that step spent orthogonalizing)."""
     import torch.distributed as dist
 
-    clock = clock if clock is not None else {"compute": 0.0}
     for _ in range(warmup):
         fn()
     times, computes = [], []
     for _ in range(max(1, steps)):
         dist.barrier()
-        clock["compute"] = 0.0
         t0 = time.perf_counter()
         fn()
-        t = torch.tensor([time.perf_counter() - t0, clock["compute"]], dtype=torch.float64)
+        elapsed = time.perf_counter() - t0
+        t = torch.tensor([elapsed, compute() if compute is not None else 0.0], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         times.append(float(t[0]) * 1e3)
         computes.append(float(t[1]) * 1e3)
@@ -95,6 +91,11 @@ def _timed(fn, steps: int, warmup: int, clock: dict | None = None) -> dict:
     if any(computes):
         out["compute_ms"] = statistics.median(computes)
     return out
+
+
+def _compute_s(opt: Any) -> float:
+    """Seconds the last step spent inside the engine's spec (orthogonalization) calls; 0.0 if not counted."""
+    return float(getattr(opt.engine.stats, "compute_s", 0.0))
 
 
 def _make_params(shapes, mesh, seed: int, scale: bool = True):
@@ -121,6 +122,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
     from disco import ops
     from disco.distributed.layout import chunk_bound
 
+    torch.set_num_threads(cfg["threads"])
     mesh = init_device_mesh("cpu", (world,))
     shapes = _matrices(cfg["layers"], cfg["width"])
     params: list[Any] = [nn.Parameter(t) for t in _make_params(shapes, mesh, 0)]
@@ -147,17 +149,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
         "collectives": st.collectives,
         "matrices": st.matrices_computed,
     }
-    clock = {"compute": 0.0}
-    run_lmo = opt._run_lmo
-
-    def timed_lmo(key, X):
-        t0 = time.perf_counter()
-        res = run_lmo(key, X)
-        clock["compute"] += time.perf_counter() - t0
-        return res
-
-    opt._run_lmo = timed_lmo  # type: ignore[method-assign]
-    row.update(_timed(opt.step, cfg["steps"], cfg["warmup"], clock))
+    row.update(_timed(opt.step, cfg["steps"], cfg["warmup"], functools.partial(_compute_s, opt)))
     row.update(plan=opt.engine.plan.stats(), n_matrices=len(shapes))
     out["rows"]["disco"] = row
     del opt
@@ -170,9 +162,11 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
     for i, s in enumerate(shapes):
         by_shape.setdefault(tuple(s), []).append(i)
     counted = {"received": 0, "sent": 0, "collectives": 0}
+    clock = {"compute": 0.0}
 
     def naive_step() -> None:
         counted.update(received=0, sent=0, collectives=0)
+        clock["compute"] = 0.0
         fulls: dict[int, torch.Tensor] = {}
         for i, p in enumerate(params):
             g = grads[i].to_local()
@@ -202,7 +196,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
     naive_step()
     diff = max(float((p.to_local() - b - d).abs().max()) for p, b, d in zip(params, before, disco_delta))
     out["rows"]["naive_full_tensor"] = {
-        **_timed(naive_step, cfg["steps"], cfg["warmup"], clock),
+        **_timed(naive_step, cfg["steps"], cfg["warmup"], lambda: clock["compute"]),
         "bytes_sent": counted["sent"],
         "bytes_received": counted["received"],
         "collectives": counted["collectives"],
@@ -238,98 +232,19 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
     return out
 
 
-def _watch_parent(conn) -> None:
-    with contextlib.suppress(EOFError, OSError):
-        conn.recv_bytes()
-    os._exit(70)
-
-
-def _rank_entry(rank: int, world: int, port: int, timeout_s: float, cfg: dict, result, alive) -> None:
-    import threading
-
-    threading.Thread(target=_watch_parent, args=(alive,), daemon=True).start()
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR=HOST, MASTER_PORT=str(port), OMP_NUM_THREADS="1"
-    )
-    import torch.distributed as dist
-
-    torch.set_num_threads(cfg["threads"])
-    try:
-        td = timedelta(seconds=timeout_s)
-        store = dist.TCPStore(HOST, port, world, is_master=False, timeout=td)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=td)
-        msg: tuple = ("ok", _bench_rank(rank, world, cfg))
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        msg = ("err", traceback.format_exc())
-    result.send_bytes(pickle.dumps(msg))
-    result.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------------------------- parent side
-
-_CTX: Any = None
-
-
-def _context():
-    global _CTX
-    if _CTX is None:
-        _CTX = multiprocessing.get_context("forkserver")
-        _CTX.set_forkserver_preload(_PRELOAD)
-    return _CTX
-
-
 def launch(world: int, cfg: dict, timeout_s: float) -> list[dict]:
-    """Run ``_bench_rank`` on ``world`` gloo ranks; the results by rank. Raises on a failure or timeout."""
-    import torch.distributed as dist
+    """Run ``_bench_rank`` on ``world`` gloo ranks; the results by rank. Raises on a failure or timeout.
 
-    ctx = _context()
-    store = dist.TCPStore(HOST, 0, None, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
-    alive_r, alive_w = ctx.Pipe(duplex=False)
-    procs, conns = [], []
-    try:
-        for r in range(world):
-            recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_rank_entry, args=(r, world, store.port, timeout_s, cfg, send, alive_r))
-            p.start()
-            send.close()
-            procs.append(p)
-            conns.append(recv)
-        deadline = time.monotonic() + timeout_s
-        results: dict[int, Any] = {}
-        while len(results) < world:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"bench dist: ranks {sorted(set(range(world)) - set(results))} timed out")
-            which: dict[Any, int] = {}
-            for k in range(world):
-                if k not in results:
-                    which[conns[k]] = which[procs[k].sentinel] = k
-            for obj in multiprocessing.connection.wait(list(which), timeout=left):
-                r = which[obj]
-                if r in results:
-                    continue
-                if conns[r].poll():
-                    kind, payload = pickle.loads(conns[r].recv_bytes())
-                    if kind != "ok":
-                        raise RuntimeError(f"bench dist: rank {r} of {world} failed:\n{payload}")
-                    results[r] = payload
-                elif not procs[r].is_alive():
-                    raise RuntimeError(f"bench dist: rank {r} of {world} died (exit code {procs[r].exitcode})")
-        for p in procs:
-            p.join(30)
-        return [results[r] for r in range(world)]
-    finally:
-        alive_w.close()
-        alive_r.close()
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-        for c in conns:
-            c.close()
-        del store
+    What the ranks print is replayed on stderr (``run_ranks`` replays it on ``sys.stdout``), so that the table
+    or the JSON object stays alone on stdout.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            return run_ranks(_bench_rank, world, cfg, timeout=timeout_s, preload=_PRELOAD)
+        except RankError as e:
+            raise RuntimeError(f"bench dist: {world} ranks: {e}") from e
+        except TimeoutError as e:
+            raise TimeoutError(f"bench dist: {world} ranks: {e}") from e
 
 
 def _mib(n: float | None) -> float | None:

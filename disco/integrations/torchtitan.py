@@ -7,7 +7,7 @@ attribute                          default               note
 =================================  ====================  ====================================================
 ``name``                           ``"Disco"``           anything but ``Disco`` warns (Disco is built anyway)
 ``lr``                             required
-``eps``                            ``1e-8``
+``eps``                            ``1e-7``
 ``weight_decay``                   ``0.0``
 ``momentum``                       ``0.95``
 ``nesterov``                       ``True``              ``False`` when ``is_light`` is set and this is unset
@@ -37,18 +37,13 @@ from torch import nn
 
 from ..dummy_parallel_dims import DummyParallelDims
 from ..groups import create_disco_param_groups
+from ..optim.defaults import DISCO_DEFAULTS as _DISCO
 
 _MISSING = object()
 
+# Disco's own defaults (one source: disco.optim.defaults), less the lr the config must give.
 DISCO_DEFAULTS: dict[str, Any] = {
-    "eps": 1e-8,
-    "weight_decay": 0.0,
-    "momentum": 0.95,
-    "nesterov": True,
-    "norm_factor": "spectral",
-    "backend": "newtonschulz5",
-    "backend_steps": 5,
-    "is_light": False,
+    **{k: v for k, v in _DISCO.as_dict().items() if k != "lr"},
     "name_of_embedding": "tok_embeddings",
 }
 

@@ -23,6 +23,7 @@ from .orthogonalize import (
     orthogonalize_cost,
     svd_polar,
 )
+from .specs import LMOSpec, NormsSpec, Spec
 
 __all__ = [
     "BACKENDS",
@@ -30,6 +31,9 @@ __all__ = [
     "OPERATOR_NORMS",
     "TABLES",
     "CoefficientTable",
+    "LMOSpec",
+    "NormsSpec",
+    "Spec",
     "backend_names",
     "condition_number",
     "default_compute_dtype",

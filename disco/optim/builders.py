@@ -48,14 +48,9 @@ def build_muon(model: nn.Module, *, lr: float, weight_decay: float = 0.0, adamw_
 def build_disco(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs):
     from .disco import Disco
 
-    opt_kwargs = {
+    opt_kwargs = {  # the rest are Disco's defaults (disco.optim.defaults)
         "lr": lr,
         "weight_decay": weight_decay,
-        "momentum": 0.95,
-        "nesterov": True,
-        "norm_factor": "spectral",
-        "backend": "newtonschulz5",
-        "backend_steps": 5,
         "name_of_embedding": "tok_embeddings",
         "extra_param_group_split_rules": [
             {"str_match": r"(^|\.)tok_embeddings\.weight$", "norm_factor": "embed_sqrt", "backend": "identity"},

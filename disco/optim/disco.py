@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .base import SpectralOptimizer
+from .defaults import DISCO_DEFAULTS as D
 
 
 class Disco(SpectralOptimizer):
@@ -26,7 +27,8 @@ class Disco(SpectralOptimizer):
 
     Args:
         params: parameters or groups (``create_disco_param_groups`` builds them by name).
-        lr, momentum, nesterov, weight_decay: as above.
+        lr, momentum, nesterov, weight_decay: as above; defaults ``disco.optim.defaults.DISCO_DEFAULTS``
+            (``nesterov=None`` is ``True``, or ``False`` with ``is_light``).
         eps: added to the Frobenius norm before Newton-Schulz.
         norm_factor: a name from ``disco.ops.NORMS``.
         backend, backend_steps: orthogonalization backend (``newtonschulz5``, ``polar_express``, ``svd``,
@@ -48,23 +50,25 @@ class Disco(SpectralOptimizer):
         self,
         params: Iterable,
         *,
-        lr: float = 1e-2,
-        momentum: float = 0.95,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        eps: float = 1e-7,
-        norm_factor: str = "spectral",
-        backend: str = "newtonschulz5",
-        backend_steps: int = 5,
+        lr: float = D.lr,
+        momentum: float = D.momentum,
+        nesterov: bool | None = None,
+        weight_decay: float = D.weight_decay,
+        eps: float = D.eps,
+        norm_factor: str = D.norm_factor,
+        backend: str = D.backend,
+        backend_steps: int = D.backend_steps,
         coefficients: Any = None,
         compute_dtype: torch.dtype | None = None,
-        is_light: bool = False,
+        is_light: bool = D.is_light,
         parallel_dims: Any = None,
         name_of_embedding: str | None = None,
         distributed_config: Any = None,
     ) -> None:
         if lr < 0 or not 0 <= momentum < 1:
             raise ValueError(f"invalid lr={lr} or momentum={momentum} (need lr >= 0, 0 <= momentum < 1)")
+        if nesterov is None:
+            nesterov = D.nesterov and not is_light
         defaults = dict(
             algorithm="disco",
             lr=lr,
