@@ -23,6 +23,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check disco tests examples
 	$(PY) -m ruff format --check disco tests examples
 	$(PY) -m mypy disco
+	$(PY) -m mypy --strict disco/distributed disco/optim
 
 test: lint
 	$(PY) -m pytest -q tests $(ARGS)

@@ -45,7 +45,7 @@ def _body_load(rank, world_size, path):
 
 def test_derived_state_follows_columns_and_reshards(tmp_path):
     saved = run_ranks(_body_save, 4, str(tmp_path / "ckpt"), timeout=90)
-    for rank, (placed, full, local_shape) in enumerate(saved):
+    for placed, full, local_shape in saved:
         assert placed and torch.equal(full, _q_full())
         assert local_shape == (3, R)  # columns of W split over the second mesh axis -> rows of Q
     loaded = run_ranks(_body_load, 2, str(tmp_path / "ckpt"), timeout=90)

@@ -63,7 +63,7 @@ def _body_partial(rank, world_size, mesh_shape, op):
 
 @pytest.mark.parametrize(("mesh_shape", "op"), [((2,), "sum"), ((2,), "avg"), ((2, 2), "sum")])
 def test_partial_map_equals_full_computation(mesh_shape, op):
-    want = SPEC(((_full(M_SHAPE, 0) @ _full((M_SHAPE[1], R), 1))).unsqueeze(0))[0]
+    want = SPEC((_full(M_SHAPE, 0) @ _full((M_SHAPE[1], R), 1)).unsqueeze(0))[0]
     out = run_ranks(_body_partial, math.prod(mesh_shape), mesh_shape, op, timeout=90)
     assert sum(o["input_matrices"] for o in out) == 1  # reduced to one owner, computed once
     for rank, got in enumerate(out):

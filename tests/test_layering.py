@@ -1,4 +1,4 @@
-"""Layering: integrations -> optim -> distributed -> ops -> torch (DESIGN.md section 2), checked statically with ``ast``.
+"""Layering: integrations -> optim -> distributed -> ops -> torch (DESIGN.md section 2), checked with ``ast``.
 
 Importing ``torch`` already imports ``torch.distributed``, so a runtime ``sys.modules`` check cannot show that
 ``disco.ops`` avoids it; instead every file is parsed and each import (absolute, relative, ``from torch import

@@ -13,11 +13,11 @@ from torch import nn
 
 from disco.dummy_parallel_dims import DummyParallelDims
 from disco.groups import create_disco_param_groups
-from disco.optim.defaults import DISCO_DEFAULTS
 from disco.integrations.torchtitan import (
     build_disco_optimizer,
     create_disco_optimizer_kwargs_from_optimizer_config,
 )
+from disco.optim.defaults import DISCO_DEFAULTS
 
 
 @dataclass

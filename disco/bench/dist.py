@@ -120,6 +120,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
 
     import disco
     from disco import ops
+    from disco.distributed.executor import PlanEngine
     from disco.distributed.layout import chunk_bound
 
     torch.set_num_threads(cfg["threads"])
@@ -143,13 +144,14 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
     opt.step()
     disco_delta = [p.to_local() - b for p, b in zip(params, before)]
     st = opt.engine.stats
-    row = {
+    row: dict[str, Any] = {
         "bytes_sent": st.bytes_sent,
         "bytes_received": st.bytes_received,
         "collectives": st.collectives,
         "matrices": st.matrices_computed,
     }
     row.update(_timed(opt.step, cfg["steps"], cfg["warmup"], functools.partial(_compute_s, opt)))
+    assert isinstance(opt.engine, PlanEngine)  # DTensor parameters: the plan executor
     row.update(plan=opt.engine.plan.stats(), n_matrices=len(shapes))
     out["rows"]["disco"] = row
     del opt

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 @dataclass
@@ -29,9 +32,9 @@ class DistributedConfig:
     """
 
     source: str = "dtensor"
-    fsdp_process_group: Any = None
-    tp_process_group: Any = None
-    replicate_process_group: Any = None
+    fsdp_process_group: ProcessGroup | None = None
+    tp_process_group: ProcessGroup | None = None
+    replicate_process_group: ProcessGroup | None = None
     tp_dim_per_param: dict[int, int] = field(default_factory=dict)
     fsdp_dim: int = 0
     assign_fn: Callable[..., dict[int, list[int]]] | None = None
@@ -59,11 +62,11 @@ def create_dtensor_config(**options: Any) -> DistributedConfig:
 
 
 def create_auto_config(
-    fsdp_process_group=None,
-    tp_process_group=None,
+    fsdp_process_group: ProcessGroup | None = None,
+    tp_process_group: ProcessGroup | None = None,
     tp_dim_per_param: dict[int, int] | None = None,
     *,
-    replicate_process_group=None,
+    replicate_process_group: ProcessGroup | None = None,
     **options: Any,
 ) -> DistributedConfig:
     """Config for plain tensors under user-managed groups.

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .config import DistributedConfig
 
 Out = Literal["input", "replicated"]
-Over = Union[Literal["replicas", "shards"], int]
+Over = Literal["replicas", "shards"] | int
 ReduceOp = Literal["sum", "avg", "max", "min"]
 
 
@@ -82,9 +82,16 @@ class EngineStats:
 class Engine(Protocol):
     """What ``disco.optim`` sees of the distribution layer (see the module docstring)."""
 
-    stats: EngineStats
-    current_rank: int
-    has_layouts: bool  # False: layout() and all_reduce() refuse (the callbacks config)
+    @property
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def current_rank(self) -> int: ...
+
+    @property
+    def has_layouts(self) -> bool:
+        """``False``: ``layout()`` and ``all_reduce()`` refuse (the callbacks config)."""
+        ...
 
     @property
     def assignments(self) -> dict[int, list[int]]: ...

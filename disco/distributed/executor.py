@@ -393,7 +393,9 @@ class PlanEngine:
         def compute(spec: Spec, stack: Tensor, ks: list[int]) -> Tensor:
             res = run_spec(spec, stack, self.stats)
             for k in ks:
-                self.stats.matrices_computed += n_matrices(plan.layouts[k].shape, spec.batch_ndim(plan.layouts[k].shape))
+                self.stats.matrices_computed += n_matrices(
+                    plan.layouts[k].shape, spec.batch_ndim(plan.layouts[k].shape)
+                )
                 self.stats.tensors_computed += 1
             return res
 
@@ -422,9 +424,7 @@ class PlanEngine:
             if not ex.gathers:
                 return None
             chunks = {g: [local[k].to(wire) for k in ks] for g, ks in ex.send.items()}
-            sizes = {
-                g: sum(plan.layouts[k].local_numel(self.group_ranks[g]) for k in ks) for g, ks in ex.recv.items()
-            }
+            sizes = {g: sum(plan.layouts[k].local_numel(self.group_ranks[g]) for k in ks) for g, ks in ex.recv.items()}
             return self._a2a(chunks, sizes, torch.empty(0, dtype=wire, device=device))
 
         def finish_return(item: tuple[Any, Tensor, _Exchange]) -> None:

@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property, lru_cache
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,11 @@ class Layout:
         axes = self.replica_axes()
         return tuple(tuple(c[a] for a in axes) for c in self._coords)
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # Pickle the fields only (layouts travel through all_gather_object), not the cached tables.
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
     @property
@@ -168,9 +169,7 @@ class Layout:
         mine = self.coord(rank)
         free = set(axes)
         keep = [a for a in range(len(self.mesh_shape)) if a not in free]
-        return tuple(
-            sorted(r for r, c in zip(self.ranks, self._coords) if all(c[a] == mine[a] for a in keep))
-        )
+        return tuple(sorted(r for r, c in zip(self.ranks, self._coords) if all(c[a] == mine[a] for a in keep)))
 
     def derive(self, shape: Sequence[int], follows: dict[int, int]) -> Layout:
         """The layout of a tensor of ``shape`` whose dim ``d`` is sharded like this layout's dim ``follows[d]``.

@@ -29,7 +29,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..ops.orthogonalize import orthogonalize_cost
 from .layout import REPLICATE, Layout, Placement, shard
@@ -123,7 +123,7 @@ def build_plan(specs: Sequence[ShapeSpec], layout: str, world_size: int, bucket_
     )
 
 
-def summarize(plan: Plan, element_size: int = 4) -> dict:
+def summarize(plan: Plan, element_size: int = 4) -> dict[str, float]:
     """``Plan.stats()`` plus the load summary and the ratio of bytes moved to the lower bound."""
     st = plan.stats(element_size)
     loads = [plan.load.get(r, 0.0) for r in plan.ranks]
@@ -146,7 +146,7 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def _print_human(plan: Plan, st: dict, title: str, show_ranks: int) -> None:
+def _print_human(plan: Plan, st: Mapping[str, float], title: str, show_ranks: int) -> None:
     print(title)
     print(f"  tensors           {st['tensors']} ({st['elements'] / 1e6:.2f}M elements, {st['element_size']} B each)")
     print(
@@ -165,7 +165,7 @@ def _print_human(plan: Plan, st: dict, title: str, show_ranks: int) -> None:
         f"{st['local_buckets']} in-place buckets)"
     )
     if show_ranks and plan.world_size <= show_ranks:
-        per = plan.bytes_per_rank(st["element_size"])
+        per = plan.bytes_per_rank(int(st["element_size"]))
         assign = plan.assignments
         rows = [
             (
@@ -222,9 +222,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"disco plan: error: {e}", file=sys.stderr)
         return 2
     source = args.model if args.model else args.shapes
-    st = {"model": source, "layout": args.layout, **st, "plan_seconds": t_plan, "total_seconds": t_total}
+    record: dict[str, object] = {
+        "model": source,
+        "layout": args.layout,
+        **st,
+        "plan_seconds": t_plan,
+        "total_seconds": t_total,
+    }
     if args.json:
-        print(json.dumps(st))
+        print(json.dumps(record))
     else:
         title = f"plan: {source} on {args.world_size} ranks, layout {args.layout}"
         _print_human(plan, st, title, args.ranks_table)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Hashable, Sequence
-from typing import Any
 from dataclasses import dataclass, field
 
 from .layout import Layout
@@ -110,7 +109,7 @@ class Plan:
             n += any(self.receivers(i) for i in b)
         return n
 
-    def stats(self, element_size: int = 4) -> dict:
+    def stats(self, element_size: int = 4) -> dict[str, float]:
         loads = [self.load.get(r, 0.0) for r in self.ranks]
         mean = sum(loads) / len(loads) if loads else 0.0
         total = sum(self.costs)
@@ -217,7 +216,7 @@ def make_plan(
             heapq.heappush(heap, item)
 
     def group(idx: list[int]) -> list[list[int]]:
-        by: dict[tuple, list[int]] = {}
+        by: dict[tuple[Hashable, tuple[int, ...]], list[int]] = {}
         for i in idx:
             by.setdefault((keys[i], layouts[i].shape), []).append(i)
         out: list[list[int]] = []

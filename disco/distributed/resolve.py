@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -13,15 +14,22 @@ from torch.distributed.tensor import DTensor
 from .config import DistributedConfig
 from .layout import REPLICATE, Layout, Placement, shard
 
-_GROUPS: dict[tuple[int, ...], object] = {}
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import Placement as TorchPlacement
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+_GROUPS: dict[tuple[int, ...], ProcessGroup] = {}
 
 
-def placement_of(p) -> Placement:
+def placement_of(p: TorchPlacement) -> Placement:
     name = type(p).__name__
     if name == "_StridedShard":
-        return Placement("strided_shard", int(p.dim), int(p.split_factor))
+        strided = cast("_StridedShard", p)
+        return Placement("strided_shard", int(strided.dim), int(strided.split_factor))
     if p.is_shard():
-        return Placement("shard", int(p.dim))
+        return Placement("shard", int(cast("Shard", p).dim))
     if p.is_replicate():
         return REPLICATE
     if p.is_partial():
@@ -39,7 +47,7 @@ def dtensor_layout(t: DTensor) -> Layout:
     )
 
 
-def group_for(ranks: Sequence[int]):
+def group_for(ranks: Sequence[int]) -> ProcessGroup | None:
     """A process group over exactly ``ranks``, made once; only those ranks take part (PP stages differ)."""
     key = tuple(sorted(ranks))
     if key == tuple(range(dist.get_world_size())):
@@ -49,7 +57,7 @@ def group_for(ranks: Sequence[int]):
     return _GROUPS[key]
 
 
-def _group_ranks(pg) -> list[int]:
+def _group_ranks(pg: ProcessGroup | None) -> list[int]:
     return dist.get_process_group_ranks(pg) if pg is not None else []
 
 
@@ -72,7 +80,7 @@ def process_group_layouts(
         "sizes": tuple(len(_group_ranks(pg)) for _, pg in used),
         "shapes": [tuple(p.shape) for p in params],
     }
-    everyone: list = [None] * dist.get_world_size()
+    everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     mesh_shape = everyone[me]["sizes"]
     where: dict[tuple[int, ...], int] = {}

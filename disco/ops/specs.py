@@ -35,7 +35,8 @@ from .orthogonalize import BACKENDS, orthogonalize_cost
 class Spec(Protocol):
     """What ``engine.map`` needs of a spec (see the module docstring)."""
 
-    needs_whole: bool
+    @property
+    def needs_whole(self) -> bool: ...
 
     def __call__(self, stack: Tensor) -> Tensor: ...
 

@@ -10,7 +10,7 @@ its parameters with a gradient, and measures the norms it was asked for (``disco
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ class SpectralOptimizer(Optimizer):
         self._engine_params: tuple[int, ...] = ()
         super().__init__(params, defaults)
         self.distributed_config = distributed_config
-        self._track_next: tuple[str, ...] | None | bool = False
+        self._track_next: tuple[str, ...] | None | Literal[False] = False
         self._tracked: dict[str, Tensor] = {}
         self._init_state()
         self._engine = self._build_engine()
@@ -161,7 +161,7 @@ class SpectralOptimizer(Optimizer):
 
     # ---- the step -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -203,5 +203,5 @@ class SpectralOptimizer(Optimizer):
                 str(it.group.get("norm_factor", "none")), it.param.dim()
             )
             for key, t in (("update", update), ("param", local_piece(it.param.detach()))):
-                entries.append(tracking.Tracked(key, it.name, it.index, t, tuple(norms)))  # type: ignore[arg-type]
+                entries.append(tracking.Tracked(key, it.name, it.index, t, tuple(norms)))
         return entries

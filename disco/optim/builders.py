@@ -6,6 +6,7 @@ import warnings
 from typing import Any
 
 from torch import nn
+from torch.optim import Optimizer
 
 from .registry import register_optimizer
 
@@ -13,7 +14,7 @@ from .registry import register_optimizer
 _ADAMW_SIDE = {"algorithm": "adamw", "betas": (0.9, 0.95), "adam_eps": 1e-8, "weight_decay": 0.0}
 
 
-def _route(model: nn.Module, kwargs: dict[str, Any]):
+def _route(model: nn.Module, kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from ..groups import create_disco_param_groups
 
     with warnings.catch_warnings():
@@ -22,7 +23,9 @@ def _route(model: nn.Module, kwargs: dict[str, Any]):
 
 
 @register_optimizer("muon", default_lr=0.02, doc="disco.Muon on hidden matrices, AdamW (lr 3e-3) on the rest")
-def build_muon(model: nn.Module, *, lr: float, weight_decay: float = 0.0, adamw_lr: float = 3e-3, **kwargs):
+def build_muon(
+    model: nn.Module, *, lr: float, weight_decay: float = 0.0, adamw_lr: float = 3e-3, **kwargs: Any
+) -> Optimizer:
     from .muon import Muon
 
     side = {**_ADAMW_SIDE, "lr": adamw_lr}
@@ -45,7 +48,7 @@ def build_muon(model: nn.Module, *, lr: float, weight_decay: float = 0.0, adamw_
 
 
 @register_optimizer("disco", default_lr=0.02, doc="disco.Disco: spectral hidden, embed_sqrt / unembed_sqrt, bias_rms")
-def build_disco(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs):
+def build_disco(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> Optimizer:
     from .disco import Disco
 
     opt_kwargs = {  # the rest are Disco's defaults (disco.optim.defaults)
@@ -63,7 +66,7 @@ def build_disco(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwa
 
 
 @register_optimizer("scion", default_lr=0.02, doc="disco.Scion, unconstrained, spectral hidden / row-norm embeddings")
-def build_scion(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs):
+def build_scion(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> Optimizer:
     from .scion import Scion
 
     groups, _ = _route(

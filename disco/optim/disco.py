@@ -48,7 +48,7 @@ class Disco(SpectralOptimizer):
 
     def __init__(
         self,
-        params: Iterable,
+        params: Iterable[Any],
         *,
         lr: float = D.lr,
         momentum: float = D.momentum,

@@ -6,6 +6,7 @@ They act on local pieces only (every op is element-wise), so sharded parameters 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,7 +15,9 @@ from ..distributed.engine import local_piece
 
 
 def init_state(algorithm: str, p: Tensor) -> dict[str, Tensor]:
-    z = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
+    def z() -> Tensor:
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
     if algorithm == "adamw":
         return {"step": torch.zeros((), dtype=torch.float32), "exp_avg": z(), "exp_avg_sq": z()}
     if algorithm == "lion":
@@ -22,7 +25,7 @@ def init_state(algorithm: str, p: Tensor) -> dict[str, Tensor]:
     return {"momentum_buffer": z()}
 
 
-def adamw(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
+def adamw(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
     r"""AdamW (Loshchilov & Hutter): ``m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g^2;
     p <- (1 - lr wd) p - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)``."""
     b1, b2 = group.get("betas", (0.9, 0.95))
@@ -38,7 +41,7 @@ def adamw(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
     p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
 
 
-def lion(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
+def lion(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
     r"""Lion (Chen et al., 2023): ``p <- (1 - lr wd) p - lr sign(lerp(m, g, 1-b1)); m <- lerp(m, g, 1-b2)``."""
     b1, b2 = group.get("betas", (0.9, 0.99))
     lr, wd = group["lr"], group.get("weight_decay", 0.0)
@@ -49,7 +52,7 @@ def lion(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
     m.lerp_(g, 1 - b2)
 
 
-def sign(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
+def sign(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
     r"""signSGD with EMA momentum: ``m <- lerp(m, g, 1-beta); p <- (1 - lr wd) p - lr sign(m)``."""
     lr, wd, beta = group["lr"], group.get("weight_decay", 0.0), group.get("momentum", 0.9)
     m = local_piece(state["momentum_buffer"])
@@ -59,10 +62,13 @@ def sign(p: Tensor, g: Tensor, state: dict, group: dict) -> None:
     p.add_(torch.sign(m), alpha=-lr)
 
 
-STEPS: dict[str, Callable[[Tensor, Tensor, dict, dict], None]] = {"adamw": adamw, "lion": lion, "sign": sign}
+#: ``step(local param, local grad, state, group)``: one update, in place.
+Step = Callable[[Tensor, Tensor, dict[str, Tensor], dict[str, Any]], None]
+
+STEPS: dict[str, Step] = {"adamw": adamw, "lion": lion, "sign": sign}
 
 
 @torch.no_grad()
-def step(algorithm: str, p: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+def step(algorithm: str, p: Tensor, grad: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
     """Update ``p`` in place; ``grad`` is the local gradient, already laid out like ``p``."""
     STEPS[algorithm](local_piece(p), grad, state, group)

@@ -31,7 +31,7 @@ class Muon(SpectralOptimizer):
 
     def __init__(
         self,
-        params: Iterable,
+        params: Iterable[Any],
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         momentum: float = 0.95,

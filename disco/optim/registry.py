@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ def matrix_and_other_params(model: nn.Module) -> tuple[list[nn.Parameter], list[
 
 
 @register_optimizer("adamw", default_lr=1e-3, doc="torch.optim.AdamW (betas 0.9/0.95), weight decay on matrices only")
-def build_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
+def build_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> torch.optim.Optimizer:
     matrices, others = matrix_and_other_params(model)
     groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
     kwargs.setdefault("betas", (0.9, 0.95))

@@ -43,7 +43,8 @@ class Item:
 class StepContext(Protocol):
     """What a rule may use of its optimizer during a step."""
 
-    engine: Engine
+    @property
+    def engine(self) -> Engine: ...
 
     def state_of(self, p: Tensor) -> dict[str, Any]: ...
 
@@ -80,7 +81,9 @@ class ElementwiseRule:
         for it in items:
             local = local_piece(it.param)
             before = local.clone()
-            elementwise.step(str(it.group["algorithm"]), it.param, ctx.grad_of(it.param), ctx.state_of(it.param), it.group)
+            elementwise.step(
+                str(it.group["algorithm"]), it.param, ctx.grad_of(it.param), ctx.state_of(it.param), it.group
+            )
             updates.append((before - local) / max(float(it.group["lr"]), 1e-30))
         return updates
 
@@ -141,7 +144,7 @@ class LMORule:
 
     def prepare(self, it: Item, ctx: StepContext) -> Tensor:
         """Update the momentum in place; return the local direction the LMO reads."""
-        beta = it.group["momentum"]
+        beta: float = it.group["momentum"]
         g = ctx.grad_of(it.param)
         if it.group.get("is_light"):
             # p.grad holds beta/(1-beta) * M_prev + G, so (1 - beta) * p.grad is the EMA momentum M.
@@ -219,4 +222,3 @@ RULES: dict[str, Callable[[], UpdateRule]] = {
     "scion": LMORule,
     **{name: ElementwiseRule for name in elementwise.STEPS},
 }
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ class Scion(SpectralOptimizer):
 
     def __init__(
         self,
-        params: Iterable,
+        params: Iterable[Any],
         lr: float = 3e-4,
         momentum_beta: float = 0.95,
         *,
@@ -73,7 +73,7 @@ class Scion(SpectralOptimizer):
         super().__init__(params, defaults, distributed_config=distributed_config)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(self.fp32_matmul_prec)
         try:
