@@ -5,7 +5,8 @@ The user's functions know where the pieces live; the engine does not (it has no 
 * ``map(out="input")``: per tensor, in index order, ``gather_fn`` to the owner, ``spec`` there, ``redistribute_fn``
   back;
 * ``map(out="replicated")``: the same gather, then the owner's result broadcast to every rank;
-* ``check_presence`` / ``check_agreement``: over the default group (the callbacks run on every rank);
+* ``check_step`` / ``check_agreement`` and the failures of ``map``: over the default group (the callbacks run
+  on every rank);
 
 and refuses what needs layouts: ``Partial`` job layouts and ``all_reduce`` (so ``average_gradients=True`` is
 refused when the engine is built, never mid-step).
@@ -21,8 +22,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..ops.specs import Spec
+from .agreement import Outcomes, check_step, digest, first_difference, settle
 from .config import DistributedConfig
-from .engine import EngineStats, Job, Out, Over, ReduceOp, digest, first_difference, n_matrices, run_spec, spec_of
+from .engine import EngineStats, Job, Out, Over, ReduceOp, n_matrices, run_spec, spec_of
 from .layout import Layout
 
 
@@ -92,14 +94,11 @@ class CallbackEngine:
         dist.all_gather(everyone, mine)
         return [t.tolist() for t in everyone]
 
-    def check_presence(self, present: Sequence[bool], names: Sequence[str]) -> None:
-        total = torch.tensor([1 if p else 0 for p in present], dtype=torch.int32)
-        dist.all_reduce(total)
-        n = dist.get_world_size()
-        bad = [i for i, s in enumerate(total.tolist()) if s not in (0, n)]
-        if bad:
-            listed = ", ".join(f"{names[i]} ({int(total[i])}/{n} ranks)" for i in bad[:8])
-            raise RuntimeError(f"gradients present on some ranks and missing on others for: {listed}")
+    def check_step(
+        self, present: Sequence[bool], nonfinite: Sequence[bool], settings: Sequence[str], error: str | None
+    ) -> list[int]:
+        ranks = list(range(dist.get_world_size()))
+        return check_step(None, ranks, self.names, present, nonfinite, settings, error)
 
     def check_agreement(self, items: Sequence[str], what: str) -> None:
         if len({v[0] for v in self._all_ranks_int([digest(tuple(items))])}) == 1:
@@ -127,6 +126,7 @@ class CallbackEngine:
                     f"own ({job.layout.describe()})"
                 )
         results: dict[int, Tensor] = {}
+        outcomes = Outcomes()
         for k in sorted(range(len(jobs)), key=lambda k: jobs[k].index):
             job, s = jobs[k], spec_of(jobs[k], spec)
             i, owner = job.index, self.owner[job.index]
@@ -135,7 +135,7 @@ class CallbackEngine:
             if self.current_rank == owner:
                 if full is None:
                     raise RuntimeError(f"gather_fn returned None on the owner (rank {owner}) of parameter {i}")
-                result = run_spec(s, full.unsqueeze(0), self.stats)[0]
+                result = run_spec(s, full.unsqueeze(0), self.stats, outcomes, [k])[0]
                 shape = tuple(full.shape)
                 self.stats.matrices_computed += n_matrices(shape, s.batch_ndim(shape))
                 self.stats.tensors_computed += 1
@@ -146,4 +146,5 @@ class CallbackEngine:
             else:
                 results[k] = self.config.redistribute_fn(result, i, owner, job.tensor)
         self._mapped = sorted(j.index for j in jobs)
+        settle(outcomes, None, list(range(dist.get_world_size())), [j.index for j in jobs], self.names)
         return [results[k] for k in range(len(jobs))]

@@ -10,7 +10,9 @@ An optimizer registers its parameters once (the engine reads their layouts) and 
 * ``all_reduce(tensors, layouts, over=..., op=...)``: small coalesced reductions of local pieces over a
   layout's replica axes (``over="replicas"``), the axes that shard tensor dim ``d`` (``over=d``) or every
   shard axis (``over="shards"``).
-* ``check_presence`` / ``check_agreement``: every rank holds the same thing, or every rank raises the same error.
+* ``check_step`` / ``check_agreement``: every rank holds the same thing, or every rank raises the same error
+  (``disco.distributed.agreement``); a failure inside ``map`` (an exception, a non-finite result) is raised on
+  every rank as the same ``StepError`` before any result is returned.
 * ``stats``, ``assignments``, ``current_rank``, ``layout(index)``.
 
 The engine never names an algorithm: it calls ``spec(stack)``, ``spec.cost(shape)``, ``spec.batch_ndim(shape)``,
@@ -21,7 +23,6 @@ drives user functions. ``build_engine`` picks one.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from ..ops.specs import Spec
+from .agreement import Outcomes, StepError, settle
 from .layout import Layout
 
 if TYPE_CHECKING:
@@ -106,7 +108,12 @@ class Engine(Protocol):
         self, tensors: Sequence[Tensor], layouts: Sequence[Layout], *, over: Over = "replicas", op: ReduceOp = "sum"
     ) -> None: ...
 
-    def check_presence(self, present: Sequence[bool], names: Sequence[str]) -> None: ...
+    def check_step(
+        self, present: Sequence[bool], nonfinite: Sequence[bool], settings: Sequence[str], error: str | None
+    ) -> list[int]:
+        """One collective before a step: gradient presence and settings agree, a rank's local ``error`` is raised
+        everywhere (``StepError``); returns the indices whose gradient is non-finite on some rank."""
+        ...
 
     def check_agreement(self, items: Sequence[str], what: str) -> None: ...
 
@@ -127,30 +134,30 @@ def spec_of(job: Job, spec: Spec | None) -> Spec:
     return s
 
 
-def digest(obj: Any) -> int:
-    """A digest of ``repr(obj)`` that is equal across processes (``hash`` of strings is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=8).digest(), "little", signed=True)
+def run_spec(
+    spec: Spec, stack: Tensor, stats: EngineStats, outcomes: Outcomes | None = None, positions: Sequence[int] = ()
+) -> Tensor:
+    """``spec(stack)``, timed into ``stats.compute_s`` and recorded in ``stats.batches``.
 
-
-def first_difference(everyone: list[Any], ranks: Sequence[int]) -> str:
-    """Where the ranks' lists first differ, with each rank's value there."""
-    longest = max(len(x) for x in everyone)
-    for pos in range(longest):
-        vals = [x[pos] if pos < len(x) else "<missing>" for x in everyone]
-        if len(set(map(str, vals))) > 1:
-            shown = "; ".join(f"rank {r}: {v}" for r, v in zip(ranks, vals))
-            return f"item {pos} differs: {shown}"
-    return "lengths differ: " + ", ".join(f"rank {r}: {len(x)}" for r, x in zip(ranks, everyone))
-
-
-def run_spec(spec: Spec, stack: Tensor, stats: EngineStats) -> Tensor:
-    """``spec(stack)``, timed into ``stats.compute_s`` and recorded in ``stats.batches``."""
+    With ``outcomes``, an exception or a non-finite result is recorded for the job ``positions`` instead of
+    raised (the result is then zeros), so the rank keeps taking part in the collectives that follow and every
+    rank learns of it in ``settle``.
+    """
     for observe in stats.observers:
         observe(spec, stack)
     stats.batches.append(tuple(stack.shape))
     t0 = time.perf_counter()
-    out = spec(stack)
+    try:
+        out = spec(stack)
+    except Exception as e:
+        if outcomes is None:
+            raise
+        outcomes.fail(positions, e)
+        shape = (stack.shape[0], *spec.result_shape(tuple(stack.shape[1:])))
+        out = torch.zeros(shape, dtype=stack.dtype, device=stack.device)
     stats.compute_s += time.perf_counter() - t0
+    if outcomes is not None:
+        outcomes.record(positions, out)
     return out
 
 
@@ -159,8 +166,9 @@ class LocalEngine:
 
     has_layouts = True
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor], names: Sequence[str] | None = None) -> None:
         self.layouts = [Layout.replicated(tuple(p.shape), (0,)) for p in params]
+        self.names = list(names) if names is not None else [f"param{i}" for i in range(len(params))]
         self.stats = EngineStats()
         self.current_rank = 0
         self._assigned: list[int] = []
@@ -184,13 +192,15 @@ class LocalEngine:
             if job.layout is not None and job.layout.partial_count > 1:
                 raise ValueError(f"tensor {job.index}: a Partial layout needs a distributed engine")
             by.setdefault((spec_of(job, spec), tuple(job.tensor.shape), job.tensor.dtype), []).append(k)
+        outcomes = Outcomes()
         for (s, shape, _), members in by.items():
-            res = run_spec(s, torch.stack([jobs[k].tensor for k in members]), self.stats)
+            res = run_spec(s, torch.stack([jobs[k].tensor for k in members]), self.stats, outcomes, members)
             for m, k in enumerate(members):
                 results[k] = res[m]
                 self.stats.matrices_computed += n_matrices(shape, s.batch_ndim(shape))
             self.stats.tensors_computed += len(members)
         self._assigned = sorted({j.index for j in jobs})
+        settle(outcomes, None, [0], [j.index for j in jobs], self.names, collective=False)
         return results  # type: ignore[return-value]
 
     def all_reduce(
@@ -198,8 +208,12 @@ class LocalEngine:
     ) -> None:
         return None  # one process holds every piece: nothing to reduce
 
-    def check_presence(self, present: Sequence[bool], names: Sequence[str]) -> None:
-        return None
+    def check_step(
+        self, present: Sequence[bool], nonfinite: Sequence[bool], settings: Sequence[str], error: str | None
+    ) -> list[int]:
+        if error:
+            raise StepError(f"step refused: {error}")
+        return [i for i, bad in enumerate(nonfinite) if bad]
 
     def check_agreement(self, items: Sequence[str], what: str) -> None:
         return None
@@ -218,7 +232,7 @@ def build_engine(
 
         config = create_dtensor_config()
     if config is None:
-        return LocalEngine(params)
+        return LocalEngine(params, names)
     if config.source == "callbacks":
         from .callbacks import CallbackEngine
 

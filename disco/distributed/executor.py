@@ -19,8 +19,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..ops.specs import Spec
+from .agreement import Outcomes, check_step, digest, first_difference, settle
 from .config import DistributedConfig
-from .engine import EngineStats, Job, Out, Over, ReduceOp, digest, first_difference, n_matrices, run_spec, spec_of
+from .engine import EngineStats, Job, Out, Over, ReduceOp, n_matrices, run_spec, spec_of
 from .layout import REPLICATE, Layout
 from .planner import Plan, make_plan
 from .resolve import comm_dtype_for, group_for, resolve_layouts
@@ -181,19 +182,11 @@ class PlanEngine:
         dist.all_gather_object(everyone, list(items), group=self.group)
         raise RuntimeError(f"ranks disagree on {what}: " + first_difference(everyone, self.group_ranks))
 
-    def check_presence(self, present: Sequence[bool], names: Sequence[str]) -> None:
-        """Every rank must agree on which tensors have a gradient; else fail everywhere, same message."""
-        total = torch.tensor([1 if p else 0 for p in present], dtype=torch.int32)
-        dist.all_reduce(total, group=self.group)
+    def check_step(
+        self, present: Sequence[bool], nonfinite: Sequence[bool], settings: Sequence[str], error: str | None
+    ) -> list[int]:
         self.stats.checks += 1
-        n = len(self.group_ranks)
-        bad = [i for i, s in enumerate(total.tolist()) if s not in (0, n)]
-        if bad:
-            listed = ", ".join(f"{names[i]} ({int(total[i])}/{n} ranks)" for i in bad[:8])
-            raise RuntimeError(
-                f"gradients present on some ranks and missing on others for: {listed}; every rank must produce "
-                "a gradient for a parameter, or none must"
-            )
+        return check_step(self.group, self.group_ranks, self.names, present, nonfinite, settings, error)
 
     # ---- all_reduce --------------------------------------------------------------------------------------
     def all_reduce(
@@ -325,15 +318,22 @@ class PlanEngine:
             items.append((job.index, s, lay, job.tensor.dtype))
         return (*items, out)
 
-    def _agree_on(self, signature: tuple[Any, ...]) -> None:
-        mine = self._digests.get(signature)
-        if mine is None:
-            mine = self._digests[signature] = digest(signature)
-        if len(set(self._all_gather_int(mine))) == 1:
+    def _agree_on(self, signature: tuple[Any, ...] | None, error: str | None = None) -> None:
+        """Every rank maps the same jobs (``signature``); a rank that could not build its own (``error``) votes 0."""
+        mine = 0
+        if signature is not None:
+            if signature not in self._digests:
+                self._digests[signature] = digest(signature) or 1  # 0 is the vote of a rank that failed
+            mine = self._digests[signature]
+        if len(set(self._all_gather_int(mine))) == 1 and mine:
             return
         everyone: list[Any] = [None] * len(self.group_ranks)
-        shown = [f"{self.names[i]}: {lay.describe()} {dtype} {s!r}" for i, s, lay, dtype in signature[:-1]]
-        dist.all_gather_object(everyone, [*shown, f"out={signature[-1]}"], group=self.group)
+        if signature is None:
+            shown = [f"error: {error}"]
+        else:
+            shown = [f"{self.names[i]}: {lay.describe()} {dtype} {s!r}" for i, s, lay, dtype in signature[:-1]]
+            shown.append(f"out={signature[-1]}")
+        dist.all_gather_object(everyone, shown, group=self.group)
         raise RuntimeError(
             "ranks disagree on the tensors of this step (parameters, order, settings, dtypes or gradient "
             "presence): " + first_difference(everyone, self.group_ranks)
@@ -369,29 +369,39 @@ class PlanEngine:
             raise ValueError(f"map: out must be 'input' or 'replicated', got {out!r}")
         specs = [spec_of(j, spec) for j in jobs]
         results: list[Tensor | None] = [None] * len(jobs)
-        mapped: list[int] = []
-        for k, (job, s) in enumerate(zip(jobs, specs)):
-            if self._exchanged(s, job, out):
-                mapped.append(k)
-            else:  # element-wise: the local piece is all it needs
-                results[k] = run_spec(s, job.tensor.unsqueeze(0), self.stats)[0]
-        signature = self._signature([jobs[k] for k in mapped], [specs[k] for k in mapped], out)
+        mapped = [k for k, (job, s) in enumerate(zip(jobs, specs)) if self._exchanged(s, job, out)]
+        signature: tuple[Any, ...] | None = None
+        try:
+            signature = self._signature([jobs[k] for k in mapped], [specs[k] for k in mapped], out)
+        except ValueError as e:
+            self._agree_on(None, str(e))  # raises on every rank, with this rank's reason
         self._agree_on(signature)
+        assert signature is not None
+        outcomes = Outcomes()
+        exchanged = set(mapped)
+        for k, (job, s) in enumerate(zip(jobs, specs)):
+            if k not in exchanged:  # element-wise: the local piece is all it needs
+                results[k] = run_spec(s, job.tensor.unsqueeze(0), self.stats, outcomes, [k])[0]
         prog = self._program(signature, [specs[k] for k in mapped], out)
         self._current = prog
         self._job_index = [jobs[k].index for k in mapped]
-        mres = self._run(prog, [jobs[k].tensor for k in mapped], out)
+        mres = self._run(prog, [jobs[k].tensor for k in mapped], out, outcomes, mapped)
         for k, r in zip(mapped, mres):
             results[k] = r
+        self.stats.checks += 1
+        settle(outcomes, self.group, self.group_ranks, [j.index for j in jobs], self.names)
         return results  # type: ignore[return-value]
 
-    def _run(self, prog: _Program, local: list[Tensor], out: Out) -> list[Tensor]:
+    def _run(
+        self, prog: _Program, local: list[Tensor], out: Out, outcomes: Outcomes, positions: list[int]
+    ) -> list[Tensor]:
+        """Execute ``prog`` on ``local`` pieces; failures go to ``outcomes`` under the jobs' ``positions``."""
         plan = prog.plan
         res_out: list[Tensor | None] = [None] * len(local)
         me = self.rank
 
         def compute(spec: Spec, stack: Tensor, ks: list[int]) -> Tensor:
-            res = run_spec(spec, stack, self.stats)
+            res = run_spec(spec, stack, self.stats, outcomes, [positions[k] for k in ks])
             for k in ks:
                 self.stats.matrices_computed += n_matrices(
                     plan.layouts[k].shape, spec.batch_ndim(plan.layouts[k].shape)
@@ -407,7 +417,8 @@ class PlanEngine:
                 else:
                     res_out[k] = local[k].clone()
             for ks in by.values():
-                res = run_spec(prog.specs[ks[0]], torch.stack([local[k] for k in ks]), self.stats)
+                stack = torch.stack([local[k] for k in ks])
+                res = run_spec(prog.specs[ks[0]], stack, self.stats, outcomes, [positions[k] for k in ks])
                 for m, k in enumerate(ks):
                     res_out[k] = res[m]
                     shape = tuple(local[k].shape)

@@ -9,7 +9,8 @@ its parameters with a gradient, and measures the norms it was asked for (``disco
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -18,10 +19,11 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .. import ops
+from ..distributed.agreement import StepError
 from ..distributed.config import DistributedConfig
 from ..distributed.engine import Engine, Job, build_engine, local_piece
-from . import tracking
-from .rules import RULES, Group, Item, LMORule, UpdateRule
+from . import tracking, validation
+from .rules import RULES, Commit, Group, Item, LMORule, UpdateRule
 
 ALGORITHMS = tuple(RULES)
 
@@ -67,8 +69,7 @@ class SpectralOptimizer(Optimizer):
                     f"{seen[id(p)]!r}; a parameter may belong to one group only, once"
                 )
             seen[id(p)] = n
-        shown = ", ".join(f"{n!r} (shape {tuple(p.shape)})" for n, p in zip(names[:3], params[:3]))
-        where = f"group {gi} [{shown}{', ...' if len(params) > 3 else ''}]"
+        where = validation.where(gi, names, params)
         algo = param_group.get("algorithm", self.defaults.get("algorithm"))
         if algo not in RULES:
             raise ValueError(f"{where}: unknown algorithm {algo!r}; valid: {sorted(RULES)}")
@@ -77,6 +78,7 @@ class SpectralOptimizer(Optimizer):
         group = {**param_group, "params": params, "param_names": names, "algorithm": algo}
         for k, v in self.defaults.items():  # what torch.optim would fill in; the rule validates the result
             group.setdefault(k, v)
+        validation.check_params(group, where)
         self._rule(group).validate(group, where)
         self._seen = seen
         super().add_param_group(group)
@@ -162,46 +164,115 @@ class SpectralOptimizer(Optimizer):
     # ---- the step -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One atomic step: every rank agrees first, computes everything, then commits, or raises the same error.
+
+        Order: gradient presence, settings and local misuse agreed (one collective); non-finite gradients handled
+        by each group's ``nonfinite`` policy; plain gradients averaged if asked; every rule computes (the
+        exchanges happen here; nothing is written); every rule commits; tracked norms are measured.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        tracking_armed = self._track_next is not False
+        armed, self._track_next = self._track_next, False  # armed for this step only, even if it fails
         self._tracked = {}
         items = self._items()
         if tuple(id(it.param) for it in items) != self._engine_params:
             # Groups were added: state for them, and a new engine (collective: every rank does the same).
             self._init_state()
             self._engine = self._build_engine()
-        for rule in self._rules.values():
-            if isinstance(rule, LMORule):
-                rule.check_light_presence([g for g in self.param_groups if self._rule(g) is rule])
         present = [it.param.grad is not None for it in items]
-        self._engine.check_presence(present, [it.name for it in items])
         stepping = [it for it, has in zip(items, present) if has]
+        error = self._local_error(items, stepping)
+        nonfinite = [False] * len(items)
+        if stepping and error is None:
+            grads = [local_piece(it.param.grad) for it in stepping]  # type: ignore[arg-type]
+            for it, flag in zip(stepping, _nonfinite(grads)):
+                nonfinite[it.index] = flag
+        anywhere = self._engine.check_step(present, nonfinite, self._settings(), error)
+        if anywhere:
+            self._nonfinite(StepError("non-finite (NaN / inf) gradients", nonfinite=anywhere), items)
+            return loss
         config = self.distributed_config
         if config is not None and config.average_gradients and stepping:
             grads = [local_piece(it.param.grad) for it in stepping]  # type: ignore[arg-type]
             self._engine.all_reduce(grads, [self._engine.layout(it.index) for it in stepping], op="avg")
 
+        commits: list[tuple[list[Item], Commit]] = []
+        try:
+            for rule in self._rules.values():
+                mine = [it for it in stepping if self._rule(it.group) is rule]
+                if mine:
+                    commits.append((mine, rule.compute(mine, self)))
+        except StepError as e:
+            if e.failed or not e.nonfinite:
+                raise
+            self._nonfinite(e, items)
+            return loss
         updates: list[tuple[Item, Tensor]] = []
-        for rule in self._rules.values():
-            mine = [it for it in stepping if self._rule(it.group) is rule]
-            if mine:
-                updates.extend(zip(mine, rule.step(mine, self)))
-        if tracking_armed:
-            self._tracked = tracking.compute_norms(self._engine, self._tracked_entries(updates))
+        for mine, commit in commits:
+            updates.extend(zip(mine, commit()))
+        if armed is not False:
+            self._tracked = tracking.compute_norms(self._engine, self._tracked_entries(updates, armed))
         for rule in self._rules.values():
             rule.end_step([g for g in self.param_groups if self._rule(g) is rule], self.param_groups)
-        self._track_next = False
         return loss
 
-    def _tracked_entries(self, updates: list[tuple[Item, Tensor]]) -> list[tracking.Tracked]:
+    def _local_error(self, items: list[Item], stepping: list[Item]) -> str | None:
+        """This rank's reason to refuse the step (voted on by every rank in ``check_step``)."""
+        for rule in self._rules.values():
+            reason = rule.check([it for it in items if self._rule(it.group) is rule])
+            if reason:
+                return reason
+        for it in stepping:
+            reason = validation.check_grad(it.name, it.param)
+            if reason:
+                return reason
+        return None
+
+    def _settings(self) -> list[str]:
+        """What every rank must agree on each step: every group setting (lr and weight decay move with schedules)."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            for k in sorted(group):
+                if k not in ("params", "param_names"):
+                    out.append(f"group {gi} {k}={group[k]!r}")
+        return out
+
+    def _nonfinite(self, e: StepError, items: list[Item]) -> None:
+        """Apply the groups' ``nonfinite`` policy: skip the whole step (nothing changed) only if every group
+        with a non-finite tensor says ``"skip"``; else raise, naming the tensors."""
+        bad = [items[i] for i in e.nonfinite]
+        names = ", ".join(f"{it.name!r} (shape {tuple(it.param.shape)}, group {self._group(it)})" for it in bad[:8])
+        if all(it.group.get("nonfinite", "raise") == "skip" for it in bad):
+            warnings.warn(f"step skipped on every rank: {e} in {names}", RuntimeWarning, stacklevel=3)
+            return
+        raise StepError(
+            f"{e} in {names}; nothing was changed. Set nonfinite='skip' on their group to skip such steps",
+            nonfinite=e.nonfinite,
+        ) from None
+
+    def _group(self, it: Item) -> int:
+        return next(gi for gi, g in enumerate(self.param_groups) if g is it.group)
+
+    def _tracked_entries(
+        self, updates: list[tuple[Item, Tensor]], norms: tuple[str, ...] | None
+    ) -> list[tracking.Tracked]:
         entries = []
         for it, update in updates:
-            norms = self._track_next or tracking.default_tracked_norms(
-                str(it.group.get("norm_factor", "none")), it.param.dim()
-            )
+            chosen = norms or tracking.default_tracked_norms(str(it.group.get("norm_factor", "none")), it.param.dim())
             for key, t in (("update", update), ("param", local_piece(it.param.detach()))):
-                entries.append(tracking.Tracked(key, it.name, it.index, t, tuple(norms)))
+                entries.append(tracking.Tracked(key, it.name, it.index, t, tuple(chosen)))
         return entries
+
+
+def _nonfinite(grads: list[Tensor]) -> list[bool]:
+    """Which tensors hold a NaN or an infinity (one fused max-abs pass, one host sync)."""
+    if not grads:
+        return []
+    maxes: Sequence[Tensor]
+    try:
+        maxes = torch._foreach_norm(grads, float("inf"))
+    except (RuntimeError, TypeError):  # mixed devices or dtypes the fused kernel refuses
+        maxes = [torch.linalg.vector_norm(g, float("inf")) for g in grads]
+    return [not ok for ok in torch.isfinite(torch.stack([m.float().cpu() for m in maxes])).tolist()]

@@ -40,6 +40,8 @@ class Disco(SpectralOptimizer):
         parallel_dims: TorchTitan's ``ParallelDims`` (or ``DummyParallelDims``); optional, layouts are read
             from the DTensor parameters.
         name_of_embedding: kept for the routing helpers.
+        nonfinite: ``"raise"`` (default: a NaN / inf gradient or result raises on every rank, naming the
+            parameter, before anything changes) or ``"skip"`` (the step is skipped on every rank, nothing changes).
         distributed_config: ``create_dtensor_config()``, ``create_auto_config(...)`` or ``None`` (DTensor
             parameters are detected; plain tensors then run single-device).
 
@@ -64,6 +66,7 @@ class Disco(SpectralOptimizer):
         parallel_dims: Any = None,
         name_of_embedding: str | None = None,
         distributed_config: Any = None,
+        nonfinite: str = "raise",
     ) -> None:
         if lr < 0 or not 0 <= momentum < 1:
             raise ValueError(f"invalid lr={lr} or momentum={momentum} (need lr >= 0, 0 <= momentum < 1)")
@@ -85,4 +88,5 @@ class Disco(SpectralOptimizer):
         )
         self.parallel_dims = parallel_dims
         self.name_of_embedding = name_of_embedding
+        defaults["nonfinite"] = nonfinite
         super().__init__(params, defaults, distributed_config=distributed_config)

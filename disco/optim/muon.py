@@ -26,7 +26,8 @@ class Muon(SpectralOptimizer):
     ``0.2 * sqrt(max(rows, cols))`` (Moonlight). Beyond torch: ``compute_dtype`` (torch always runs in bf16; ours
     defaults to bf16 on CUDA and fp32 on CPU), ``backend`` (``polar_express``, ``svd``...), conv weights
     (flattened to ``out x in*k*k``) and 3-D expert stacks (a batch of matrices), parameter groups with
-    ``algorithm="adamw"``/``"lion"`` for non-matrix parameters, and ``distributed_config``.
+    ``algorithm="adamw"``/``"lion"`` for non-matrix parameters, ``distributed_config`` and ``nonfinite``
+    (``"raise"``, the default, or ``"skip"``: see ``disco.Disco``).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class Muon(SpectralOptimizer):
         adjust_lr_fn: str | None = None,
         *,
         distributed_config: Any = None,
+        nonfinite: str = "raise",
         backend: str = "newtonschulz5",
         compute_dtype: torch.dtype | None = None,
     ) -> None:
@@ -65,4 +67,5 @@ class Muon(SpectralOptimizer):
             backend=backend,
             compute_dtype=compute_dtype,
         )
+        defaults["nonfinite"] = nonfinite
         super().__init__(params, defaults, distributed_config=distributed_config)

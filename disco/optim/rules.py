@@ -2,9 +2,9 @@
 
 A rule owns the per-parameter state of its groups and one step over the parameters that have a gradient::
 
-    prepare  (local)      d_i = momentum(state_i, g_i)           # this rank's piece only
+    prepare  (local)      d_i, M_i' = momentum(state_i, g_i)     # this rank's piece only; nothing written
     map      (engine)     o_i = spec_i(whole d_i)                # once per tensor, on its owner
-    finish   (local)      w_i <- apply(w_i, o_i)                 # this rank's piece only
+    finish   (local)      M_i <- M_i';  w_i <- apply(w_i, o_i)   # the commit, after every rule computed
 
 ``ElementwiseRule`` (AdamW, Lion, signSGD) has no map: every op is element-wise on local pieces. ``LMORule``
 serves Muon, Scion and Disco, which differ only in data (norm, backend, momentum form, update form). A new
@@ -21,11 +21,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
-from .. import ops
 from ..distributed.engine import Engine, Job, local_piece
 from ..ops.specs import LMOSpec
-from . import elementwise
+from . import elementwise, validation
 
 Group = dict[str, Any]
 
@@ -51,19 +51,30 @@ class StepContext(Protocol):
     def grad_of(self, p: Tensor) -> Tensor: ...
 
 
+#: Applies a rule's step to parameters and state (local, cannot fail); returns each item's update direction.
+Commit = Callable[[], list[Tensor]]
+
+
 class UpdateRule(Protocol):
-    """One family of algorithms (see the module docstring)."""
+    """One family of algorithms (see the module docstring).
+
+    A step is split so that it is atomic: ``compute`` may communicate and may raise but changes nothing;
+    ``commit`` (what ``compute`` returns) only writes local pieces. The optimizer commits every rule only after
+    every rule computed, so a failure anywhere leaves every parameter and all state as they were.
+    """
 
     def validate(self, group: Group, where: str) -> None: ...
 
     def init_state(self, group: Group, p: Tensor) -> dict[str, Any]: ...
 
-    def step(self, items: Sequence[Item], ctx: StepContext) -> list[Tensor]:
-        """Update every item in place; return each item's update direction (local piece, for tracking)."""
+    def check(self, items: Sequence[Item]) -> str | None:
+        """This rank's reason not to step (misuse seen locally), or None; voted on by every rank."""
         ...
 
+    def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit: ...
+
     def end_step(self, groups: Sequence[Group], all_groups: Sequence[Group]) -> None:
-        """After every rule stepped: ``groups`` are this rule's, ``all_groups`` the optimizer's."""
+        """After every rule committed: ``groups`` are this rule's, ``all_groups`` the optimizer's."""
         ...
 
 
@@ -71,21 +82,26 @@ class ElementwiseRule:
     """AdamW, Lion and signSGD: local pieces only, no communication (``disco.optim.elementwise``)."""
 
     def validate(self, group: Group, where: str) -> None:
-        return None
+        validation.check_elementwise(group, where)
 
     def init_state(self, group: Group, p: Tensor) -> dict[str, Any]:
         return elementwise.init_state(str(group["algorithm"]), p)
 
-    def step(self, items: Sequence[Item], ctx: StepContext) -> list[Tensor]:
-        updates = []
-        for it in items:
-            local = local_piece(it.param)
-            before = local.clone()
-            elementwise.step(
-                str(it.group["algorithm"]), it.param, ctx.grad_of(it.param), ctx.state_of(it.param), it.group
-            )
-            updates.append((before - local) / max(float(it.group["lr"]), 1e-30))
-        return updates
+    def check(self, items: Sequence[Item]) -> str | None:
+        return None
+
+    def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
+        def commit() -> list[Tensor]:
+            updates = []
+            for it in items:
+                local = local_piece(it.param)
+                before = local.clone()
+                algo = str(it.group["algorithm"])
+                elementwise.step(algo, it.param, ctx.grad_of(it.param), ctx.state_of(it.param), it.group)
+                updates.append((before - local) / max(float(it.group["lr"]), 1e-30))
+            return updates
+
+        return commit
 
     def end_step(self, groups: Sequence[Group], all_groups: Sequence[Group]) -> None:
         return None
@@ -107,26 +123,18 @@ class LMORule:
     def __init__(self) -> None:
         self._light_stepped = False
         self._light_grads: dict[int, weakref.ref[Tensor]] = {}  # id(p) -> p.grad left by the last light step
+        # id(p) -> p.grad._version expected now: in-place changes outside backward (zero_grad(set_to_none=False))
+        # move the version without the accumulate hook seeing it.
+        self._light_versions: dict[int, int] = {}
+        self._light_tampered: dict[int, bool] = {}
+        self._hooked: set[int] = set()
 
     def validate(self, group: Group, where: str) -> None:
-        try:
-            norm = ops.get_norm(group["norm_factor"])
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        if group["backend"] not in ops.BACKENDS:
-            raise ValueError(f"{where}: unknown backend {group['backend']!r}; valid: {ops.backend_names()}")
-        if group.get("is_light") and group.get("nesterov"):
-            raise ValueError(f"{where}: is_light=True keeps no separate gradient, so nesterov must be False")
-        for p, n in zip(group["params"], group["param_names"]):
-            if norm.kind != "elementwise" and p.dim() < 2:
-                raise ValueError(
-                    f"parameter {n!r} with shape {tuple(p.shape)} is in a group with norm_factor "
-                    f"{group['norm_factor']!r}, which needs a matrix (2-D or more); route it to 'bias_rms', "
-                    "'sign' or an element-wise algorithm ('adamw', 'lion')"
-                )
+        validation.check_lmo(group, where)
 
     def init_state(self, group: Group, p: Tensor) -> dict[str, Any]:
         if group.get("is_light"):
+            self._watch_light(p)
             return {}
         return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
@@ -142,21 +150,24 @@ class LMORule:
             compute_dtype=group.get("compute_dtype"),
         )
 
-    def prepare(self, it: Item, ctx: StepContext) -> Tensor:
-        """Update the momentum in place; return the local direction the LMO reads."""
+    @staticmethod
+    def prepare(it: Item, ctx: StepContext) -> tuple[Tensor, Tensor | None]:
+        """The local direction the LMO reads and the new momentum (committed later), changing nothing."""
         beta: float = it.group["momentum"]
         g = ctx.grad_of(it.param)
         if it.group.get("is_light"):
             # p.grad holds beta/(1-beta) * M_prev + G, so (1 - beta) * p.grad is the EMA momentum M.
-            return g * (1 - beta)
+            return g * (1 - beta), None
         buf = local_piece(ctx.state_of(it.param)["momentum_buffer"])
-        buf.lerp_(g.to(buf.dtype), 1 - beta)
+        new = buf.lerp(g.to(buf.dtype), 1 - beta)
         if it.group.get("nesterov"):
-            return g.lerp(buf.to(g.dtype), beta)
-        return buf.clone()
+            return g.lerp(new.to(g.dtype), beta), new
+        return new, new
 
     @staticmethod
-    def finish(it: Item, O: Tensor) -> None:
+    def finish(it: Item, ctx: StepContext, O: Tensor, momentum: Tensor | None) -> None:
+        if momentum is not None:
+            local_piece(ctx.state_of(it.param)["momentum_buffer"]).copy_(momentum)
         lr, wd = it.group["lr"], it.group["weight_decay"]
         local = local_piece(it.param)
         if it.group.get("update_rule", "decoupled") == "frank_wolfe":
@@ -165,37 +176,55 @@ class LMORule:
             local.mul_(1 - lr * wd)
         local.add_(O.to(local.dtype), alpha=-lr * it.group.get("scale", 1.0))
 
-    def step(self, items: Sequence[Item], ctx: StepContext) -> list[Tensor]:
-        self._check_light(items)
-        jobs = [Job(it.index, self.prepare(it, ctx), self.spec(it.group, it.param)) for it in items]
+    def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
+        prepared = [self.prepare(it, ctx) for it in items]
+        jobs = [Job(it.index, d, self.spec(it.group, it.param)) for it, (d, _) in zip(items, prepared)]
         results = ctx.engine.map(jobs) if jobs else []
-        for it, O in zip(items, results):
-            self.finish(it, O)
-        return results
 
-    def _check_light(self, items: Sequence[Item]) -> None:
-        for it in items:
-            ref = self._light_grads.get(id(it.param))
-            if it.group.get("is_light") and ref is not None and ref() is not it.param.grad:
-                # backward accumulates into the existing p.grad in place; a new tensor means it was set to None
-                raise RuntimeError(
-                    f"is_light=True keeps the momentum in p.grad, but the gradient of {it.name!r} (shape "
-                    f"{tuple(it.param.shape)}) was replaced since the last step (zero_grad(set_to_none=True)?): "
-                    "do not call zero_grad() between steps in light mode"
-                )
+        def commit() -> list[Tensor]:
+            for it, O, (_, momentum) in zip(items, results, prepared):
+                self.finish(it, ctx, O, momentum)
+            return results
 
-    def check_light_presence(self, groups: Sequence[Group]) -> None:
-        """A light parameter without a gradient after a light step lost its momentum: refuse."""
+        return commit
+
+    # ---- light mode: the momentum lives in p.grad, so the user must not zero it -------------------------------
+    def _watch_light(self, p: Tensor) -> None:
+        if isinstance(p, DTensor) or id(p) in self._hooked or not p.requires_grad:
+            return  # FSDP writes sharded gradients itself, outside autograd's accumulation
+        self._hooked.add(id(p))
+        key = id(p)
+
+        def accumulated(param: Tensor) -> None:
+            g = param.grad
+            if key in self._light_versions and g is not None:
+                if g._version != self._light_versions[key] + 1:
+                    self._light_tampered[key] = True
+                self._light_versions[key] = g._version
+
+        p.register_post_accumulate_grad_hook(accumulated)  # type: ignore[no-untyped-call]
+
+    def check(self, items: Sequence[Item]) -> str | None:
+        advice = "do not zero gradients between steps in light mode (the optimizer rescales them itself)"
         if not self._light_stepped:
-            return
-        for g in groups:
-            if g.get("is_light"):
-                for p, n in zip(g["params"], g["param_names"]):
-                    if p.grad is None:
-                        raise RuntimeError(
-                            f"is_light=True keeps the momentum in p.grad, but {n!r} (shape {tuple(p.shape)}) has "
-                            "no gradient after a step: do not call zero_grad() between steps in light mode"
-                        )
+            return None
+        for it in items:
+            if not it.group.get("is_light"):
+                continue
+            key, g = id(it.param), it.param.grad
+            shape = tuple(it.param.shape)
+            at = f"is_light=True keeps the momentum in p.grad, but the gradient of {it.name!r} (shape {shape})"
+            if g is None:
+                return f"{at} is missing after a step: {advice}"
+            ref = self._light_grads.get(key)
+            if ref is not None and ref() is not g:
+                # backward accumulates into the existing p.grad in place; a new tensor means it was set to None
+                return f"{at} was replaced since the last step (zero_grad(set_to_none=True)?): {advice}"
+            if key in self._light_versions and (
+                self._light_tampered.get(key) or g._version != self._light_versions[key]
+            ):
+                return f"{at} was changed in place outside backward (zero_grad(set_to_none=False)?): {advice}"
+        return None
 
     def end_step(self, groups: Sequence[Group], all_groups: Sequence[Group]) -> None:
         light = [g for g in groups if g.get("is_light")]
@@ -205,6 +234,9 @@ class LMORule:
                     # p.grad = M / (1 - beta) now; leave beta/(1-beta) * M so the next backward yields the EMA.
                     local_piece(p.grad).mul_(group["momentum"])
                     self._light_grads[id(p)] = weakref.ref(p.grad)
+                    if id(p) in self._hooked:
+                        self._light_versions[id(p)] = p.grad._version
+                        self._light_tampered[id(p)] = False
                     self._light_stepped = True
         if light:
             # The user does not zero gradients in light mode: clear those of the other groups (element-wise or

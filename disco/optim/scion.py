@@ -29,6 +29,8 @@ class Scion(SpectralOptimizer):
             ``polar_express``...).
         num_ns_steps: Newton-Schulz iterations.
         constrained: Frank-Wolfe update (default) or the unconstrained one.
+        nonfinite: ``"raise"`` (default: a NaN / inf gradient or result raises on every rank, naming the
+            parameter, before anything changes) or ``"skip"`` (the step is skipped on every rank, nothing changes).
         norm_factor, backend: per-group LMO (vectors: ``bias_rms`` / ``sign``; embeddings: ``embed_sqrt``...).
     """
 
@@ -49,6 +51,7 @@ class Scion(SpectralOptimizer):
         eps: float = 1e-7,
         compute_dtype: torch.dtype | None = torch.float32,
         distributed_config: Any = None,
+        nonfinite: str = "raise",
     ) -> None:
         if fp32_matmul_prec not in _PRECISIONS:
             raise ValueError(f"fp32_matmul_prec must be one of {_PRECISIONS}, got {fp32_matmul_prec!r}")
@@ -70,6 +73,7 @@ class Scion(SpectralOptimizer):
             compute_dtype=compute_dtype,
         )
         self.fp32_matmul_prec = fp32_matmul_prec
+        defaults["nonfinite"] = nonfinite
         super().__init__(params, defaults, distributed_config=distributed_config)
 
     @torch.no_grad()
