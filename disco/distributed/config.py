@@ -23,7 +23,8 @@ class DistributedConfig:
     Options:
         prefetch_count: buckets whose gather is in flight ahead of the one being computed.
         async_gpu_parallelism: issue the results' return asynchronously (overlaps the next bucket's compute).
-        comm_dtype: dtype on the wire; ``None`` is bf16 on CUDA, the parameter's dtype otherwise.
+        comm_dtype: dtype on the wire; ``None`` (default) sends each tensor in its own dtype (exact). A lossy
+            ``torch.bfloat16`` halves the bytes of fp32 tensors (see the README for its measured error).
         bucket_size: most tensors per exchange (``None``: one exchange per key and shape).
         split_replicas: spread the work over replicas too (HSDP, DDP): every matrix computed once globally.
             ``False`` keeps each replica's work inside the replica (repeated per replica, less traffic across).

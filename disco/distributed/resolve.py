@@ -151,6 +151,6 @@ def resolve_layouts(
 
 
 def comm_dtype_for(t: Tensor, config: DistributedConfig) -> torch.dtype:
-    if config.comm_dtype is not None:
-        return config.comm_dtype
-    return torch.bfloat16 if t.device.type == "cuda" else t.dtype
+    """The wire dtype: the tensor's own (exact: distributed equals single device bit for bit) unless the user
+    opted into a lossy ``comm_dtype``."""
+    return config.comm_dtype if config.comm_dtype is not None else t.dtype

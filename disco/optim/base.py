@@ -130,9 +130,33 @@ class SpectralOptimizer(Optimizer):
             [f"{it.name} {s} {it.param.dtype} {it.group['algorithm']}" for it, s in zip(items, shapes)],
             "the optimizer's parameters (name, global shape, dtype, algorithm, in order)",
         )
+        if engine.has_layouts:
+            self._check_replicas(engine, items)
         lmo = [it for it in items if isinstance(self._rule(it.group), LMORule)]
         engine.assign([Job(it.index, local_piece(it.param), LMORule.spec(it.group, it.param)) for it in lmo])
         return engine
+
+    @staticmethod
+    def _check_replicas(engine: Engine, items: list[Item]) -> None:
+        """Copies of a parameter (its replica axes: DDP, HSDP) must hold the same values: else the ranks list
+        parameters in different orders or were never synchronized. One all-reduce of two numbers per parameter."""
+        if not items:
+            return
+        layouts = [engine.layout(it.index) for it in items]
+        if all(len(lay.axis_group(engine.current_rank, lay.replica_axes())) == 1 for lay in layouts):
+            return
+        fp = [_fingerprint(local_piece(it.param.detach())) for it in items]
+        hi = [f.clone() for f in fp]
+        lo = [-f for f in fp]
+        engine.all_reduce(hi, layouts, over="replicas", op="max")
+        engine.all_reduce(lo, layouts, over="replicas", op="max")
+        for it, a, b in zip(items, hi, lo):
+            if not torch.allclose(a, -b, rtol=1e-6, atol=1e-6):
+                raise ValueError(
+                    f"parameter {validation.describe(it.name, it.param)} differs across its replicas: the ranks "
+                    "list the optimizer's parameters in different orders (or the replicas were not synchronized); "
+                    "pass the same parameters in the same order on every rank (named_parameters() lets it check)"
+                )
 
     @property
     def engine(self) -> Engine:
@@ -276,3 +300,9 @@ def _nonfinite(grads: list[Tensor]) -> list[bool]:
     except (RuntimeError, TypeError):  # mixed devices or dtypes the fused kernel refuses
         maxes = [torch.linalg.vector_norm(g, float("inf")) for g in grads]
     return [not ok for ok in torch.isfinite(torch.stack([m.float().cpu() for m in maxes])).tolist()]
+
+
+def _fingerprint(t: Tensor) -> Tensor:
+    """Two numbers that equal copies share: the sum and the sum of squares, in float64."""
+    x = t.double()
+    return torch.stack([x.sum(), x.pow(2).sum()]) if x.numel() else torch.zeros(2, dtype=torch.float64)
