@@ -258,7 +258,7 @@ def _body_agreement(rank, world_size, case):
     if err[0]:
         return err
     assert opt is not None
-    for n, p in params.items():
+    for p in params.values():
         p.grad = torch.ones_like(p)
     if case == "lr" and rank == 1:
         opt.param_groups[0]["lr"] = 0.07  # a scheduler that ran on one rank only
