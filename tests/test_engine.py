@@ -52,6 +52,7 @@ def _body_partial(rank, world_size, mesh_shape, op):
         P_local = P_local * mesh_shape[-1]  # the mean of the pieces is then M Q again
     got = {}
     for out in ("input", "replicated"):
+        engine.stats.reset()
         (res,) = engine.map([Job(0, P_local, SPEC, P_layout)], out=out)
         got[out] = res
         got[out + "_sent"] = engine.stats.bytes_sent

@@ -117,7 +117,6 @@ class CallbackEngine:
         return self.assignments
 
     def map(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> list[Tensor]:
-        self.stats.reset()
         assert self.config.gather_fn is not None and self.config.redistribute_fn is not None
         for job in jobs:
             if job.layout is not None:

@@ -61,7 +61,7 @@ class Job:
 
 @dataclass
 class EngineStats:
-    """Counters of the last ``map`` (and the ``all_reduce`` calls since) on this rank."""
+    """Counters on this rank since the last ``reset()`` (an optimizer resets them at the start of each step)."""
 
     matrices_computed: int = 0
     tensors_computed: int = 0
@@ -185,7 +185,6 @@ class LocalEngine:
         return self.assignments
 
     def map(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> list[Tensor]:
-        self.stats.reset()
         results: list[Tensor | None] = [None] * len(jobs)
         by: dict[tuple[Any, ...], list[int]] = {}
         for k, job in enumerate(jobs):

@@ -364,7 +364,6 @@ class PlanEngine:
 
     def map(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> list[Tensor]:
         """Run each job's spec on its whole tensor, once, on one owner; see the module docstring of ``engine``."""
-        self.stats.reset()
         if out not in ("input", "replicated"):
             raise ValueError(f"map: out must be 'input' or 'replicated', got {out!r}")
         specs = [spec_of(j, spec) for j in jobs]

@@ -1,9 +1,10 @@
-"""Optimizers: ``Disco``, ``Muon``, ``Scion`` (and their element-wise groups); importing registers them."""
+"""Optimizers: ``Disco``, ``Muon``, ``Scion``, ``Dion`` (and their element-wise groups); importing registers them."""
 
 from . import builders as _builders  # noqa: F401  (registers the optimizers with the training CLI)
 from .base import SpectralOptimizer
+from .dion import Dion, DionMixedPrecisionConfig
 from .disco import Disco
 from .muon import Muon
 from .scion import Scion
 
-__all__ = ["Disco", "Muon", "Scion", "SpectralOptimizer"]
+__all__ = ["Dion", "DionMixedPrecisionConfig", "Disco", "Muon", "Scion", "SpectralOptimizer"]

@@ -132,6 +132,8 @@ class SpectralOptimizer(Optimizer):
         )
         if engine.has_layouts:
             self._check_replicas(engine, items)
+        for rule in self._rules.values():
+            rule.bind(engine, [it for it in items if self._rule(it.group) is rule], self)
         lmo = [it for it in items if isinstance(self._rule(it.group), LMORule)]
         engine.assign([Job(it.index, local_piece(it.param), LMORule.spec(it.group, it.param)) for it in lmo])
         return engine
@@ -205,6 +207,7 @@ class SpectralOptimizer(Optimizer):
             # Groups were added: state for them, and a new engine (collective: every rank does the same).
             self._init_state()
             self._engine = self._build_engine()
+        self._engine.stats.reset()
         present = [it.param.grad is not None for it in items]
         stepping = [it for it, has in zip(items, present) if has]
         error = self._local_error(items, stepping)

@@ -71,6 +71,10 @@ class UpdateRule(Protocol):
         """This rank's reason not to step (misuse seen locally), or None; voted on by every rank."""
         ...
 
+    def bind(self, engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
+        """Once the engine knows the layouts: finish state that depends on them (e.g. a piece of a seeded start)."""
+        ...
+
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit: ...
 
     def end_step(self, groups: Sequence[Group], all_groups: Sequence[Group]) -> None:
@@ -88,6 +92,9 @@ class ElementwiseRule:
         return elementwise.init_state(str(group["algorithm"]), p)
 
     def check(self, items: Sequence[Item]) -> str | None:
+        return None
+
+    def bind(self, engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
         return None
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
@@ -203,6 +210,9 @@ class LMORule:
                 self._light_versions[key] = g._version
 
         p.register_post_accumulate_grad_hook(accumulated)  # type: ignore[no-untyped-call]
+
+    def bind(self, engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
+        return None
 
     def check(self, items: Sequence[Item]) -> str | None:
         advice = "do not zero gradients between steps in light mode (the optimizer rescales them itself)"

@@ -1,0 +1,413 @@
+"""Dion: low-rank orthonormalized updates with error feedback (Ahn et al., arXiv 2504.05295, Algorithms 1 and 3).
+
+Composed from the engine's movements only; no whole matrix is ever gathered. For a weight of layout ``L``
+(rows ``m`` sharded over the axes that shard dim ``md``, columns ``n`` over those that shard ``nd``)::
+
+    B = M + G                                     # local
+    P = B Q                                       # P: (m/outer, r), a Partial sum over the axes sharding n
+    [P <- mean over replicas]                     # compressed sync: (m r) numbers, not (m n)
+    P = orthonormalize(P)                         # map: reduced to one owner, rows returned
+    (power_iters > 1: R = B^T P, all_reduce(over=md); P = B R; orthonormalize again)
+    R = B^T P;  all_reduce(R, over=md)            # R: (n/inner, r)
+    [R <- mean over replicas]
+    M = B - (1 - mu) P R^T                        # local: error feedback
+    Q = R / ||R||_col;  all_reduce(||R||^2, over=nd)
+    X = (1 - lr wd) X - lr sqrt(m / n) P Q^T      # local
+
+``Q`` is state of shape ``(..., n, r)`` laid out like the weight's columns (``disco.distributed.state``), so DCP
+saves and reshards it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from ..distributed.config import DistributedConfig, create_auto_config
+from ..distributed.engine import Engine, Job, local_piece
+from ..distributed.layout import PARTIAL, REPLICATE, Layout, Placement
+from ..distributed.state import derived_zeros
+from ..ops.dion import OrthonormalizeSpec, column_normalize, dion_rank
+from . import validation
+from .base import SpectralOptimizer
+from .rules import RULES, Commit, Group, Item, StepContext
+
+QR_METHODS = ("qr", "cqr", "rcqr")
+
+
+@dataclass(frozen=True)
+class DionMixedPrecisionConfig:
+    """State dtypes (``None``: the parameter's): ``momentum_dtype`` for ``M``, ``Q_dtype`` for ``Q``."""
+
+    momentum_dtype: torch.dtype | None = None
+    Q_dtype: torch.dtype | None = None
+
+
+def _dims(p: Tensor) -> tuple[int, int]:
+    """(row dim, column dim) of the matrices of ``p``: 2-D ``(m, n)``, 3-D experts ``(E, m, n)``, conv flattened."""
+    return (1, 2) if p.dim() == 3 else (0, 1)
+
+
+def _matrix(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() >= 4 else t
+
+
+def _mn(p: Tensor) -> tuple[int, int]:
+    shape = _matrix(torch.empty(p.shape, device="meta")).shape
+    return int(shape[-2]), int(shape[-1])
+
+
+def p_layout(lay: Layout, r: int, md: int, nd: int) -> Layout:
+    """The layout of ``P = B Q`` (rows like ``B``, Partial over the axes that shard ``B``'s columns)."""
+    placements: list[Placement] = []
+    for pl in lay.placements:
+        if pl.is_shard and pl.dim >= nd:
+            placements.append(PARTIAL)
+        elif pl.is_shard:
+            placements.append(pl)
+        else:
+            placements.append(REPLICATE)
+    shape = (*lay.shape[:md], lay.shape[md], r)
+    return lay.with_placements(placements, shape=shape)
+
+
+class DionRule:
+    """The ``dion`` algorithm (see the module docstring). Group keys: ``lr``, ``mu``, ``weight_decay``,
+    ``rank_fraction``, ``rank_multiple_of``, ``power_iters``, ``qr_method``, ``cqr_warmup_steps``,
+    ``rcqr_oversample``, ``epsilon``, ``replicate_mesh_grad_sync``, ``dion_step`` (steps taken)."""
+
+    def __init__(self) -> None:
+        self._filled: set[int] = set()
+
+    def validate(self, group: Group, where: str) -> None:
+        validation.check_common(group, where)
+        validation.check_range(group, "mu", where, lo=0.0, hi=1.0, hi_open=True)
+        validation.check_range(group, "rank_fraction", where, lo=1e-9, hi=1.0)
+        validation.check_range(group, "epsilon", where, lo=0.0)
+        validation.check_range(group, "rcqr_oversample", where, lo=1.0)
+        for key in ("power_iters", "rank_multiple_of"):
+            v = group.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{where}: {key}={v!r} must be an int >= 1")
+        if group.get("qr_method") not in QR_METHODS:
+            raise ValueError(f"{where}: qr_method={group.get('qr_method')!r}; valid: {list(QR_METHODS)}")
+        for p, n in zip(group["params"], group["param_names"]):
+            if p.dim() < 2:
+                raise ValueError(
+                    f"{where}: parameter {validation.describe(n, p)} is not a matrix; Dion needs 2-D weights "
+                    "(3-D expert stacks, conv weights): route vectors to 'lion' or 'adamw'"
+                )
+
+    def rank(self, group: Group, p: Tensor) -> int:
+        m, n = _mn(p)
+        return dion_rank(m, n, float(group["rank_fraction"]), int(group["rank_multiple_of"]))
+
+    def init_state(self, group: Group, p: Tensor) -> dict[str, Any]:
+        n, r = _mn(p)[1], self.rank(group, p)
+        q_shape = (*p.shape[:-2], n, r) if p.dim() == 3 else (n, r)
+        nd = _dims(p)[1]
+        q_dtype = group.get("Q_dtype") or p.dtype
+        if p.dim() <= 3:
+            Q = derived_zeros(p, q_shape, {len(q_shape) - 2: nd, **({0: 0} if p.dim() == 3 else {})}, dtype=q_dtype)
+        else:  # conv: the columns are the flattened input dims, never sharded (checked in bind)
+            Q = torch.zeros(q_shape, dtype=q_dtype, device=p.device)
+        M = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=group.get("momentum_dtype") or p.dtype)
+        return {"momentum_buffer": M, "Q": Q}
+
+    def bind(self, engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
+        """Fill each new ``Q`` with the seeded start (the same full matrix on every rank, this rank's piece)."""
+        for it in items:
+            if id(it.param) in self._filled:
+                continue
+            state = ctx.state_of(it.param)
+            p, Q = it.param, state["Q"]
+            md, nd = _dims(p)
+            lay = engine.layout(it.index) if engine.has_layouts else None
+            if lay is not None and p.dim() >= 4 and any(pl.is_shard and pl.dim >= 1 for pl in lay.placements):
+                raise ValueError(
+                    f"parameter {validation.describe(it.name, p)}: Dion flattens conv weights to out x (in*k*k); "
+                    f"they may be sharded on dim 0 only, not as {lay.describe()}"
+                )
+            full = _q_start(tuple(Q.shape), Q.dtype)
+            if lay is not None and p.dim() <= 3:
+                q_lay = lay.derive(tuple(Q.shape), {Q.dim() - 2: nd, **({0: 0} if p.dim() == 3 else {})})
+                idx = q_lay.index_lists(engine.current_rank)
+                piece = full[torch.meshgrid(*[torch.tensor(i, dtype=torch.long) for i in idx], indexing="ij")]
+                if not isinstance(Q, DTensor) and tuple(piece.shape) != tuple(Q.shape):
+                    state["Q"] = Q = piece.clone()  # a plain piece of a sharded plain tensor
+                local_piece(Q).copy_(piece)
+            else:
+                local_piece(Q).copy_(full)
+            self._filled.add(id(it.param))
+
+    def check(self, items: Sequence[Item]) -> str | None:
+        return None
+
+    def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
+        engine = ctx.engine
+        lays = [engine.layout(it.index) for it in items]
+        dims = [_dims(it.param) for it in items]
+        B = []
+        for it in items:
+            M = local_piece(ctx.state_of(it.param)["momentum_buffer"])
+            B.append(_matrix(M + ctx.grad_of(it.param).to(M.dtype)))
+        Q = [local_piece(ctx.state_of(it.param)["Q"]).to(b.dtype) for it, b in zip(items, B)]
+        sync = [bool(it.group.get("replicate_mesh_grad_sync", True)) for it in items]
+        specs = [self._spec(it.group) for it in items]
+        p_lays = [p_layout(lay, q.shape[-1], md, nd) for lay, q, (md, nd) in zip(lays, Q, dims)]
+        P = [b @ q for b, q in zip(B, Q)]  # P: (m/outer, r), Partial over the axes sharding n
+        R: list[Tensor] = []
+        for it_round in range(max(int(it.group["power_iters"]) for it in items)):
+            if it_round:  # another power iteration: P = B (B^T P)
+                R = self._reduce_rows([b.mT @ p for b, p in zip(B, P)], lays, dims, engine)
+                P = [b @ r for b, r in zip(B, R)]
+            self._replica_mean(P, p_lays, sync, engine)
+            jobs = [Job(it.index, p, s, pl) for it, p, s, pl in zip(items, P, specs, p_lays)]
+            P = engine.map(jobs, out="input")  # P: (m/outer, r), orthonormal columns of the whole P
+        R = self._reduce_rows([b.mT @ p for b, p in zip(B, P)], lays, dims, engine)  # R: (n/inner, r)
+        self._replica_mean(R, lays, sync, engine)
+        sq = [r.pow(2).sum(dim=-2, keepdim=True) for r in R]  # column norms: partial sums over the rows of R
+        self._reduce_cols(sq, lays, dims, engine)
+        eps = [float(it.group["epsilon"]) for it in items]
+        Q_new = [r / (s.sqrt() + e) for r, s, e in zip(R, sq, eps)]
+
+        def commit() -> list[Tensor]:
+            updates = []
+            for it, b, p, r, q, (m, n) in zip(items, B, P, R, Q_new, [_mn(it.param) for it in items]):
+                state = ctx.state_of(it.param)
+                mu = float(it.group["mu"])
+                M = local_piece(state["momentum_buffer"])
+                M.copy_((b - (1 - mu) * (p @ r.mT)).reshape(M.shape))  # error feedback
+                local_piece(state["Q"]).copy_(q)
+                X = local_piece(it.param)
+                update = (math.sqrt(m / n) * (p @ q.mT)).reshape(X.shape)
+                lr, wd = float(it.group["lr"]), float(it.group["weight_decay"])
+                if wd:
+                    X.mul_(1 - lr * wd)
+                X.add_(update.to(X.dtype), alpha=-lr)
+                it.group["dion_step"] = int(it.group.get("dion_step", 0)) + 1
+                updates.append(update)
+            return updates
+
+        return commit
+
+    @staticmethod
+    def _spec(group: Group) -> OrthonormalizeSpec:
+        method = str(group["qr_method"])
+        if method == "cqr" and int(group.get("dion_step", 0)) < int(group["cqr_warmup_steps"]):
+            method = "qr"  # early P are ill-conditioned: Householder until the warmup ends
+        return OrthonormalizeSpec(method, float(group["rcqr_oversample"]))
+
+    @staticmethod
+    def _reduce_rows(
+        parts: list[Tensor], lays: list[Layout], dims: list[tuple[int, int]], engine: Engine
+    ) -> list[Tensor]:
+        """``B^T P`` pieces summed over the axes that shard the rows (``md``)."""
+        by_dim: dict[int, list[int]] = {}
+        for k, (md, _) in enumerate(dims):
+            by_dim.setdefault(md, []).append(k)
+        for md, ks in by_dim.items():
+            engine.all_reduce([parts[k] for k in ks], [lays[k] for k in ks], over=md, op="sum")
+        return parts
+
+    @staticmethod
+    def _reduce_cols(parts: list[Tensor], lays: list[Layout], dims: list[tuple[int, int]], engine: Engine) -> None:
+        by_dim: dict[int, list[int]] = {}
+        for k, (_, nd) in enumerate(dims):
+            by_dim.setdefault(nd, []).append(k)
+        for nd, ks in by_dim.items():
+            engine.all_reduce([parts[k] for k in ks], [lays[k] for k in ks], over=nd, op="sum")
+
+    @staticmethod
+    def _replica_mean(parts: list[Tensor], lays: list[Layout], sync: list[bool], engine: Engine) -> None:
+        ks = [k for k, s in enumerate(sync) if s]
+        if ks:
+            engine.all_reduce([parts[k] for k in ks], [lays[k] for k in ks], over="replicas", op="avg")
+
+    def end_step(self, groups: Sequence[Group], all_groups: Sequence[Group]) -> None:
+        return None
+
+
+def _q_start(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The seeded start of ``Q``: Gaussian, columns of unit norm; the same on every rank."""
+    gen = torch.Generator().manual_seed(20250407)
+    return column_normalize(torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+
+RULES["dion"] = DionRule
+
+
+def _ranks_of(mesh: Any) -> list[int]:
+    """The ranks of a 1-D (or flattened) ``DeviceMesh`` or a process group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(mesh, DeviceMesh):
+        return sorted(int(r) for r in mesh.mesh.flatten().tolist())
+    return sorted(dist.get_process_group_ranks(mesh))
+
+
+def _group_of(mesh: Any) -> Any:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(mesh, DeviceMesh):
+        if mesh.ndim != 1:
+            raise ValueError(f"Dion's meshes are 1-D (or flattened); got a {mesh.ndim}-D mesh {mesh.mesh.tolist()}")
+        return mesh.get_group()
+    return mesh
+
+
+class Dion(SpectralOptimizer):
+    r"""Dion (Ahn et al., arXiv 2504.05295): rank-``r`` orthonormalized updates with error feedback.
+
+    .. math::
+        B = M + G,\quad P = \mathrm{orth}(B Q),\quad R = B^\top P,\quad M \leftarrow B - (1-\mu) P R^\top,\quad
+        Q \leftarrow \mathrm{colnorm}(R),\quad X \leftarrow (1 - \eta\lambda) X - \eta \sqrt{m/n}\, P Q^\top
+
+    with ``r = rank_fraction * min(m, n)`` (rounded up to ``rank_multiple_of``). Groups choose ``algorithm`` among
+    ``"dion"`` (the default), ``"muon"`` (``disco.Muon``'s rule, momentum ``mu``), ``"lion"`` and ``"adamw"``
+    (``betas``, ``epsilon``).
+
+    Args:
+        params: parameters or groups.
+        replicate_mesh, outer_shard_mesh, inner_shard_mesh: 1-D (or flattened) ``DeviceMesh``es or process
+            groups of the data-parallel replicas, the row shards (FSDP) and the column shards (TP). Optional for
+            DTensor parameters (their placements say it; a given mesh is checked against them and a mismatch is a
+            clear error); for plain tensors they build the process-group config.
+        replicate_mesh_grad_sync: ``True`` (default): replicas do not all-reduce gradients (DDP under
+            ``no_sync``, or ``fully_shard`` on the shard mesh only); Dion averages ``P`` and ``R`` over the
+            replicas instead, ``(m + n) r`` numbers per matrix instead of ``m n``. Replicas' momenta then differ:
+            call ``synchronize_for_checkpoint()`` before saving. ``False``: gradients are already synchronized.
+        rank_fraction: ``r / min(m, n)``. Default 1.0. rank_multiple_of: round ``r`` up to this. Default 1.
+        lr: 0.01. mu: momentum, 0.95. betas: element-wise groups' betas, (0.9, 0.95). weight_decay: 0.01.
+        epsilon: column-norm and Adam epsilon, 1e-8. power_iters: power iterations per step, 1.
+        qr_method: ``"rcqr"`` (default), ``"cqr"`` (Householder for the first ``cqr_warmup_steps`` steps, 150),
+            ``"qr"``. rcqr_oversample: sketch rows per column, 1.25.
+        mixed_precision_config: ``DionMixedPrecisionConfig`` (state dtypes) or ``None``.
+        distributed_config: overrides the config the meshes would build. nonfinite: ``"raise"`` or ``"skip"``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *,
+        replicate_mesh: Any = None,
+        outer_shard_mesh: Any = None,
+        inner_shard_mesh: Any = None,
+        replicate_mesh_grad_sync: bool = True,
+        rank_fraction: float = 1.0,
+        rank_multiple_of: int = 1,
+        lr: float = 0.01,
+        mu: float = 0.95,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.01,
+        epsilon: float = 1e-8,
+        power_iters: int = 1,
+        qr_method: str = "rcqr",
+        cqr_warmup_steps: int = 150,
+        rcqr_oversample: float = 1.25,
+        mixed_precision_config: DionMixedPrecisionConfig | None = None,
+        distributed_config: DistributedConfig | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        mp = mixed_precision_config or DionMixedPrecisionConfig()
+        defaults: dict[str, Any] = dict(
+            algorithm="dion",
+            lr=lr,
+            mu=mu,
+            betas=tuple(betas),
+            weight_decay=weight_decay,
+            epsilon=epsilon,
+            adam_eps=epsilon,
+            rank_fraction=rank_fraction,
+            rank_multiple_of=rank_multiple_of,
+            power_iters=power_iters,
+            qr_method=qr_method,
+            cqr_warmup_steps=cqr_warmup_steps,
+            rcqr_oversample=rcqr_oversample,
+            replicate_mesh_grad_sync=replicate_mesh_grad_sync,
+            momentum_dtype=mp.momentum_dtype,
+            Q_dtype=mp.Q_dtype,
+            dion_step=0,
+            # for "muon" groups (disco's LMO rule)
+            momentum=mu,
+            nesterov=False,
+            norm_factor="spectral",
+            backend="newtonschulz5",
+            backend_steps=5,
+            eps=1e-7,
+            nonfinite=nonfinite,
+        )
+        self._meshes = {"replicate": replicate_mesh, "outer": outer_shard_mesh, "inner": inner_shard_mesh}
+        params = list(params)
+        meshes_given = any(m is not None for m in self._meshes.values())
+        if distributed_config is None and meshes_given and not _any_dtensor(params):
+            distributed_config = create_auto_config(
+                _group_of(outer_shard_mesh) if outer_shard_mesh is not None else None,
+                _group_of(inner_shard_mesh) if inner_shard_mesh is not None else None,
+                _column_dims(params) if inner_shard_mesh is not None else None,
+                replicate_process_group=_group_of(replicate_mesh) if replicate_mesh is not None else None,
+            )
+        super().__init__(params, defaults, distributed_config=distributed_config)
+        self._check_meshes()
+
+    def _check_meshes(self) -> None:
+        """A given mesh must be the rank set that the parameters' placements give; else a clear error."""
+        engine = self.engine
+        if not engine.has_layouts:
+            return
+        me = engine.current_rank
+        for it in self._items():
+            if it.group["algorithm"] != "dion":
+                continue
+            lay = engine.layout(it.index)
+            md, nd = _dims(it.param)
+            axes = {"replicate": lay.replica_axes(), "outer": lay.shard_axes(md), "inner": lay.shard_axes(nd)}
+            for name, mesh in self._meshes.items():
+                if mesh is None:
+                    continue
+                want = _ranks_of(mesh)
+                got = sorted(lay.axis_group(me, axes[name]))
+                if got != want and not (len(want) == 1 and len(got) == 1):
+                    raise ValueError(
+                        f"parameter {validation.describe(it.name, it.param)}: {name} mesh ranks {want} do not match "
+                        f"its placements, which give {got} on rank {me} ({lay.describe()})"
+                    )
+
+    @torch.no_grad()
+    def synchronize_for_checkpoint(self) -> None:
+        """Average the Dion momenta over the replicas (compressed sync lets them drift apart by design)."""
+        engine = self.engine
+        items = [it for it in self._items() if it.group["algorithm"] == "dion"]
+        if not items or not engine.has_layouts:
+            return
+        bufs = [local_piece(self.state[it.param]["momentum_buffer"]) for it in items]
+        engine.all_reduce(bufs, [engine.layout(it.index) for it in items], over="replicas", op="avg")
+
+
+def _flat(params: list[Any]) -> list[Tensor]:
+    out: list[Tensor] = []
+    for p in params:
+        if isinstance(p, dict):
+            ps = p["params"]
+            out.extend(_flat([ps] if isinstance(ps, Tensor) else list(ps)))
+        elif isinstance(p, tuple):
+            out.append(p[1])
+        else:
+            out.append(p)
+    return out
+
+
+def _column_dims(params: list[Any]) -> dict[int, int]:
+    """``tp_dim_per_param`` for plain tensors under an inner (column) mesh: each matrix's column dim."""
+    return {i: _dims(p)[1] for i, p in enumerate(_flat(params)) if p.dim() >= 2}
+
+
+def _any_dtensor(params: list[Any]) -> bool:
+    return any(isinstance(p, DTensor) for p in _flat(params))
