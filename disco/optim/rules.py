@@ -186,6 +186,10 @@ class LMORule:
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         prepared = [self.prepare(it, ctx) for it in items]
         jobs = [Job(it.index, d, self.spec(it.group, it.param)) for it, (d, _) in zip(items, prepared)]
+        if torch.compiler.is_compiling():
+            # Inductor's CPU backend crashes (KeyError: 'bufN', pytorch#196570) when the momentum lerp, a
+            # row-norm LMO and the parameter add share one graph: keep them apart under torch.compile.
+            torch._dynamo.graph_break()
         results = ctx.engine.map(jobs) if jobs else []
 
         def commit() -> list[Tensor]:

@@ -12,11 +12,27 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from disco.train.config import UsageError
+
 
 def load_text(path: str | None = None) -> bytes:
-    """The bytes of ``path``, or the Python docs topics shipped with CPython (about 465 KB)."""
+    """The bytes of ``path``, or the Python docs topics shipped with CPython (about 465 KB).
+
+    A missing, unreadable or empty file raises ``UsageError`` (one line, exit status 2 in the CLI).
+    """
     if path:
-        return Path(path).read_bytes()
+        file = Path(path)
+        if not file.exists():
+            raise UsageError(f"--data {path}: no such file")
+        if not file.is_file():
+            raise UsageError(f"--data {path}: not a file")
+        try:
+            data = file.read_bytes()
+        except OSError as e:
+            raise UsageError(f"--data {path}: cannot read it ({e.strerror or e})") from None
+        if not data:
+            raise UsageError(f"--data {path}: the file is empty")
+        return data
     from pydoc_data.topics import topics
 
     return "".join(topics[k] for k in sorted(topics)).encode("utf-8")
@@ -27,6 +43,16 @@ def train_val_split(data: bytes, val_fraction: float = 0.1) -> tuple[Tensor, Ten
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     n_train = int(len(tokens) * (1 - val_fraction))
     return tokens[:n_train].clone(), tokens[n_train:].clone()
+
+
+def check_long_enough(train: Tensor, val: Tensor, seq_len: int, source: str) -> None:
+    """Both splits need more than ``seq_len + 1`` bytes to draw a window from."""
+    need = seq_len + 2
+    if min(len(train), len(val)) < need:
+        raise UsageError(
+            f"{source}: {len(train) + len(val)} bytes are too few for --seq-len {seq_len} (the training and the"
+            f" validation split each need at least {need} bytes; got {len(train)} and {len(val)})"
+        )
 
 
 def _windows(tokens: Tensor, starts: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:

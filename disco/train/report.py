@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,16 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = path, enabled
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop the lines of steps the checkpoint does not cover."""
-        if self.enabled and self.path.exists():
-            keep = [r for r in read_metrics(self.path) if r["step"] <= step]
+    def truncate_after(self, step: int) -> int:
+        """On resume: drop the lines of steps the checkpoint does not cover (they are trained again); returns
+        how many. The lines up to ``step`` stay, and the resumed run appends after them."""
+        if not (self.enabled and self.path.exists()):
+            return 0
+        rows = read_metrics(self.path)
+        keep = [r for r in rows if r["step"] <= step]
+        if len(keep) < len(rows):
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        return len(rows) - len(keep)
 
     def reset(self) -> None:
         if self.enabled:
@@ -36,13 +42,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
+def format_table(results: dict[str, dict[str, Any]], cfg: Any = None) -> str:
+    """The final comparison; with ``cfg`` (a ``TrainConfig``), a footnote says what the losses are."""
     head = f"{'optimizer':<12}{'train loss':>12}{'val loss':>10}{'steps':>7}{'wall s':>9}{'tokens/s':>11}"
     rows = [head, "-" * len(head)]
     for name, r in results.items():
         rows.append(
             f"{name:<12}{r['final_train_loss']:>12.4f}{r['final_val_loss']:>10.4f}{r['steps']:>7d}"
             f"{r['wall_s']:>9.1f}{r['tokens_per_s']:>11.0f}"
+        )
+    if cfg is not None:
+        batches = f"{cfg.eval_batches} fixed batch{'es' if cfg.eval_batches > 1 else ''}"
+        rows += textwrap.wrap(
+            f"train loss, val loss: mean cross-entropy (nats per byte) of the final model on {batches} of"
+            f" {cfg.batch_size} x {cfg.seq_len} bytes from the training and the validation split, the same for every"
+            " optimizer (not the last step's batch loss). wall s: the whole run, evaluations included;"
+            " tokens/s: training steps only.",
+            width=len(head) + 40,
         )
     return "\n".join(rows)
 

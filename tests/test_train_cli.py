@@ -1,0 +1,375 @@
+"""``python -m disco train`` as a user meets it: bad inputs, missing extras, checkpoints and signals, progress,
+trackers. Every refusal is one line on stderr and exit status 2; runs use a one-layer model of width 32."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import disco.optim  # noqa: F401  (registers every optimizer)
+from disco.optim.registry import register_optimizer, unregister_optimizer
+from disco.train import cli
+from disco.train.config import TrainConfig, load_config
+from disco.train.report import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = (
+    "model: {dim: 32, n_layers: 1, n_heads: 2}\noptimizers: adamw\nsteps: 6\nbatch_size: 4\nseq_len: 32\n"
+    "warmup_steps: 1\neval_every: 0\neval_batches: 1\ndevice: cpu\n"
+)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """``--config`` of a tiny run and an ``--out`` folder."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_YAML)
+    return ["--config", str(cfg), "--out", str(tmp_path / "out")]
+
+
+def call(argv):
+    """``cli.main(argv)``'s exit status, argparse's ``SystemExit`` included."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def steps_logged(out, name="adamw"):
+    return [r["step"] for r in read_metrics(Path(out) / name / "metrics.jsonl")]
+
+
+# --- bad inputs: one line, exit 2 ------------------------------------------------------------------------------
+
+
+def _files(tmp):
+    files = {
+        "bad.yaml": "model: [1, 2\n",
+        "unknown.yaml": "foo: 1\n",
+        "type.yaml": "steps: abc\n",
+        "list.yaml": "- a\n- b\n",
+        "heads.yaml": "model: {dim: 30, n_heads: 4}\n",
+        "empty.txt": "",
+        "short.txt": "hi",
+    }
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+    (tmp / "folder").mkdir()
+
+
+MISUSE = [
+    (["--optimizers", "nope"], "--optimizers: unknown 'nope'; valid: adamw"),
+    (["--optimizers", ","], "no optimizer to train"),
+    (["--config", "no-such.yaml"], "no such file or built-in config (built-in: gpt_small_gpu, tiny_cpu"),
+    (["--config", "{tmp}/bad.yaml"], "not valid YAML at line 2, column 1"),
+    (["--config", "{tmp}/unknown.yaml"], "unknown keys foo"),
+    (["--config", "{tmp}/type.yaml"], "steps: expected a whole number, got 'abc'"),
+    (["--config", "{tmp}/list.yaml"], "expected a mapping of settings"),
+    (["--config", "{tmp}/heads.yaml"], "model.dim 30 / n_heads 4"),
+    (["--data", "{tmp}/no-such.txt"], "--data {tmp}/no-such.txt: no such file"),
+    (["--data", "{tmp}/empty.txt"], "the file is empty"),
+    (["--data", "{tmp}/short.txt"], "2 bytes are too few for --seq-len 128"),
+    (["--data", "{tmp}/folder"], "not a file"),
+    (["--lr", "abc"], "--lr abc: the learning rate 'abc' is not a positive number"),
+    (["--lr", "adamw=abc"], "the learning rate of adamw 'abc' is not a positive number"),
+    (["--lr", "adamx=0.1"], "'adamx=0.1' is not NAME=VALUE with a registered optimizer name"),
+    (["--lr", "0"], "is not a positive number"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--steps", "-3"], "--steps -3: must be at least 1"),
+    (["--steps", "x"], "argument --steps: not a whole number: 'x'"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--seq-len", "0"], "--seq-len 0: must be at least 1"),
+    (["--ckpt-every", "-1"], "--ckpt-every -1: must be 0 or more"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["--parallel", "zero"], "argument --parallel: invalid choice: 'zero'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--resume"], "--resume: no checkpoint in {tmp}/out/{adamw,muon,disco}/ckpt; run without --resume"),
+    (["--out", "{tmp}/empty.txt"], "--out {tmp}/empty.txt: cannot create the folder (File exists)"),
+]
+
+
+@pytest.mark.parametrize("argv,message", MISUSE, ids=[" ".join(a) for a, _ in MISUSE])
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    _files(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert call(["--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m disco train: error: "), err
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--lr", "abc"]])
+def test_bad_input_from_the_shell(argv, tmp_path):
+    """The real entry point: status 2, one line, no traceback."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "disco", "train", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+def test_every_option_has_help():
+    actions = [a for a in cli.build_parser()._actions if a.dest != "help"]
+    assert len(actions) > 20
+    assert all(a.help and len(a.help) > 10 for a in actions), [a.dest for a in actions if not a.help]
+
+
+def test_config_file_values_are_checked_and_yaml_floats_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("weight_decay: 1e-3\nlr: {adamw: 3e-3}\noptimizers: adamw, muon\n")  # YAML 1.1: strings
+    cfg = load_config(str(path))
+    assert cfg.weight_decay == 1e-3 and cfg.lr == {"adamw": 3e-3} and cfg.optimizers == ["adamw", "muon"]
+    assert TrainConfig().ckpt_every > 0 and load_config("tiny_cpu").ckpt_every > 0  # checkpoints by default
+
+
+# --- missing extras ---------------------------------------------------------------------------------------------
+
+
+def test_missing_pyyaml_names_the_install_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml -> ImportError
+    assert call(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'PyYAML, not installed: pip install "disco-optim[train]"' in err
+
+
+@pytest.mark.parametrize("kind,module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
+def test_missing_tracker_names_the_install_command(kind, module, tiny, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)
+    assert call([*tiny, "--log", kind]) == 2
+    assert f"--log {kind} needs {kind}, not installed: pip install {kind}" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_run_says_it_skipped_the_plot(tiny, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert call([*tiny, "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert 'skipped loss.png: matplotlib is not installed (pip install "disco-optim[train]")' in out
+    assert not (Path(tiny[-1]) / "loss.png").exists() and (Path(tiny[-1]) / "summary.json").exists()
+
+
+# --- progress ---------------------------------------------------------------------------------------------------
+
+
+class _TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("have_tqdm", [True, False])
+def test_progress_bar_in_a_terminal_and_lines_without_tqdm(have_tqdm, monkeypatch, capsys):
+    from disco.train.loop import Progress
+    from disco.train.parallel import World
+
+    if have_tqdm:
+        pytest.importorskip("tqdm")
+    else:
+        monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setattr(sys, "stderr", _TTY())
+    world = World("none", 0, 1, torch.device("cpu"), None, 0, 1)
+    progress = Progress("adamw", 4, 0, world, every=2)
+    for step in range(1, 5):
+        progress.update(step, {"train_loss": 5.0 - step, "tokens_per_s": 100.0})
+    progress.close()
+    bar, lines = sys.stderr.getvalue(), capsys.readouterr().out
+    assert (progress.bar is not None) == have_tqdm
+    if have_tqdm:
+        assert "4/4" in bar and lines == ""
+    else:
+        assert lines.count("ETA") == 2 and "[adamw] step 4/4 (100%) loss 1.0000 | 0:00 elapsed, ETA 0:00" in lines
+
+
+# --- checkpoints, resume, signals -------------------------------------------------------------------------------
+
+
+def test_periodic_checkpoints_progress_lines_table_and_refused_resumes(tiny, capsys):
+    out = Path(tiny[-1])
+    argv = [*tiny, "--ckpt-every", "2", "--keep-checkpoints", "2", "--print-every", "2"]
+    assert call(argv) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in (out / "adamw" / "ckpt").iterdir()) == ["step_000004", "step_000006"]
+    assert printed.count("ETA") == 3 and "[adamw] step 2/6 (33%) loss" in printed
+    assert "train loss, val loss: mean cross-entropy (nats per byte) of the final model on 1 fixed batch of" in printed
+    assert json.loads((out / "adamw" / "config.json").read_text())["batch_size"] == 4
+
+    # a new run in the same folder says that it drops the old checkpoints, and does
+    assert call([*argv, "--ckpt-every", "0"]) == 0
+    assert "starting over in" in capsys.readouterr().out
+    assert [p.name for p in (out / "adamw" / "ckpt").iterdir()] == ["step_000006"]
+
+    # --resume refuses other settings, and a checkpoint past --steps
+    assert call([*argv, "--resume", "--batch-size", "8"]) == 2
+    assert "trained with other settings (batch_size 4 -> 8)" in capsys.readouterr().err
+    assert call([*argv, "--resume", "--steps", "4"]) == 2
+    assert "step_000006 is past --steps 4; pass --steps 6 or more" in capsys.readouterr().err
+
+    # resuming a finished run evaluates only, and keeps the metrics
+    assert call([*argv, "--resume"]) == 0
+    assert "(step 6 of 6, already finished: evaluating only)" in capsys.readouterr().out
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
+
+
+_SIGNAL_AT = {"step": 0}
+
+
+class _SignalSGD(torch.optim.SGD):
+    """SGD that sends SIGINT to its own process after step ``_SIGNAL_AT["step"]`` (0: never)."""
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        self.count = getattr(self, "count", 0) + 1
+        if self.count == _SIGNAL_AT["step"]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+
+@pytest.fixture
+def signal_sgd():
+    @register_optimizer("tmp_signal_sgd", default_lr=0.1, doc="test only")
+    def build(model, *, lr, weight_decay=0.0, **kw):
+        return _SignalSGD(model.parameters(), lr=lr)
+
+    yield "tmp_signal_sgd"
+    _SIGNAL_AT["step"] = 0
+    unregister_optimizer("tmp_signal_sgd")
+
+
+def test_ctrl_c_writes_a_checkpoint_and_prints_the_resume_command(tiny, signal_sgd, capsys):
+    out = Path(tiny[-1]) / signal_sgd
+    argv = [*tiny, "--optimizers", signal_sgd, "--ckpt-every", "0"]
+    before = signal.getsignal(signal.SIGINT)
+    _SIGNAL_AT["step"] = 3
+    assert call(argv) == 130
+    captured = capsys.readouterr()
+    assert "SIGINT: stopping after this step to write a checkpoint" in captured.err
+    assert f"stopped by SIGINT: {signal_sgd} saved at step 3 in {out / 'ckpt' / 'step_000003'}" in captured.out
+    assert f"resume with: python -m disco train {' '.join(argv)} --resume" in captured.out
+    assert (out / "ckpt" / "step_000003" / ".metadata").exists() and steps_logged(out.parent, signal_sgd) == [1, 2, 3]
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+    _SIGNAL_AT["step"] = 0
+    assert call([*argv, "--resume"]) == 0
+    resumed = capsys.readouterr().out
+    assert f"resuming from {out / 'ckpt' / 'step_000003'} (step 3 of 6, 3 to go); appending to" in resumed
+    assert steps_logged(out.parent, signal_sgd) == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_from_outside_checkpoints_and_resume_appends(tiny, capsys):
+    """A real SIGTERM to ``python -m disco train``: exit 143, a checkpoint at the last logged step, then resume."""
+    out = Path(tiny[-1])
+    argv = [*tiny, "--steps", "5000", "--ckpt-every", "0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "disco", "train", *argv]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "adamw" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr and "SIGTERM: stopping after this step" in stderr
+    done = steps_logged(out)
+    last = done[-1]
+    assert done == list(range(1, last + 1)) and 3 <= last < 5000
+    assert (out / "adamw" / "ckpt" / f"step_{last:06d}" / ".metadata").exists()
+    assert f"resume with: python -m disco train {' '.join(argv)} --resume" in stdout
+
+    assert call([*argv, "--resume", "--steps", str(last + 2)]) == 0
+    assert f"(step {last} of {last + 2}, 2 to go)" in capsys.readouterr().out
+    assert steps_logged(out) == list(range(1, last + 3))
+
+
+# --- trackers ---------------------------------------------------------------------------------------------------
+
+
+class _FakeRun:
+    def __init__(self, **kwargs):
+        self.kwargs, self.logged, self.finished = kwargs, [], False
+
+    def log(self, data, step):
+        self.logged.append((step, data))
+
+    def finish(self):
+        self.finished = True
+
+
+class _FakeWriter:
+    def __init__(self, log_dir):
+        self.log_dir, self.logged, self.finished = log_dir, [], False
+
+    def add_scalar(self, tag, value, global_step):
+        self.logged.append((global_step, {tag: value}))
+
+    def close(self):
+        self.finished = True
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "wandb"])
+def test_trackers_get_losses_and_norms(kind, tiny, monkeypatch):
+    """The calls the loop makes (packages replaced by fakes, so that this runs without them)."""
+    made = []
+    if kind == "wandb":
+        fake = types.SimpleNamespace(init=lambda **kw: made.append(_FakeRun(**kw)) or made[-1])
+        monkeypatch.setitem(sys.modules, "wandb", fake)
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        fake = types.SimpleNamespace(SummaryWriter=lambda log_dir: made.append(_FakeWriter(log_dir)) or made[-1])
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    argv = [*tiny, "--optimizers", "disco", "--steps", "2", "--track-norms-every", "2", "--eval-every", "1"]
+    assert call([*argv, "--log", kind]) == 0
+    (run,) = made
+    assert run.finished
+    tags = {tag for _, data in run.logged for tag in data}
+    assert {"loss/train", "loss/val", "lr", "tokens_per_s"} <= tags
+    assert any(t.startswith("norms/track_update_") for t in tags)
+    assert {step for step, _ in run.logged} == {1, 2}
+    if kind == "wandb":
+        assert run.kwargs["mode"] == "offline" and run.kwargs["name"] == "disco"
+    else:
+        assert run.log_dir == str(Path(tiny[-1]) / "tensorboard" / "disco")
+
+
+def test_tensorboard_event_files(tiny):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = [*tiny, "--optimizers", "disco", "--steps", "2", "--track-norms-every", "1", "--eval-every", "2"]
+    assert call([*argv, "--log", "tensorboard"]) == 0
+    events = EventAccumulator(str(Path(tiny[-1]) / "tensorboard" / "disco"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss/train", "loss/val", "lr"} <= set(tags) and any(t.startswith("norms/") for t in tags)
+    assert [e.step for e in events.Scalars("loss/train")] == [1, 2]
+
+
+def test_wandb_offline_run(tiny, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert call([*tiny, "--steps", "2", "--track-norms-every", "1", "--log", "wandb"]) == 0
+    runs = list((Path(tiny[-1]) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_unknown_command_of_python_m_disco(capsys):
+    from disco.__main__ import main
+
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert err == "python -m disco: error: unknown command 'trian'; valid: train, bench, groups, plan\n"
