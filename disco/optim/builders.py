@@ -28,6 +28,11 @@ def build_muon(
 ) -> Optimizer:
     from .muon import Muon
 
+    return Muon(_hidden_and_adamw_side(model, adamw_lr), lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def _hidden_and_adamw_side(model: nn.Module, adamw_lr: float) -> list[dict[str, Any]]:
+    """Hidden matrices in the optimizer's default group; embeddings, head and vectors in AdamW groups."""
     side = {**_ADAMW_SIDE, "lr": adamw_lr}
     groups, _ = _route(
         model,
@@ -44,7 +49,27 @@ def build_muon(
             g.setdefault("lr", adamw_lr)
         g.pop("norm_factor", None)
         g.pop("backend", None)
-    return Muon(groups, lr=lr, weight_decay=weight_decay, **kwargs)
+    return groups
+
+
+@register_optimizer(
+    "dion", default_lr=0.02, doc="disco.Dion (rank 1/4) on hidden matrices, AdamW (lr 3e-3) on the rest"
+)
+def build_dion(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    adamw_lr: float = 3e-3,
+    rank_fraction: float = 0.25,
+    **kwargs: Any,
+) -> Optimizer:
+    from .dion import Dion
+
+    # The training loop's DDP / FSDP already average gradients: Dion only shards (the seed's "Mode 2").
+    kwargs.setdefault("replicate_mesh_grad_sync", False)
+    groups = _hidden_and_adamw_side(model, adamw_lr)
+    return Dion(groups, lr=lr, weight_decay=weight_decay, rank_fraction=rank_fraction, **kwargs)
 
 
 @register_optimizer("disco", default_lr=0.02, doc="disco.Disco: spectral hidden, embed_sqrt / unembed_sqrt, bias_rms")
