@@ -46,7 +46,9 @@ def _body(rank, world_size, layout, sync, same_batch, extra):
     full = _full(0)
     if layout == "ddp":
         params = {n: nn.Parameter(t.clone()) for n, t in full.items()}
-        opt = Dion(list(params.items()), replicate_mesh=dist.group.WORLD, replicate_mesh_grad_sync=sync, **{**KW, **extra})
+        opt = Dion(
+            list(params.items()), replicate_mesh=dist.group.WORLD, replicate_mesh_grad_sync=sync, **{**KW, **extra}
+        )
     else:
         mesh, pl = _mesh_and_placements(layout, world_size)
         params = {n: nn.Parameter(distribute_tensor(t, mesh, pl, src_data_rank=None)) for n, t in full.items()}
@@ -73,9 +75,7 @@ def _reference(extra=None):
     return {n: p.detach() for n, p in params.items()}
 
 
-@pytest.mark.parametrize(
-    ("layout", "world"), [("ddp", 2), ("fsdp", 2), ("fsdp", 4), ("fsdp_tp", 4), ("hsdp", 4)]
-)
+@pytest.mark.parametrize(("layout", "world"), [("ddp", 2), ("fsdp", 2), ("fsdp", 4), ("fsdp_tp", 4), ("hsdp", 4)])
 def test_synced_gradients_equal_one_process(layout, world):
     want = _reference()
     out = run_ranks(_body, world, layout, False, True, {}, timeout=120)

@@ -1,4 +1,4 @@
-"""Benchmarks (scripts, not tests): ``python -m disco bench {ortho,step,dist,checks} [options]``.
+"""Benchmarks (scripts, not tests): ``python -m disco bench {ortho,step,dist,dion,checks} [options]``.
 
 Each sub-benchmark lives in its own module with a ``main(argv) -> int`` and is imported only when asked for,
 so that ``bench ortho`` works whatever the state of the others.
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "ortho": ("disco.bench.ortho", "Orthogonalization backends and tables: time, error vs SVD, singular values."),
     "step": ("disco.bench.step", "One optimizer step against its peers."),
     "dist": ("disco.bench.dist", "Distributed step: communication volume and time per layout."),
+    "dion": ("disco.bench.dion", "Dion's step time and bytes per step against disco.Muon, by rank fraction."),
     "checks": ("disco.bench.checks", "What the agreement checks cost against the distributed step."),
 }
 

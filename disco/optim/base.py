@@ -22,7 +22,7 @@ from .. import ops
 from ..distributed.agreement import StepError
 from ..distributed.config import DistributedConfig
 from ..distributed.engine import Engine, Job, build_engine, local_piece
-from . import tracking, validation
+from . import checkpoint, tracking, validation
 from .rules import RULES, Commit, Group, Item, LMORule, UpdateRule
 
 ALGORITHMS = tuple(RULES)
@@ -118,6 +118,25 @@ class SpectralOptimizer(Optimizer):
         if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
             g = g.redistribute(p.device_mesh, p.placements)
         return local_piece(g)
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict with a format header in every group (``disco.optim.checkpoint``)."""
+        return checkpoint.annotate_state_dict(self, super().state_dict())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Validate everything (format, algorithms, names, order, state keys, shapes, dtypes) before changing
+        anything; every rank agrees on the outcome, so a bad checkpoint on one rank fails them all."""
+        error = None
+        try:
+            checked = checkpoint.validate_state_dict(self, state_dict)
+        except ValueError as e:
+            error = str(e)
+        self._engine.check_agreement([error or "valid"], "the loaded optimizer state")
+        if error is not None:
+            raise ValueError(error)
+        super().load_state_dict(checked)
+        checkpoint.restore_dtypes(self, checked)  # torch casts floating state to the parameter's dtype
 
     # ---- the engine ---------------------------------------------------------------------------------------
     def _build_engine(self) -> Engine:

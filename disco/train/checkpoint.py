@@ -163,8 +163,13 @@ def load_checkpoint(
         "optim": get_optimizer_state_dict(model, optimizer),
         "extra": dict(extra),
     }
+    from ..optim.checkpoint import WeightsOnlyFileSystemReader, WeightsOnlyLoadPlanner
+
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path))
+        # Nothing in a checkpoint is unpickled beyond tensors and plain values; a key the checkpoint lacks (the
+        # optimizer's format header, absent from checkpoints written before it) is left as the template has it.
+        planner = WeightsOnlyLoadPlanner(allow_partial_load=True)
+        dcp.load(state, storage_reader=WeightsOnlyFileSystemReader(str(path)), planner=planner)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     return state["extra"]
