@@ -85,6 +85,13 @@ def test_synced_gradients_equal_one_process(layout, world):
     assert sum(o[2] for o in out) == len(SHAPES)  # each P orthonormalized once over all ranks
 
 
+def test_overlapped_batches_give_the_same_results():
+    want = _reference()
+    for got, _, _ in run_ranks(_body, 2, "fsdp", False, True, {"overlap_batches": 1}, timeout=120):
+        for n in SHAPES:
+            torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=0)
+
+
 def test_power_iterations_and_cqr_under_fsdp_tp():
     extra = {"power_iters": 2, "qr_method": "cqr", "cqr_warmup_steps": 1}
     want = _reference(extra)

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from ..distributed.config import DistributedConfig, create_auto_config
+from ..distributed.config import DistributedConfig, create_auto_config, create_dtensor_config
 from ..distributed.engine import Engine, Job, local_piece
 from ..distributed.layout import PARTIAL, REPLICATE, Layout, Placement
 from ..distributed.state import derived_zeros
@@ -290,6 +290,8 @@ class Dion(SpectralOptimizer):
         qr_method: ``"rcqr"`` (default), ``"cqr"`` (Householder for the first ``cqr_warmup_steps`` steps, 150),
             ``"qr"``. rcqr_oversample: sketch rows per column, 1.25.
         mixed_precision_config: ``DionMixedPrecisionConfig`` (state dtypes) or ``None``.
+        overlap_batches: ``None`` (default: one exchange per shape each way) or the number of ``P`` per exchange,
+            the next batch's exchange overlapping this batch's orthonormalization (the seed's "Dion-async").
         distributed_config: overrides the config the meshes would build. nonfinite: ``"raise"`` or ``"skip"``.
     """
 
@@ -313,6 +315,7 @@ class Dion(SpectralOptimizer):
         cqr_warmup_steps: int = 150,
         rcqr_oversample: float = 1.25,
         mixed_precision_config: DionMixedPrecisionConfig | None = None,
+        overlap_batches: int | None = None,
         distributed_config: DistributedConfig | None = None,
         nonfinite: str = "raise",
     ) -> None:
@@ -354,6 +357,16 @@ class Dion(SpectralOptimizer):
                 _column_dims(params) if inner_shard_mesh is not None else None,
                 replicate_process_group=_group_of(replicate_mesh) if replicate_mesh is not None else None,
             )
+        if overlap_batches is not None:
+            if overlap_batches < 1:
+                raise ValueError(f"overlap_batches={overlap_batches!r} must be an int >= 1 (or None)")
+            # The seed's "Dion-async": orthonormalize P in batches, the next batch's exchange in flight while
+            # this one computes; the same results.
+            base = distributed_config or (create_dtensor_config() if _any_dtensor(params) else None)
+            if base is not None:
+                distributed_config = replace(
+                    base, bucket_size=overlap_batches, prefetch_count=max(1, base.prefetch_count)
+                )
         super().__init__(params, defaults, distributed_config=distributed_config)
         self._check_meshes()
 
