@@ -72,6 +72,12 @@ def build_dion(
     return Dion(groups, lr=lr, weight_decay=weight_decay, rank_fraction=rank_fraction, **kwargs)
 
 
+@register_optimizer("dion-full", default_lr=0.02, doc="disco.Dion at full rank (rank_fraction 1), AdamW on the rest")
+def build_dion_full(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> Optimizer:
+    kwargs.setdefault("rank_fraction", 1.0)
+    return build_dion(model, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
 @register_optimizer("disco", default_lr=0.02, doc="disco.Disco: spectral hidden, embed_sqrt / unembed_sqrt, bias_rms")
 def build_disco(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> Optimizer:
     from .disco import Disco
