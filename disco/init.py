@@ -8,7 +8,11 @@ matrices ``rows x cols``:
 - 4-D and more (conv ``(out, in, k, ...)``): one ``out x (in * k * ...)`` matrix (``batch_dims=0``).
 
 Pass ``batch_dims`` to override (e.g. ``batch_dims=0`` for a ``Conv1d`` weight, which is 3-D);
-:func:`image_orthogonal_` always flattens.
+:func:`image_orthogonal_` always flattens. Pass ``transposed=True`` for a weight stored ``fan_in x fan_out``
+(Hugging Face's GPT-2 ``Conv1D``; ``disco.groups`` marks such parameters' groups ``transposed=True``): the
+matrix ``fan_out x fan_in`` is drawn and scaled as for ``nn.Linear`` and stored transposed, so with the same
+generator state the weight is exactly the transpose of the ``nn.Linear`` one. :func:`init_param_groups_`
+applies an init to the hidden matrices of routed parameter groups, orientation included.
 
 **Semi-orthogonal** means every singular value equals the gain: the rows are orthonormal (times the gain)
 when the matrix is wide, the columns when it is tall. It is computed from a float64 Gaussian by QR (of the
@@ -31,6 +35,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +45,7 @@ __all__ = [
     "build_init_fn",
     "image_orthogonal_",
     "init_names",
+    "init_param_groups_",
     "orthogonal_",
     "scaled_orthogonal_",
     "scion_normal_",
@@ -94,12 +100,31 @@ def _semi_orthogonal(lead: tuple[int, ...], rows: int, cols: int, gen: torch.Gen
     return Q.mT if wide else Q
 
 
-def _write_(tensor: Tensor, make_full: MakeFull, generator: torch.Generator | None) -> Tensor:
-    """Fill ``tensor`` (plain or DTensor) with ``make_full(global_shape, gen)``, narrowed to its shard."""
+def _swap(shape: torch.Size) -> torch.Size:
+    return torch.Size((*shape[:-2], shape[-1], shape[-2]))
+
+
+def _view_shape(shape: torch.Size, transposed: bool, batch_dims: int | None) -> torch.Size:
+    """The ``... x fan_out x fan_in`` shape the init works on: ``shape`` itself, or its last two dims swapped."""
+    if not transposed:
+        return shape
+    b = (1 if len(shape) == 3 else 0) if batch_dims is None else batch_dims
+    if len(shape) < 2 or len(shape) - b != 2:
+        raise ValueError(
+            f"transposed=True needs a matrix (or a batch of matrices: batch_dims={b}), got shape {tuple(shape)}"
+        )
+    return _swap(shape)
+
+
+def _write_(tensor: Tensor, make_full: MakeFull, generator: torch.Generator | None, transposed: bool = False) -> Tensor:
+    """Fill ``tensor`` (plain or DTensor) with ``make_full(global_shape, gen)``, narrowed to its shard.
+
+    ``transposed``: ``make_full`` gets the shape with the last two dims swapped; its result is stored transposed.
+    """
     if tensor.is_meta:
         return tensor
     gen = _generator(generator)
-    full = make_full(tensor.shape, gen)
+    full = make_full(_swap(tensor.shape), gen).mT.contiguous() if transposed else make_full(tensor.shape, gen)
     if _is_dtensor(tensor):
         tensor.to_local().copy_(_local_shard(full, tensor))  # type: ignore[attr-defined]
     else:
@@ -133,17 +158,20 @@ def orthogonal_(
     *,
     generator: torch.Generator | None = None,
     batch_dims: int | None = None,
+    transposed: bool = False,
 ) -> Tensor:
     """Fill ``tensor`` with a semi-orthogonal matrix (per expert / flattened conv) times ``gain``.
 
     All singular values of each matrix view equal ``gain``. Works on plain tensors and DTensors alike.
+    ``transposed``: ``tensor`` is stored ``fan_in x fan_out`` (see the module docstring).
     """
+    _view_shape(tensor.shape, transposed, batch_dims)  # validates
 
     def make(shape: torch.Size, gen: torch.Generator) -> Tensor:
         lead, rows, cols = _split(shape, batch_dims)
         return _reshape(_semi_orthogonal(lead, rows, cols, gen) * gain, shape)
 
-    return _write_(tensor, make, generator)
+    return _write_(tensor, make, generator, transposed)
 
 
 def _scale_factor(scale: str | float, rows: int, cols: int) -> float:
@@ -170,22 +198,30 @@ def scaled_orthogonal_(
     gain: float = 1.0,
     generator: torch.Generator | None = None,
     batch_dims: int | None = None,
+    transposed: bool = False,
 ) -> Tensor:
     """Semi-orthogonal init with singular values ``gain * factor`` for a ``fan_out x fan_in`` matrix view.
 
     ``scale="spectral"`` gives ``sqrt(fan_out / fan_in)``, the spectral condition of arXiv 2310.17813 (a layer
     maps unit-rms inputs to unit-rms outputs); ``"original"`` ``sqrt(max(1, fan_out / fan_in))``;
     ``"image_spectral"`` ``max(1, sqrt(fan_out / fan_in))``; ``"unit"`` 1; a number is used as is.
+    ``transposed``: ``tensor`` is stored ``fan_in x fan_out`` (``fan_out = shape[-1]``).
     """
-    _, rows, cols = _split(tensor.shape, batch_dims)
-    return orthogonal_(tensor, gain * _scale_factor(scale, rows, cols), generator=generator, batch_dims=batch_dims)
+    _, rows, cols = _split(_view_shape(tensor.shape, transposed, batch_dims), batch_dims)
+    factor = gain * _scale_factor(scale, rows, cols)
+    return orthogonal_(tensor, factor, generator=generator, batch_dims=batch_dims, transposed=transposed)
 
 
 @torch.no_grad()
-def image_orthogonal_(tensor: Tensor, *, gain: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+def image_orthogonal_(
+    tensor: Tensor, *, gain: float = 1.0, generator: torch.Generator | None = None, transposed: bool = False
+) -> Tensor:
     """Conv / image weights: semi-orthogonal on the ``out x (in * k * ...)`` view, singular values
-    ``gain * max(1, sqrt(out / (in * k * ...)))``. The whole tensor is one matrix (no expert batch)."""
-    return scaled_orthogonal_(tensor, scale="image_spectral", gain=gain, generator=generator, batch_dims=0)
+    ``gain * max(1, sqrt(out / (in * k * ...)))``. The whole tensor is one matrix (no expert batch).
+    ``transposed``: a 2-D weight stored ``in x out``."""
+    return scaled_orthogonal_(
+        tensor, scale="image_spectral", gain=gain, generator=generator, batch_dims=0, transposed=transposed
+    )
 
 
 SCION_KINDS = ("input", "output", "hidden")
@@ -199,6 +235,7 @@ def scion_normal_(
     scale: float = 1.0,
     generator: torch.Generator | None = None,
     batch_dims: int | None = None,
+    transposed: bool = False,
 ) -> Tensor:
     """Scion-style init: a float64 Gaussian ``G`` (per matrix view ``rows x cols``), normalised to the unit
     ball of the layer's operator norm (the one the matching LMO of :mod:`disco.ops` uses), times ``scale``:
@@ -209,9 +246,12 @@ def scion_normal_(
       ``W[r] = scale * G[r] / (||G[r]||_2 * sqrt(cols))``, so ``rms_to_inf(W) == scale``;
     - ``kind="hidden"`` (``spectral``): ``W = scale * sqrt(rows / cols) * G / sigma_max(G)``, so the largest
       singular value is exactly ``scale * sqrt(fan_out / fan_in)`` (``rms_to_rms(W) == scale``).
+
+    ``transposed``: ``tensor`` is stored as the transpose of that ``rows x cols`` view (see the module docstring).
     """
     if kind not in SCION_KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid: {list(SCION_KINDS)}")
+    _view_shape(tensor.shape, transposed, batch_dims)  # validates
 
     def make(shape: torch.Size, gen: torch.Generator) -> Tensor:
         lead, rows, cols = _split(shape, batch_dims)
@@ -226,7 +266,7 @@ def scion_normal_(
             W = W * (scale * math.sqrt(cols) if kind == "input" else scale / math.sqrt(cols))
         return _reshape(W, shape)
 
-    return _write_(tensor, make, generator)
+    return _write_(tensor, make, generator, transposed)
 
 
 INIT_FNS: dict[str, Callable[..., Tensor]] = {
@@ -250,3 +290,40 @@ def build_init_fn(name: str, **kwargs: object) -> Callable[[Tensor], Tensor]:
         raise ValueError(f"unknown init {name!r}; valid: {init_names()}")
     fn = INIT_FNS[name]
     return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+#: Norm factors whose groups hold hidden matrices (the ones :func:`init_param_groups_` initialises).
+_HIDDEN_NORMS = ("spectral", "original", "match_rms_adamw", "image_spectral")
+_ELEMENTWISE_ALGORITHMS = ("adamw", "lion", "sign")
+
+
+@torch.no_grad()
+def init_param_groups_(
+    param_groups: list[dict[str, Any]],
+    scheme: str = "spectral",
+    *,
+    default_norm: str = "spectral",
+    generator: torch.Generator | None = None,
+    **kwargs: object,
+) -> list[str]:
+    """Initialise the hidden matrices of routed parameter groups (``disco.create_disco_param_groups``'s) with
+    the init ``scheme`` (:func:`init_names`), honouring each group's ``transposed`` flag; returns their names.
+
+    A group counts as hidden when its ``norm_factor`` (``default_norm`` when unset: the optimizer default) is a
+    plain matrix norm (``spectral``, ``original``, ``match_rms_adamw``, ``image_spectral``) and its algorithm
+    is not element-wise; embeddings, heads, convolutions, vectors and AdamW / Lion groups keep their weights.
+    """
+    names: list[str] = []
+    for group in param_groups:
+        if group.get("algorithm") in _ELEMENTWISE_ALGORITHMS:
+            continue
+        if group.get("norm_factor", default_norm) not in _HIDDEN_NORMS:
+            continue
+        fn: Callable[..., Tensor] = build_init_fn(scheme, **kwargs)
+        transposed = bool(group.get("transposed", False))
+        pnames = group.get("param_names") or [f"<param {i}>" for i in range(len(group["params"]))]
+        for p, n in zip(group["params"], pnames):
+            if p.dim() in (2, 3):
+                fn(p, generator=generator, transposed=transposed)
+                names.append(n)
+    return names

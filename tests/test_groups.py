@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from disco.dummy_parallel_dims import DummyParallelDims
-from disco.groups import ROUTING_KEYS, create_disco_param_groups, main, routing_table
+from disco.groups import ROUTING_KEYS, create_disco_param_groups, main, routing_table, split_vector_params
 
 VOCAB, DIM = 40, 16
 
@@ -257,15 +257,143 @@ def test_conv_experts_frozen_scalar():
     assert not any(n.startswith("frozen") for n in by_name)
 
 
-def test_tied_weights_appear_once():
+def test_tied_embedding_and_head_take_the_heads_route_and_warn():
     model = TitanLike()
     model.output.weight = model.tok_embeddings.weight
-    table, groups, _ = route(model, seed_kwargs() | {"extra_param_group_split_rules": []})
-    assert "output.weight" not in table
-    assert settings(table["tok_embeddings.weight"]) == {"norm_factor": "embed_sqrt", "backend": "identity"}
-    # a rule on the second name of a tied weight still applies to it (names are matched with all aliases)
-    table, _, _ = route(model, {"extra_param_group_split_rules": [{"str_match": "^output", "lr": 5.0}]})
-    assert settings(table["tok_embeddings.weight"]) == {"lr": 5.0}
+    with pytest.warns(UserWarning, match=r"tok_embeddings\.weight = output\.weight -> the output head") as rec:
+        groups, _ = create_disco_param_groups(model, seed_kwargs() | {"extra_param_group_split_rules": []})
+    assert len([w for w in rec if "tied" in str(w.message)]) == 1
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    assert "output.weight" not in by_name  # routed once, under its first name
+    tied = by_name["tok_embeddings.weight"]
+    assert tied["norm_factor"] == "unembed_sqrt" and tied["backend"] == "identity"
+    assert tied["tied_with"] == ["output.weight"] and tied["param_names"] == ["tok_embeddings.weight"]
+    row = next(line for line in routing_table(groups).splitlines() if "tok_embeddings.weight" in line)
+    assert row.endswith("tied: output.weight") and "unembed_sqrt" in row
+    # a rule on either name makes the choice explicit: no warning, still marked as tied
+    for pattern in ("^output", "^tok_embeddings"):
+        rules = [{"str_match": pattern, "norm_factor": "embed_sqrt", "backend": "identity"}]
+        table, _, _ = route(model, {"extra_param_group_split_rules": rules})
+        assert settings(table["tok_embeddings.weight"]) == {
+            "norm_factor": "embed_sqrt",
+            "backend": "identity",
+            "tied_with": ["output.weight"],
+        }
+
+
+def test_other_tied_weights_take_their_first_names_route():
+    model = TitanLike()
+    model.layers["1"].attention.wq.weight = model.layers["0"].attention.wq.weight
+    with pytest.warns(UserWarning, match=r"layers\.0\.attention\.wq\.weight = layers\.1\.attention\.wq\.weight"):
+        groups, _ = create_disco_param_groups(model, {})
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    assert "norm_factor" not in by_name["layers.0.attention.wq.weight"]  # the default (matrix) route
+    assert by_name["layers.0.attention.wq.weight"]["tied_with"] == ["layers.1.attention.wq.weight"]
+    assert "layers.1.attention.wq.weight" not in by_name
+    assert "tied_with" not in by_name["layers.0.attention.wk.weight"]
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D``, re-declared: weight ``nx x nf`` (in x out)."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class SubConv1D(Conv1D):
+    pass
+
+
+class GPT2Like(nn.Module):
+    def __init__(self, d: int = DIM):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, d)
+        self.c_attn = Conv1D(3 * d, d)  # stored d x 3d
+        self.c_proj = SubConv1D(d, 4 * d)  # a subclass, stored 4d x d
+        self.lin = nn.Linear(d, 2 * d)  # nn.Linear: out x in, not transposed
+        self.lm_head = nn.Linear(d, VOCAB, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+
+def test_transposed_layers_are_recognised_by_type_name():
+    with pytest.warns(UserWarning, match="tied"):
+        groups, _ = create_disco_param_groups(GPT2Like(), {"lr": 0.1})
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    for name in ("c_attn.weight", "c_proj.weight"):
+        assert by_name[name]["transposed"] is True and "norm_factor" not in by_name[name], name
+    assert by_name["c_attn.weight"] is by_name["c_proj.weight"]  # one transposed default group
+    assert "transposed" not in by_name["lin.weight"] and "transposed" not in by_name["c_attn.bias"]
+    assert by_name["c_attn.bias"]["norm_factor"] == "bias_rms"
+    text = routing_table(groups)
+    row = next(line for line in text.splitlines() if line.split()[1:2] == ["c_attn.weight"])
+    assert row.split()[2] == f"{DIM}x{3 * DIM}" and row.endswith("stored in x out (transposed)")
+    row = next(line for line in text.splitlines() if line.split()[1:2] == ["lin.weight"])
+    assert "transposed" not in row
+    # a rule keeps the orientation of what it matches, and may set it itself
+    rules = [{"str_match": "c_attn|lin", "lr": 2.0}, {"str_match": "c_proj.weight", "transposed": False}]
+    with pytest.warns(UserWarning, match="tied"):
+        groups, _ = create_disco_param_groups(GPT2Like(), {"extra_param_group_split_rules": rules})
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    assert by_name["c_attn.weight"]["transposed"] is True and by_name["c_attn.weight"]["lr"] == 2.0
+    assert "transposed" not in by_name["lin.weight"] and by_name["lin.weight"]["lr"] == 2.0
+    assert by_name["c_proj.weight"]["transposed"] is False
+    for rule, msg in (
+        ({"str_match": "x", "transposed": 1}, "True or False"),
+        ({"str_match": "bias", "transposed": True}, "needs a matrix"),
+    ):
+        with pytest.raises(ValueError, match=f"transposed.*{msg}"):
+            create_disco_param_groups(GPT2Like(), {"extra_param_group_split_rules": [rule]})
+
+
+def test_same_named_layer_with_another_layout_is_not_transposed():
+    class Other(nn.Module):  # a "Conv1D" whose weight is not nx x nf (e.g. a real 1-D conv of another library)
+        def __init__(self):
+            super().__init__()
+            self.nx, self.nf = 4, 8
+            self.weight = nn.Parameter(torch.randn(8, 4))
+
+    Other.__name__ = "Conv1D"
+    table, _, _ = route(nn.ModuleDict({"a": Other()}), {})
+    assert "transposed" not in table["a.weight"]
+
+
+def test_only_routes_the_named_parameters_with_the_whole_models_context():
+    model = TitanLike()
+    wanted = {"output.weight", "layers.0.attention.wq.weight", "norm.weight"}
+    groups, _ = create_disco_param_groups(model, {}, only=wanted)
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    assert set(by_name) == wanted
+    assert by_name["output.weight"]["norm_factor"] == "unembed_sqrt"  # recognised although embeddings are left out
+    assert by_name["norm.weight"]["norm_factor"] == "bias_rms"
+    assert create_disco_param_groups(model, {}, only=()) == ([], {})
+
+
+def test_split_vector_params_of_a_plain_group():
+    model = TitanLike()
+    decay = {"params": [p for n, p in model.named_parameters() if "norm" not in n], "weight_decay": 0.1}
+    no_decay = {"params": [p for n, p in model.named_parameters() if "norm" in n], "weight_decay": 0.0}
+    assert split_vector_params(decay) == [decay]
+    assert split_vector_params(no_decay) == [no_decay | {"norm_factor": "bias_rms", "backend": "identity"}]
+    mixed = {"params": list(model.parameters()), "weight_decay": 0.1, "lr": 0.5}
+    mats, vecs = split_vector_params(mixed)
+    assert all(p.dim() == 2 for p in mats["params"]) and all(p.dim() == 1 for p in vecs["params"])
+    assert len(mats["params"]) + len(vecs["params"]) == len(mixed["params"])
+    assert vecs["norm_factor"] == "bias_rms" and vecs["backend"] == "identity" and vecs["weight_decay"] == 0.1
+    assert "norm_factor" not in mats and mats["lr"] == 0.5
+    named = {"params": list(model.named_parameters()), "param_names": [n for n, _ in model.named_parameters()]}
+    mats, vecs = split_vector_params(named, {"algorithm": "adamw"})
+    assert vecs["algorithm"] == "adamw" and all(n.endswith("norm.weight") for n in vecs["param_names"])
+    assert [n for n, _ in vecs["params"]] == vecs["param_names"]
+    explicit = {"params": list(model.parameters()), "norm_factor": "sign"}
+    assert split_vector_params(explicit) == [explicit]
+    (once,) = split_vector_params({"params": (p for n, p in model.named_parameters() if "norm" not in n)})
+    assert len(once["params"]) == len(decay["params"])  # a generator is read once, into a list
 
 
 def test_embedding_by_name_only():
@@ -286,7 +414,7 @@ def test_routing_table_text():
     groups, cleaned = create_disco_param_groups(TitanLike(), seed_kwargs())
     text = routing_table(groups, {"algorithm": "disco", **cleaned})
     lines = text.splitlines()
-    assert lines[0].split() == ["group", "name", "shape", "algorithm", "norm_factor", "backend", "lr"]
+    assert lines[0].split() == ["group", "name", "shape", "algorithm", "norm_factor", "backend", "lr", "note"]
     row = next(line for line in lines if "layers.0.attention.wq.weight" in line).split()
     assert row[2:] == [f"{DIM}x{DIM}", "disco", "spectral", "newtonschulz5", "0.01"]
     row = next(line for line in lines if line.split()[1:2] == ["output.weight"]).split()
@@ -331,3 +459,33 @@ def test_seed_example_runs_with_disco():
     before = model.layers["0"].attention.wq.weight.detach().clone()
     opt.step()
     assert not torch.equal(before, model.layers["0"].attention.wq.weight)
+
+
+def test_init_follows_the_routed_orientation():
+    from disco.init import init_param_groups_, scaled_orthogonal_, scion_normal_
+
+    model = GPT2Like()
+    with pytest.warns(UserWarning, match="tied"):
+        groups, _ = create_disco_param_groups(model, {})
+    embed_before = model.wte.weight.detach().clone()
+    done = init_param_groups_(groups, "spectral", generator=torch.Generator().manual_seed(0))
+    assert sorted(done) == ["c_attn.weight", "c_proj.weight", "lin.weight"]  # hidden matrices only
+    assert torch.equal(model.wte.weight, embed_before)  # the tied embedding / head keeps its own init
+    for w, fan_out, fan_in in ((model.c_attn.weight, 3 * DIM, DIM), (model.c_proj.weight, DIM, 4 * DIM)):
+        s = torch.linalg.svdvals(w.double())
+        assert torch.allclose(s, torch.full_like(s, (fan_out / fan_in) ** 0.5), atol=1e-5), (fan_out, fan_in)
+    s = torch.linalg.svdvals(model.lin.weight.double())
+    assert torch.allclose(s, torch.full_like(s, 2**0.5), atol=1e-5)  # nn.Linear(16, 32): sqrt(32/16)
+    # stored transposed == the transpose of the nn.Linear init with the same generator state
+    for fn, kw in ((scaled_orthogonal_, {}), (scion_normal_, {"kind": "hidden"}), (scion_normal_, {"kind": "input"})):
+        linear = torch.empty(3 * DIM, DIM)
+        conv1d = torch.empty(DIM, 3 * DIM)
+        fn(linear, generator=torch.Generator().manual_seed(1), **kw)
+        fn(conv1d, generator=torch.Generator().manual_seed(1), transposed=True, **kw)
+        assert torch.equal(conv1d, linear.mT), (fn.__name__, kw)
+    experts = torch.empty(2, DIM, 3 * DIM)  # a stack of transposed expert matrices
+    scaled_orthogonal_(experts, transposed=True)
+    s = torch.linalg.svdvals(experts.double())
+    assert torch.allclose(s, torch.full_like(s, 3**0.5), atol=1e-5)
+    with pytest.raises(ValueError, match="transposed=True needs a matrix"):
+        scaled_orthogonal_(torch.empty(2, 3, 4, 5), transposed=True)

@@ -202,3 +202,69 @@ def test_defaults_have_one_source():
     W = nn.Parameter(torch.randn(4, 4))
     assert Disco([W]).param_groups[0]["nesterov"] is DISCO_DEFAULTS.nesterov is True
     assert Disco([W := nn.Parameter(torch.randn(4, 4))], is_light=True).param_groups[0]["nesterov"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TorchTitan 0.3.0's config shapes, without torchtitan (tests/test_torchtitan_030.py uses the real classes)
+
+
+@dataclass
+class ParamGroupConfig030:
+    pattern: str
+    optimizer_name: str
+    optimizer_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Container030:
+    param_groups: list = field(default_factory=list)
+    implementation: str = "fused"
+
+
+def test_kwargs_from_030_shaped_configs():
+    adamw = ParamGroupConfig030(".*", "AdamW", {"lr": 8e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1})
+    with pytest.warns(UserWarning, match="'AdamW': building Disco"):
+        kwargs = create_disco_optimizer_kwargs_from_optimizer_config(Container030([adamw]))  # default_adamw's shape
+    assert kwargs["lr"] == 8e-4 and kwargs["eps"] == 1e-8 and kwargs["weight_decay"] == 0.1
+    disco = ParamGroupConfig030(".*", "Disco", {"lr": 0.02, "compute_dtype": "bfloat16", "vector_algorithm": "adamw"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kwargs = create_disco_optimizer_kwargs_from_optimizer_config(Container030([adamw, disco]))
+    assert kwargs["lr"] == 0.02 and kwargs["compute_dtype"] is torch.bfloat16 and kwargs["vector_algorithm"] == "adamw"
+    assert kwargs["momentum"] == DISCO_DEFAULTS.momentum  # unset: Disco's own
+    with pytest.raises(ValueError, match=r"unknown keys \['momentun'\]"):
+        create_disco_optimizer_kwargs_from_optimizer_config(
+            ParamGroupConfig030(".*", "Disco", {"lr": 1, "momentun": 0})
+        )
+    with pytest.raises(ValueError, match="compute_dtype='float33'"):
+        create_disco_optimizer_kwargs_from_optimizer_config({"lr": 1.0, "compute_dtype": "float33"})
+    with pytest.raises(ValueError, match="0 'Disco' param groups"):
+        create_disco_optimizer_kwargs_from_optimizer_config(Container030([adamw, adamw]))
+    with pytest.raises(ValueError, match="DiscoOptimizersContainer"):
+        create_disco_optimizer_kwargs_from_optimizer_config(Container030([disco, disco]))
+
+
+def test_build_disco_optimizer_from_030_default_adamw_shape():
+    pytest.importorskip("disco.optim.disco")
+    torch.manual_seed(0)
+    config = Container030([ParamGroupConfig030(".*", "AdamW", {"lr": 8e-4, "weight_decay": 0.1})])
+    with pytest.warns(UserWarning, match="AdamW"):
+        (opt,) = build_disco_optimizer([Tiny()], config)
+    by_name = {n: g for g in opt.param_groups for n in g["param_names"]}
+    assert by_name["norm.weight"]["norm_factor"] == "bias_rms" and opt.param_groups[0]["lr"] == 8e-4
+
+
+def _parallel_dims_mismatch_body(rank, world_size):
+    try:
+        create_disco_optimizer_kwargs_from_optimizer_config({"lr": 1.0}, DummyParallelDims(world_size=1))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.dist
+def test_parallel_dims_must_match_the_process_group():
+    from dist_harness import run_ranks
+
+    out = run_ranks(_parallel_dims_mismatch_body, 2, timeout=60)
+    assert all("world_size=1 but the default process group has 2 ranks" in m for m in out)

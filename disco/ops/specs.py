@@ -56,7 +56,12 @@ def _hashable_coefficients(coefficients: Any) -> Any:
 def _matrix_shape(shape: tuple[int, ...], view: str) -> tuple[int, ...]:
     if view == "flatten":
         return (shape[0], math.prod(shape[1:]))
+    if view == "transposed":
+        return (*shape[:-2], shape[-1], shape[-2])
     return shape
+
+
+VIEWS = ("native", "flatten", "transposed")
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,10 @@ class LMOSpec:
         coefficients: a table name, a ``CoefficientTable`` or ``(a, b, c)`` tuples; ``None``: the backend's.
         eps: added to the Frobenius norm before Newton-Schulz; ``None``: the table's.
         compute_dtype: matmul dtype; ``None``: bf16 on accelerators, fp32 on CPU.
-        view: ``"native"`` (2-D matrix, 3-D batch of expert matrices, conv by its norm) or ``"flatten"``
-            (a >= 4-D weight seen as ``out x prod(rest)``).
+        view: ``"native"`` (2-D matrix, 3-D batch of expert matrices, conv by its norm), ``"flatten"``
+            (a >= 4-D weight seen as ``out x prod(rest)``) or ``"transposed"`` (a 2-D / 3-D weight stored
+            ``fan_in x fan_out``, e.g. Hugging Face's ``Conv1D``: the LMO and its norm factor run on ``X.mT``, the
+            ``fan_out x fan_in`` matrix, and the result is transposed back to the stored layout).
     """
 
     norm: str = "spectral"
@@ -86,15 +93,20 @@ class LMOSpec:
         get_norm(self.norm)  # ValueError naming the valid norms
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; valid: {sorted(BACKENDS)}")
-        if self.view not in ("native", "flatten"):
-            raise ValueError(f"unknown view {self.view!r}; valid: 'native', 'flatten'")
+        if self.view not in VIEWS:
+            raise ValueError(f"unknown view {self.view!r}; valid: {', '.join(map(repr, VIEWS))}")
         object.__setattr__(self, "coefficients", _hashable_coefficients(self.coefficients))
         object.__setattr__(self, "steps", int(self.steps))
 
     @classmethod
-    def for_param(cls, shape: Sequence[int], **settings: Any) -> LMOSpec:
-        """The spec of a parameter of ``shape``: a >= 4-D weight is flattened unless its norm is ``conv_spectral``."""
+    def for_param(cls, shape: Sequence[int], *, transposed: bool = False, **settings: Any) -> LMOSpec:
+        """The spec of a parameter of ``shape``: a >= 4-D weight is flattened unless its norm is ``conv_spectral``;
+        ``transposed=True`` (a 2-D / 3-D weight stored ``fan_in x fan_out``) gives the ``"transposed"`` view."""
         norm = settings.get("norm", "spectral")
+        if transposed:
+            if len(shape) not in (2, 3) or norm == "conv_spectral":
+                raise ValueError(f"transposed needs a 2-D or 3-D matrix weight (not conv_spectral), got {tuple(shape)}")
+            return cls(view="transposed", **settings)
         view = "flatten" if len(shape) >= 4 and norm != "conv_spectral" else "native"
         return cls(view=view, **settings)
 
@@ -114,6 +126,8 @@ class LMOSpec:
         if self.view == "flatten":
             flat = stack.reshape(stack.shape[0], stack.shape[1], -1)
             return lmo(flat, param_ndim=2, **kw).reshape(stack.shape)
+        if self.view == "transposed":
+            return lmo(stack.mT, param_ndim=stack.dim() - 1, **kw).mT.contiguous()
         return lmo(stack, param_ndim=stack.dim() - 1, **kw)
 
     def cost(self, shape: tuple[int, ...]) -> float:
@@ -137,10 +151,13 @@ class NormsSpec:
 
     Args:
         norms: names from ``disco.ops.OPERATOR_NORMS``.
+        transposed: the tensors are stored ``fan_in x fan_out`` (``LMOSpec``'s ``"transposed"`` view): the norms
+            are those of ``t.mT``.
     """
 
     norms: tuple[str, ...]
     needs_whole: bool = True
+    transposed: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norms", tuple(self.norms))
@@ -156,6 +173,8 @@ class NormsSpec:
                 out.append(t.new_tensor(float("nan"), dtype=torch.float32))
                 continue
             view = t.reshape(t.shape[0], -1) if t.dim() >= 4 else t
+            if self.transposed and view.dim() >= 2:
+                view = view.mT
             if n == "supremum" and view.dim() < 2:
                 view = view.view(1, -1)
             out.append(operator_norm(n, view).amax().float())

@@ -307,8 +307,9 @@ class SpectralOptimizer(Optimizer):
         entries = []
         for it, update in updates:
             chosen = norms or tracking.default_tracked_norms(str(it.group.get("norm_factor", "none")), it.param.dim())
+            transposed = bool(it.group.get("transposed", False)) and it.param.dim() >= 2
             for key, t in (("update", update), ("param", local_piece(it.param.detach()))):
-                entries.append(tracking.Tracked(key, it.name, it.index, t, tuple(chosen)))
+                entries.append(tracking.Tracked(key, it.name, it.index, t, tuple(chosen), transposed))
         return entries
 
 

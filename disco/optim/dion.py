@@ -97,6 +97,11 @@ class DionRule:
                 raise ValueError(f"{where}: {key}={v!r} must be an int >= 1")
         if group.get("qr_method") not in QR_METHODS:
             raise ValueError(f"{where}: qr_method={group.get('qr_method')!r}; valid: {list(QR_METHODS)}")
+        if group.get("transposed"):
+            raise ValueError(
+                f"{where}: Dion computes on the stored (fan_out x fan_in) layout; weights stored fan_in x fan_out "
+                "(transposed=True, e.g. GPT-2's Conv1D) are not supported yet: route them to 'muon'"
+            )
         for p, n in zip(group["params"], group["param_names"]):
             if p.dim() < 2:
                 raise ValueError(

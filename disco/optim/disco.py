@@ -90,3 +90,17 @@ class Disco(SpectralOptimizer):
         self.name_of_embedding = name_of_embedding
         defaults["nonfinite"] = nonfinite
         super().__init__(params, defaults, distributed_config=distributed_config)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """A plain group (unnamed tensors, no ``norm_factor`` or ``algorithm``: Hugging Face ``Trainer``'s
+        weight-decay groups) that holds vectors is routed inside: its 0-D / 1-D tensors take ``bias_rms`` +
+        ``identity``, as ``create_disco_param_groups`` routes them. Named groups are the user's (or the
+        routing's) choice and are validated as given."""
+        from ..groups import split_vector_params
+
+        params = param_group.get("params")
+        named = "param_names" in param_group or (
+            isinstance(params, (list, tuple)) and bool(params) and all(isinstance(p, tuple) for p in params)
+        )
+        for group in [param_group] if named else split_vector_params(param_group):
+            super().add_param_group(group)

@@ -149,6 +149,7 @@ class LMORule:
     def spec(group: Group, p: Tensor) -> LMOSpec:
         return LMOSpec.for_param(
             tuple(p.shape),
+            transposed=bool(group.get("transposed", False)),
             norm=group["norm_factor"],
             backend=group["backend"],
             steps=int(group["backend_steps"]),

@@ -42,6 +42,7 @@ class Tracked:
     index: int
     local: Tensor
     norms: tuple[str, ...]
+    transposed: bool = False  # stored fan_in x fan_out: the norms are those of the whole tensor's .mT
 
 
 def compute_norms(engine: Engine, entries: Sequence[Tracked]) -> dict[str, Tensor]:
@@ -61,7 +62,7 @@ def compute_norms(engine: Engine, entries: Sequence[Tracked]) -> dict[str, Tenso
             elif n == "supremum" and n in decomposable:
                 maxes.append((f"track_{e.key}_{n}/{e.name}", e))
         if whole:
-            jobs.append(Job(e.index, e.local, NormsSpec(tuple(whole))))
+            jobs.append(Job(e.index, e.local, NormsSpec(tuple(whole), transposed=e.transposed)))
             job_keys.append([f"track_{e.key}_{n}/{e.name}" for n in whole])
     if sums:
         vals = [e.local.detach().float().pow(2).sum().reshape(1) for _, e in sums]

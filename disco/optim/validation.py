@@ -113,6 +113,15 @@ def check_lmo(group: Group, at: str) -> None:
             "nonfinite='skip' needs is_light=False"
         )
     for p, n in zip(group["params"], group["param_names"]):
+        if (
+            group.get("transposed")
+            and norm.kind != "elementwise"
+            and (p.dim() not in (2, 3) or norm.name == "conv_spectral")
+        ):
+            raise ValueError(
+                f"parameter {describe(n, p)} is in a group with transposed=True, which needs a 2-D matrix (or a "
+                "3-D stack) stored fan_in x fan_out and a norm other than 'conv_spectral'"
+            )
         if norm.kind != "elementwise" and p.dim() < 2:
             raise ValueError(
                 f"parameter {describe(n, p)} is in a group with norm_factor {group['norm_factor']!r}, which "
