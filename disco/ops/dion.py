@@ -56,7 +56,9 @@ def randomized_cholesky_qr(P: Tensor, oversample: float = 1.25, seed: int = 0) -
     upper triangular and a positive diagonal, whatever the sketch, so it equals ``qr`` and ``cqr`` up to rounding.
     """
     *_, m, r = P.shape
-    k = min(m, max(r, math.ceil(oversample * r)))
+    k = max(r, math.ceil(oversample * r))
+    if k > m:  # no room to oversample: a square sketch is ill-conditioned, so take Householder's answer
+        return householder(P)
     gen = torch.Generator(device=P.device).manual_seed(seed)
     S = torch.randn((*P.shape[:-2], k, m), generator=gen, device=P.device, dtype=P.dtype) / math.sqrt(k)
     _, R = torch.linalg.qr(S @ P, mode="reduced")
