@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench install clean
+.PHONY: run test lint bench install clean package
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q tests $(ARGS)
+
+# The wheel, installed into a fresh venv with nothing else of this checkout, runs the README's quickstart.
+package: $(STAMP)
+	rm -rf build/wheel build/wheel-venv
+	$(PY) -m pip wheel -q --no-deps -w build/wheel .
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/python -m pip install -q "$(TORCH_SPEC)"
+	build/wheel-venv/bin/python -m pip install -q build/wheel/disco_optim-*.whl
+	cd build && wheel-venv/bin/python ../examples/quickstart.py
+	cd build && wheel-venv/bin/python -c "import disco, sys; assert 'site-packages' in disco.__file__, disco.__file__"
 
 bench: $(STAMP)
 	$(PY) -m disco bench ortho
