@@ -1,7 +1,7 @@
 """Disco: distributed spectral-conditioned optimizers (Muon, Scion, Disco) for PyTorch."""
 
 from .groups import create_disco_param_groups, routing_table
-from .optim import Dion, Disco, Muon, Scion
+from .optim import Dion, Dion2, Disco, Muon, NorMuon, Scion
 
 __version__ = "0.1.0"
-__all__ = ["Dion", "Disco", "Muon", "Scion", "create_disco_param_groups", "routing_table"]
+__all__ = ["Dion", "Dion2", "Disco", "Muon", "NorMuon", "Scion", "create_disco_param_groups", "routing_table"]

@@ -70,7 +70,7 @@ from .ops import BACKENDS, get_norm
 ROUTING_KEYS = ("extra_param_group_split_rules", "vector_algorithm", "name_of_output")
 
 #: values of a group's ``algorithm`` (those ``disco.optim``'s optimizers accept).
-ALGORITHMS = ("disco", "muon", "scion", "adamw", "lion", "sign")
+ALGORITHMS = ("disco", "muon", "scion", "normuon", "dion", "dion2", "adamw", "lion", "sign")
 
 #: element-wise algorithms that ``vector_algorithm`` may name.
 VECTOR_ALGORITHMS = ("adamw", "lion")

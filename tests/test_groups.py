@@ -489,3 +489,11 @@ def test_init_follows_the_routed_orientation():
     assert torch.allclose(s, torch.full_like(s, 3**0.5), atol=1e-5)
     with pytest.raises(ValueError, match="transposed=True needs a matrix"):
         scaled_orthogonal_(torch.empty(2, 3, 4, 5), transposed=True)
+
+
+def test_routing_knows_every_algorithm_the_optimizers_serve():
+    import disco  # noqa: F401  (registers every rule)
+    from disco.groups import ALGORITHMS
+    from disco.optim.rules import RULES
+
+    assert set(ALGORITHMS) == set(RULES)

@@ -4,6 +4,7 @@ Nothing here imports ``torch.distributed``; everything is batched over leading d
 """
 
 from .coefficients import TABLES, CoefficientTable, get_table, table_names
+from .constraints import ConstraintSpec, msign, spectral_clip, stiefel
 from .lmo import NORMS, get_norm, lmo, matrix_view, norm_factor, norm_names
 from .norms import (
     OPERATOR_NORMS,
@@ -31,6 +32,7 @@ __all__ = [
     "OPERATOR_NORMS",
     "TABLES",
     "CoefficientTable",
+    "ConstraintSpec",
     "LMOSpec",
     "NormsSpec",
     "Spec",
@@ -42,6 +44,7 @@ __all__ = [
     "l1_to_rms",
     "lmo",
     "matrix_view",
+    "msign",
     "newton_schulz",
     "norm_factor",
     "norm_names",
@@ -50,6 +53,8 @@ __all__ = [
     "orthogonalize_cost",
     "rms_to_inf",
     "rms_to_rms",
+    "spectral_clip",
+    "stiefel",
     "supremum",
     "svd_polar",
     "table_names",

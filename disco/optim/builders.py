@@ -31,6 +31,38 @@ def build_muon(
     return Muon(_hidden_and_adamw_side(model, adamw_lr), lr=lr, weight_decay=weight_decay, **kwargs)
 
 
+@register_optimizer("normuon", default_lr=0.02, doc="disco.NorMuon on hidden matrices, AdamW (lr 3e-3) on the rest")
+def build_normuon(
+    model: nn.Module, *, lr: float, weight_decay: float = 0.0, adamw_lr: float = 3e-3, **kwargs: Any
+) -> Optimizer:
+    from .normuon import NorMuon
+
+    return NorMuon(_hidden_and_adamw_side(model, adamw_lr), lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+@register_optimizer(
+    "dion2", default_lr=0.02, doc="disco.Dion2 (1/4 of the rows per step) on hidden matrices, AdamW on the rest"
+)
+def build_dion2(
+    model: nn.Module, *, lr: float, weight_decay: float = 0.0, adamw_lr: float = 3e-3, **kwargs: Any
+) -> Optimizer:
+    from .dion2 import Dion2
+
+    groups = []
+    for g in _hidden_and_adamw_side(model, adamw_lr):
+        stacks = [(n, p) for n, p in zip(g["param_names"], g["params"]) if p.dim() > 2]
+        if g.get("algorithm") == "adamw" or not stacks:
+            groups.append(g)
+            continue
+        # Dion2 selects rows of 2-D weights: expert stacks and convs take Muon's rule inside the same optimizer.
+        flat = [(n, p) for n, p in zip(g["param_names"], g["params"]) if p.dim() <= 2]
+        if flat:
+            groups.append({**g, "params": [p for _, p in flat], "param_names": [n for n, _ in flat]})
+        extra = {"algorithm": "muon", "nesterov": True}
+        groups.append({**g, **extra, "params": [p for _, p in stacks], "param_names": [n for n, _ in stacks]})
+    return Dion2(groups, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
 def _hidden_and_adamw_side(model: nn.Module, adamw_lr: float) -> list[dict[str, Any]]:
     """Hidden matrices in the optimizer's default group; embeddings, head and vectors in AdamW groups."""
     side = {**_ADAMW_SIDE, "lr": adamw_lr}

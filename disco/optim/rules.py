@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from ..distributed.engine import Engine, Job, local_piece
 from ..ops.specs import LMOSpec
-from . import elementwise, validation
+from . import constraints, elementwise, validation
 
 Group = dict[str, Any]
 
@@ -124,7 +124,9 @@ class LMORule:
 
     Group keys: ``lr``, ``weight_decay``, ``momentum``, ``nesterov``, ``norm_factor``, ``backend``,
     ``backend_steps``, ``coefficients``, ``eps``, ``compute_dtype``, ``update_rule`` (``"decoupled"`` or
-    ``"frank_wolfe"``), ``scale`` (multiplies the LMO), ``is_light`` (the momentum lives in ``p.grad``).
+    ``"frank_wolfe"``), ``scale`` (multiplies the LMO), ``is_light`` (the momentum lives in ``p.grad``),
+    ``weight_constraint`` (with ``sigma_min``, ``sigma_max``, ``radius``: ``disco.optim.constraints``, applied to
+    the updated weight; without one the update is written in place as above).
     """
 
     def __init__(self) -> None:
@@ -140,10 +142,11 @@ class LMORule:
         validation.check_lmo(group, where)
 
     def init_state(self, group: Group, p: Tensor) -> dict[str, Any]:
+        extra = constraints.init_state(group, p)
         if group.get("is_light"):
             self._watch_light(p)
-            return {}
-        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+            return extra
+        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format), **extra}
 
     @staticmethod
     def spec(group: Group, p: Tensor) -> LMOSpec:
@@ -184,6 +187,35 @@ class LMORule:
             local.mul_(1 - lr * wd)
         local.add_(O.to(local.dtype), alpha=-lr * it.group.get("scale", 1.0))
 
+    @staticmethod
+    def updated(it: Item, O: Tensor) -> Tensor:
+        """``finish``'s new weight, out of place (the local piece), for a constraint to read."""
+        lr, wd = it.group["lr"], it.group["weight_decay"]
+        local = local_piece(it.param)
+        if it.group.get("update_rule", "decoupled") == "frank_wolfe":
+            W = local.mul(1 - lr)
+        elif wd:
+            W = local.mul(1 - lr * wd)
+        else:
+            W = local.clone()
+        return W.add_(O.to(W.dtype), alpha=-lr * it.group.get("scale", 1.0))
+
+    def constrain(self, items: Sequence[Item], ctx: StepContext, directions: Sequence[Tensor]) -> list[Tensor | None]:
+        """The constrained new weights of the items whose group has a ``weight_constraint`` (else ``None``)."""
+        if not any(constraints.kind(it.group) for it in items):
+            return [None] * len(items)
+        weights = [self.updated(it, O) if constraints.kind(it.group) else None for it, O in zip(items, directions)]
+        return constraints.constrained_weights(items, ctx, weights)
+
+    def apply(self, it: Item, ctx: StepContext, O: Tensor, momentum: Tensor | None, W: Tensor | None) -> None:
+        """``finish``, or (a constrained weight ``W`` given) the momentum and ``W`` written."""
+        if W is None:
+            self.finish(it, ctx, O, momentum)
+            return
+        if momentum is not None:
+            local_piece(ctx.state_of(it.param)["momentum_buffer"]).copy_(momentum)
+        local_piece(it.param).copy_(W)
+
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         prepared = [self.prepare(it, ctx) for it in items]
         jobs = [Job(it.index, d, self.spec(it.group, it.param)) for it, (d, _) in zip(items, prepared)]
@@ -192,10 +224,11 @@ class LMORule:
             # row-norm LMO and the parameter add share one graph: keep them apart under torch.compile.
             torch._dynamo.graph_break()
         results = ctx.engine.map(jobs) if jobs else []
+        weights = self.constrain(items, ctx, results)
 
         def commit() -> list[Tensor]:
-            for it, O, (_, momentum) in zip(items, results, prepared):
-                self.finish(it, ctx, O, momentum)
+            for it, O, (_, momentum), W in zip(items, results, prepared, weights):
+                self.apply(it, ctx, O, momentum, W)
             return results
 
         return commit
@@ -217,7 +250,7 @@ class LMORule:
         p.register_post_accumulate_grad_hook(accumulated)  # type: ignore[no-untyped-call]
 
     def bind(self, engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
-        return None
+        constraints.bind(engine, items, ctx)
 
     def check(self, items: Sequence[Item]) -> str | None:
         advice = "do not zero gradients between steps in light mode (the optimizer rescales them itself)"

@@ -81,6 +81,7 @@ def check_lmo(group: Group, at: str) -> None:
     check_range(group, "momentum", at, lo=0.0, hi=1.0, hi_open=True)
     check_range(group, "eps", at, lo=0.0)
     check_range(group, "scale", at, lo=0.0)
+    check_constraint(group, at)
     try:
         norm = ops.get_norm(group["norm_factor"])
     except ValueError as e:
@@ -128,6 +129,31 @@ def check_lmo(group: Group, at: str) -> None:
                 "needs a matrix (2-D or more); route it to 'bias_rms', 'sign' or an element-wise algorithm "
                 "('adamw', 'lion')"
             )
+
+
+WEIGHT_CONSTRAINTS = (None, "spectral_clip", "stiefel", "hyperball")
+
+
+def check_constraint(group: Group, at: str) -> None:
+    """``weight_constraint`` and its bounds (``disco.optim.constraints``)."""
+    kind = group.get("weight_constraint")
+    if kind not in WEIGHT_CONSTRAINTS:
+        raise ValueError(f"{at}: weight_constraint={kind!r} is invalid; valid: {list(WEIGHT_CONSTRAINTS)}")
+    if kind is None:
+        return
+    check_range(group, "sigma_min", at, lo=0.0)
+    check_range(group, "sigma_max", at, lo=1e-30)
+    check_range(group, "radius", at, lo=1e-30)
+    lo, hi = group.get("sigma_min"), group.get("sigma_max")
+    if lo is not None and hi is not None and float(lo) > float(hi):
+        raise ValueError(f"{at}: sigma_min={lo!r} exceeds sigma_max={hi!r}")
+    if kind in ("spectral_clip", "stiefel"):
+        for p, n in zip(group["params"], group["param_names"]):
+            if p.dim() < 2:
+                raise ValueError(
+                    f"{at}: weight_constraint={kind!r} acts on singular values, but {describe(n, p)} is not a "
+                    "matrix: use 'hyperball' or no constraint for vectors"
+                )
 
 
 def check_elementwise(group: Group, at: str) -> None:
