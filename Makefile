@@ -20,10 +20,10 @@ run: $(STAMP)
 	$(PY) -m disco train $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check disco tests examples
-	$(PY) -m ruff format --check disco tests examples
-	$(PY) -m mypy disco
-	$(PY) -m mypy --strict disco/distributed disco/optim
+	$(PY) -m ruff check src tests examples
+	$(PY) -m ruff format --check src tests examples
+	$(PY) -m mypy src/disco
+	$(PY) -m mypy --strict src/disco/distributed src/disco/optim
 
 test: lint
 	$(PY) -m pytest -q tests $(ARGS)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DISCO = ROOT / "disco"
+SRC = ROOT / "src"
+DISCO = SRC / "disco"
 
 # package -> module prefixes that no file under it may import
 RULES: dict[str, tuple[str, ...]] = {
@@ -34,7 +35,7 @@ RULES: dict[str, tuple[str, ...]] = {
 
 
 def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
+    rel = path.relative_to(SRC).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
@@ -77,7 +78,7 @@ def violations(source: str, module: str, forbidden: tuple[str, ...], is_package:
 
 
 def files_under(package: str) -> list[Path]:
-    return sorted((ROOT / package.replace(".", "/")).rglob("*.py"))
+    return sorted((SRC / package.replace(".", "/")).rglob("*.py"))
 
 
 @pytest.mark.parametrize("package", sorted(RULES))

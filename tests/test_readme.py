@@ -26,3 +26,12 @@ def test_quickstart_runs_as_pasted(tmp_path):
     first = proc.stdout.splitlines()[0]
     assert first.startswith("loss ") and float(first.split()[1]) < 4.1  # ln(64) = 4.16 at the start
     assert "track_update_rms_to_rms/layers.0.0.weight" in proc.stdout
+
+
+def test_a_clone_named_disco_does_not_shadow_the_package(tmp_path):
+    """The src layout: scripts run beside a checkout called ``disco`` import the installed package."""
+    (tmp_path / "disco").symlink_to(ROOT, target_is_directory=True)
+    code = "from disco import Disco; import disco; print(disco.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("__init__.py")
