@@ -153,6 +153,27 @@ def test_compressed_sync_moves_low_rank_factors_only():
     assert per_step < mn
 
 
+def _body_synchronize(rank, world_size):
+    import torch.distributed as dist
+
+    params = {n: nn.Parameter(t.clone()) for n, t in _full(0).items()}
+    opt = Dion(list(params.items()), replicate_mesh=dist.group.WORLD, **KW)
+    for n, g in _full(100 + 1000 * rank).items():  # a different batch on each replica
+        params[n].grad = g
+    opt.step()
+    before = [opt.state[p]["momentum_buffer"].clone() for p in params.values()]
+    opt.synchronize_for_checkpoint()
+    return before, [opt.state[p]["momentum_buffer"].clone() for p in params.values()]
+
+
+def test_synchronize_for_checkpoint_averages_the_replicas_momenta():
+    (b0, a0), (b1, a1) = run_ranks(_body_synchronize, 2, timeout=60)
+    for x0, x1, y0, y1 in zip(b0, b1, a0, a1):
+        assert not torch.allclose(x0, x1)  # compressed sync: the momenta drift apart by design
+        torch.testing.assert_close(y0, (x0 + x1) / 2)
+        torch.testing.assert_close(y1, y0)
+
+
 def _body_bad_mesh(rank, world_size):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
