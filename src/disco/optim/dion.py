@@ -33,12 +33,10 @@ from ..distributed.config import DistributedConfig, create_auto_config, create_d
 from ..distributed.engine import Engine, Job, local_piece
 from ..distributed.layout import PARTIAL, REPLICATE, Layout, Placement
 from ..distributed.state import derived_zeros
-from ..ops.dion import OrthonormalizeSpec, column_normalize, dion_rank
+from ..ops.dion import QR_METHODS, OrthonormalizeSpec, column_normalize, dion_rank
 from . import validation
 from .base import SpectralOptimizer
 from .rules import RULES, Commit, Group, Item, StepContext
-
-QR_METHODS = ("qr", "cqr", "rcqr")
 
 
 @dataclass(frozen=True)
