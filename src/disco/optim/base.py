@@ -166,18 +166,22 @@ class SpectralOptimizer(Optimizer):
         layouts = [engine.layout(it.index) for it in items]
         if all(len(lay.axis_group(engine.current_rank, lay.replica_axes())) == 1 for lay in layouts):
             return
-        fp = [_fingerprint(local_piece(it.param.detach())) for it in items]
-        hi = [f.clone() for f in fp]
-        lo = [-f for f in fp]
+        hi = [_fingerprint(local_piece(it.param.detach())) for it in items]
+        lo = [f.clone() for f in hi]
         engine.all_reduce(hi, layouts, over="replicas", op="max")
-        engine.all_reduce(lo, layouts, over="replicas", op="max")
-        for it, a, b in zip(items, hi, lo):
-            if not torch.allclose(a, -b, rtol=1e-6, atol=1e-6):
-                raise ValueError(
-                    f"parameter {validation.describe(it.name, it.param)} differs across its replicas: the ranks "
-                    "list the optimizer's parameters in different orders (or the replicas were not synchronized); "
-                    "pass the same parameters in the same order on every rank (named_parameters() lets it check)"
-                )
+        engine.all_reduce(lo, layouts, over="replicas", op="min")
+        bad = next((it for it, a, b in zip(items, hi, lo) if not torch.allclose(a, b, rtol=1e-6, atol=1e-6)), None)
+        error = None
+        if bad is not None:
+            error = (
+                f"parameter {validation.describe(bad.name, bad.param)} differs across its replicas: the ranks "
+                "list the optimizer's parameters in different orders (or the replicas were not synchronized); "
+                "pass the same parameters in the same order on every rank (named_parameters() lets it check)"
+            )
+        # Ranks outside the differing replica group saw nothing: agree, so that every rank fails alike.
+        engine.check_agreement([error or "replicas agree"], "the parameters' replicas")
+        if error is not None:
+            raise ValueError(error)
 
     @property
     def engine(self) -> Engine:
