@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_harness import run_ranks
+from test_dist_dion import _mesh_and_placements
 from torch import nn
 
 from disco import NorMuon
@@ -18,19 +19,6 @@ KW = dict(lr=0.05, momentum=0.9, beta2=0.9, weight_decay=0.1, compute_dtype=torc
 def _full(seed):
     g = torch.Generator().manual_seed(seed)
     return {n: torch.randn(s, generator=g) / 4 for n, s in SHAPES.items()}
-
-
-def _mesh_and_placements(layout, world):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard
-
-    if layout == "fsdp":
-        return init_device_mesh("cpu", (world,)), [Shard(0)]
-    if layout == "fsdp_tp":
-        return init_device_mesh("cpu", (2, 2)), [Shard(0), Shard(1)]
-    if layout == "hsdp":
-        return init_device_mesh("cpu", (2, 2)), [Replicate(), Shard(0)]
-    raise ValueError(layout)
 
 
 def _placements_for(name, pl):

@@ -47,25 +47,55 @@ class Muon(SpectralOptimizer):
         backend: str = "newtonschulz5",
         compute_dtype: torch.dtype | None = None,
     ) -> None:
-        if adjust_lr_fn not in _ADJUST:
-            raise ValueError(f"adjust_lr_fn must be one of {list(_ADJUST)}, got {adjust_lr_fn!r}")
         if ns_steps >= 100:
             raise ValueError(f"ns_steps must be < 100, got {ns_steps}")
         if not 0 <= momentum < 1 or lr < 0:
             raise ValueError(f"invalid lr={lr} or momentum={momentum}")
-        defaults = dict(
-            algorithm="muon",
+        defaults = muon_group_defaults(
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,
             nesterov=nesterov,
-            coefficients=tuple(ns_coefficients),
+            ns_coefficients=ns_coefficients,
             eps=eps,
-            backend_steps=ns_steps,
-            norm_factor=_ADJUST[adjust_lr_fn],
+            ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn,
             backend=backend,
             compute_dtype=compute_dtype,
+            nonfinite=nonfinite,
         )
-        defaults["nonfinite"] = nonfinite
         super().__init__(params, defaults, distributed_config=distributed_config)
+
+
+def muon_group_defaults(
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float],
+    eps: float,
+    ns_steps: int,
+    adjust_lr_fn: str | None,
+    backend: str,
+    compute_dtype: torch.dtype | None,
+    nonfinite: str,
+) -> dict[str, Any]:
+    """The group settings of torch-style Muon arguments (``adjust_lr_fn`` picks the norm factor)."""
+    if adjust_lr_fn not in _ADJUST:
+        raise ValueError(f"adjust_lr_fn must be one of {list(_ADJUST)}, got {adjust_lr_fn!r}")
+    return dict(
+        algorithm="muon",
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        nesterov=nesterov,
+        coefficients=tuple(ns_coefficients),
+        eps=eps,
+        backend_steps=ns_steps,
+        norm_factor=_ADJUST[adjust_lr_fn],
+        adjust_lr_fn=adjust_lr_fn,
+        backend=backend,
+        compute_dtype=compute_dtype,
+        nonfinite=nonfinite,
+    )

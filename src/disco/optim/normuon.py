@@ -38,9 +38,9 @@ from ..distributed.layout import Layout
 from ..distributed.state import derived_zeros
 from . import validation
 from .base import SpectralOptimizer
+from .muon import muon_group_defaults
 from .rules import RULES, Commit, Group, Item, LMORule, StepContext
 
-_ADJUST = {None: "original", "original": "original", "match_rms_adamw": "match_rms_adamw"}
 DEFAULT_BETA2 = 0.95
 DEFAULT_EPS = 1e-8
 
@@ -185,23 +185,18 @@ class NorMuon(SpectralOptimizer):
         backend: str = "newtonschulz5",
         compute_dtype: torch.dtype | None = None,
     ) -> None:
-        if adjust_lr_fn not in _ADJUST:
-            raise ValueError(f"adjust_lr_fn must be one of {list(_ADJUST)}, got {adjust_lr_fn!r}")
-        defaults: dict[str, Any] = dict(
-            algorithm="normuon",
+        defaults = muon_group_defaults(
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,
             nesterov=nesterov,
-            beta2=beta2,
-            normuon_eps=eps,
-            coefficients=tuple(ns_coefficients),
+            ns_coefficients=ns_coefficients,
             eps=ns_eps,
-            backend_steps=ns_steps,
-            norm_factor=_ADJUST[adjust_lr_fn],
+            ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn,
             backend=backend,
             compute_dtype=compute_dtype,
             nonfinite=nonfinite,
         )
+        defaults.update(algorithm="normuon", beta2=beta2, normuon_eps=eps)
         super().__init__(params, defaults, distributed_config=distributed_config)
