@@ -9,6 +9,7 @@ its parameters with a gradient, and measures the norms it was asked for (``disco
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from ..distributed.agreement import StepError
 from ..distributed.config import DistributedConfig
 from ..distributed.engine import Engine, Job, build_engine, local_piece
 from . import checkpoint, tracking, validation
+from .overlap import Overlap, OverlapConfig
 from .rules import RULES, Commit, Group, Item, LMORule, UpdateRule
 
 ALGORITHMS = tuple(RULES)
@@ -45,6 +47,8 @@ class SpectralOptimizer(Optimizer):
         self.distributed_config = distributed_config
         self._track_next: tuple[str, ...] | None | Literal[False] = False
         self._tracked: dict[str, Tensor] = {}
+        self._overlap: Overlap | None = None  # overlap_with_backward()
+        self._overlap_assignments: dict[int, list[int]] | None = None
         self._init_state()
         self._engine = self._build_engine()
 
@@ -190,11 +194,43 @@ class SpectralOptimizer(Optimizer):
     @property
     def assignments(self) -> dict[int, list[int]]:
         """rank -> indices of the parameters (over all groups, ``state_dict()``'s numbering) it orthogonalizes."""
+        if self._overlap_assignments is not None:  # the last step committed buckets computed in backward
+            return self._overlap_assignments
         return self._engine.assignments
 
     @property
     def current_rank(self) -> int:
         return self._engine.current_rank
+
+    # ---- overlap with backward (disco.optim.overlap) ------------------------------------------------------
+    def overlap_with_backward(self, enabled: bool = True, *, bucket_bytes: int | None = None) -> None:
+        """Start each bucket's exchange and orthogonalization in backward, from gradient hooks; ``step()`` then
+        commits that work if it is still valid on every rank, else recomputes: the results are the plain step's.
+
+        Call it on every rank (collective: one agreement check of the buckets). ``bucket_bytes``: see
+        ``OverlapConfig``. ``enabled=False`` removes the hooks. Accumulating gradients over several backwards:
+        run all but the last under ``with opt.overlap_paused():`` (see ``disco.optim.overlap``).
+        """
+        if self._overlap is not None:
+            self._overlap.close()
+            self._overlap = None
+        if enabled:
+            config = OverlapConfig() if bucket_bytes is None else OverlapConfig(bucket_bytes=bucket_bytes)
+            self._overlap = Overlap(self, config)
+
+    @property
+    def overlap(self) -> Overlap | None:
+        """The overlap state (``committed`` / ``recomputed`` step counts, last ``reason``), or None when off."""
+        return self._overlap
+
+    def overlap_paused(self) -> contextlib.AbstractContextManager[None]:
+        """Backwards run in this context start nothing (gradient accumulation: all micro-batches but the last)."""
+        return self._overlap.paused() if self._overlap is not None else contextlib.nullcontext()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self._overlap is not None:  # what backward computed is void
+            self._overlap.reset()
 
     # ---- norm tracking ------------------------------------------------------------------------------------
     def calculate_norm_at_next_step(self, norms: Iterable[str] | None = None) -> None:
@@ -217,7 +253,9 @@ class SpectralOptimizer(Optimizer):
 
         Order: gradient presence, settings and local misuse agreed (one collective); non-finite gradients handled
         by each group's ``nonfinite`` policy; plain gradients averaged if asked; every rule computes (the
-        exchanges happen here; nothing is written); every rule commits; tracked norms are measured.
+        exchanges happen here; nothing is written); every rule commits; tracked norms are measured. With
+        ``overlap_with_backward()``, buckets computed in backward are committed instead when every rank agrees
+        they are still valid (``disco.optim.overlap``), else recomputed here.
         """
         loss = None
         if closure is not None:
@@ -226,32 +264,69 @@ class SpectralOptimizer(Optimizer):
         armed, self._track_next = self._track_next, False  # armed for this step only, even if it fails
         self._tracked = {}
         items = self._items()
+        ov = self._overlap
         if tuple(id(it.param) for it in items) != self._engine_params:
             # Groups were added: state for them, and a new engine (collective: every rank does the same).
             self._init_state()
             self._engine = self._build_engine()
-        self._engine.stats.reset()
+            if ov is not None:
+                ov.build()  # new buckets and hooks (collective too); what backward computed is void
+        try:
+            return self._step(items, armed, loss, ov)
+        finally:
+            if ov is not None:
+                ov.reset()
+
+    def _step(
+        self, items: list[Item], armed: tuple[str, ...] | None | Literal[False], loss: Any, ov: Overlap | None
+    ) -> Any:
+        # overlap (disco.optim.overlap): an error captured in backward is raised before any collective (a rank
+        # may have left already); ``fired`` is this rank's work from backward, if still valid here.
+        self._overlap_assignments = None
+        captured = ov.error() if ov is not None else None
+        if isinstance(captured, StepError) and captured.nonfinite and not captured.failed:
+            self._nonfinite(captured, items)
+            return loss
+        if captured is not None:
+            raise captured
+        if ov is None or not ov.started:
+            self._engine.stats.reset()
         present = [it.param.grad is not None for it in items]
         stepping = [it for it, has in zip(items, present) if has]
         error = self._local_error(items, stepping)
+        settings = self._settings()
+        fired = ov.verdict(items, present, settings) if ov is not None else None
+        done = {it.index for f in fired or () for it in f.items}
         nonfinite = [False] * len(items)
         if stepping and error is None:
-            grads = [local_piece(it.param.grad) for it in stepping]  # type: ignore[arg-type]
-            for it, flag in zip(stepping, _nonfinite(grads)):
+            scan = [it for it in stepping if it.index not in done]
+            grads = [local_piece(it.param.grad) for it in scan]  # type: ignore[arg-type]
+            for it, flag in zip(scan, _nonfinite(grads)):
                 nonfinite[it.index] = flag
-        anywhere = self._engine.check_step(present, nonfinite, self._settings(), error)
+            for i in (i for f in fired or () for i in f.nonfinite):  # agreed in backward
+                nonfinite[i] = True
+        # overlap: one more flag, "this rank recomputes" (any rank's vote makes every rank recompute), and the
+        # phase, so that a rank still firing buckets fails the settings agreement instead of mismatching.
+        votes, phase = ([fired is None], ["overlap phase: step"]) if ov is not None else ([], [])
+        anywhere = self._engine.check_step(present, nonfinite + votes, settings + phase, error)
+        if len(items) in anywhere:
+            fired, done = None, set()
+        anywhere = [i for i in anywhere if i < len(items)]
         if anywhere:
             self._nonfinite(StepError("non-finite (NaN / inf) gradients", nonfinite=anywhere), items)
             return loss
+        if ov is not None:
+            ov.record(committed=fired is not None)
+        rest = [it for it in stepping if it.index not in done]
         config = self.distributed_config
-        if config is not None and config.average_gradients and stepping:
-            grads = [local_piece(it.param.grad) for it in stepping]  # type: ignore[arg-type]
-            self._engine.all_reduce(grads, [self._engine.layout(it.index) for it in stepping], op="avg")
+        if config is not None and config.average_gradients and rest:
+            grads = [local_piece(it.param.grad) for it in rest]  # type: ignore[arg-type]
+            self._engine.all_reduce(grads, [self._engine.layout(it.index) for it in rest], op="avg")
 
         commits: list[tuple[list[Item], Commit]] = []
         try:
             for rule in self._rules.values():
-                mine = [it for it in stepping if self._rule(it.group) is rule]
+                mine = [it for it in rest if self._rule(it.group) is rule]
                 if mine:
                     commits.append((mine, rule.compute(mine, self)))
         except StepError as e:
@@ -259,9 +334,17 @@ class SpectralOptimizer(Optimizer):
                 raise
             self._nonfinite(e, items)
             return loss
-        updates: list[tuple[Item, Tensor]] = []
+        by_index: dict[int, Tensor] = {}
+        if fired is not None and ov is not None:
+            self._overlap_assignments = _union(ov.assignments(), self._engine.assignments)
+            for f in fired:
+                for g, averaged in f.averaged:
+                    g.copy_(averaged)  # the plain step leaves p.grad averaged
+                commits.extend(f.commits)
         for mine, commit in commits:
-            updates.extend(zip(mine, commit()))
+            by_index.update(zip((it.index for it in mine), commit()))
+        order = [it for rule in self._rules.values() for it in stepping if self._rule(it.group) is rule]
+        updates = [(it, by_index[it.index]) for it in order]
         if armed is not False:
             self._tracked = tracking.compute_norms(self._engine, self._tracked_entries(updates, armed))
         for rule in self._rules.values():
@@ -315,6 +398,14 @@ class SpectralOptimizer(Optimizer):
             for key, t in (("update", update), ("param", local_piece(it.param.detach()))):
                 entries.append(tracking.Tracked(key, it.name, it.index, t, tuple(chosen), transposed))
         return entries
+
+
+def _union(*assignments: dict[int, list[int]]) -> dict[int, list[int]]:
+    out: dict[int, set[int]] = {}
+    for a in assignments:
+        for r, ks in a.items():
+            out.setdefault(r, set()).update(ks)
+    return {r: sorted(ks) for r, ks in sorted(out.items())}
 
 
 def _nonfinite(grads: list[Tensor]) -> list[bool]:
