@@ -10,3 +10,7 @@ if _TESTS not in sys.path:
 _ROOT = os.path.dirname(_TESTS)
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
+
+# The CPU default compute dtype follows the CPU (bf16 where it multiplies bf16 natively): pin it to fp32 so that
+# tolerances do not depend on the machine; tests of the detection and of bf16 set it explicitly.
+os.environ.setdefault("DISCO_CPU_BF16", "0")

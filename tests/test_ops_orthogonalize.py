@@ -350,7 +350,14 @@ def test_default_compute_dtype_cuda():
 def test_argument_errors_and_empty_inputs():
     with pytest.raises(ValueError, match="newtonschulz5"):
         orthogonalize(torch.ones(2, 2), backend="bogus")
-    assert set(backend_names()) == {"newtonschulz5", "polar_express", "svd", "identity"}
+    assert set(backend_names()) == {
+        "newtonschulz5",
+        "polar_express",
+        "gram_newtonschulz5",
+        "gram_polar_express",
+        "svd",
+        "identity",
+    }
     with pytest.raises(ValueError):
         orthogonalize(torch.ones(4))
     with pytest.raises(ValueError):

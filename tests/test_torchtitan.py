@@ -100,7 +100,7 @@ def test_defaults_for_a_plain_titan_config():
     assert isinstance(kwargs["parallel_dims"], DummyParallelDims)  # TorchTitan 0.3.0 passes none
     assert kwargs["lr"] == 8e-4 and kwargs["weight_decay"] == 0.1 and kwargs["eps"] == 1e-8
     assert kwargs["momentum"] == 0.95 and kwargs["nesterov"] is True
-    assert kwargs["norm_factor"] == "spectral" and kwargs["backend"] == "newtonschulz5"
+    assert kwargs["norm_factor"] == "spectral" and kwargs["backend"] == "gram_newtonschulz5"
     assert kwargs["backend_steps"] == 5 and kwargs["is_light"] is False
     assert kwargs["extra_param_group_split_rules"] == []
     assert "vector_algorithm" not in kwargs and "name_of_output" not in kwargs

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property, lru_cache
@@ -72,6 +73,30 @@ def chunk_bounds(length: int, n: int) -> list[tuple[int, int]]:
     return [chunk_bound(length, n, k) for k in range(n)]
 
 
+def chunk_lengths(length: int, n: int) -> list[int]:
+    """The lengths of ``chunk_bounds(length, n)``, built from whole runs (full pieces, one remainder, empties):
+    a mesh axis of a million ranks costs a few list operations, not a million ``chunk_bound`` calls."""
+    size = -(-length // n) if length else 0
+    if size == 0:
+        return [0] * n
+    full = length // size
+    out = [size] * full
+    if full < n:
+        out.append(length - full * size)
+        out.extend([0] * (n - full - 1))
+    return out
+
+
+def _piece_lengths(pl: Placement, length: int, n: int) -> list[int]:
+    """Local length, per coordinate on an axis of ``n``, of a dim of ``length`` under shard placement ``pl``."""
+    if pl.kind == "shard":
+        return chunk_lengths(length, n)
+    out = [0] * n  # strided: the same chunk of each of split_factor pieces
+    for piece in chunk_lengths(length, pl.split_factor):
+        out = list(map(operator.add, out, chunk_lengths(piece, n)))
+    return out
+
+
 def _take(index: list[int], n: int, k: int) -> list[int]:
     lo, hi = chunk_bound(len(index), n, k)
     return index[lo:hi]
@@ -101,19 +126,24 @@ class Layout:
     def sharded(cls, shape: Sequence[int], ranks: Sequence[int], dim: int = 0) -> Layout:
         return cls(tuple(shape), tuple(ranks), (len(ranks),), (shard(dim),))
 
+    # Per-rank tables (in ``ranks`` order), shared by equal meshes and layouts (module-level caches keyed by small
+    # tuples): planning for thousands of ranks asks for local sizes and group keys of every rank of every tensor,
+    # and a model's thousand layouts usually share a handful of shapes and one rank tuple.
     @cached_property
     def _rank_pos(self) -> dict[int, int]:
-        return {r: i for i, r in enumerate(self.ranks)}
+        return rank_positions(self.ranks)
 
-    # Per-rank tables (in ``ranks`` order), built once per distinct layout: planning for thousands of ranks asks
-    # for local sizes and group keys of every rank of every tensor many times over.
     @cached_property
     def _coords(self) -> tuple[tuple[int, ...], ...]:
         return _coords_table(self.mesh_shape)
 
     @cached_property
     def _local_numels(self) -> tuple[int, ...]:
-        return _local_numels_table(self)
+        return local_numels_table(self.shape, self.mesh_shape, self.placements)
+
+    @cached_property
+    def _group_ids(self) -> tuple[int, ...]:
+        return replica_group_table(self.mesh_shape, self.placements)
 
     @cached_property
     def _group_keys(self) -> tuple[tuple[int, ...], ...]:
@@ -226,8 +256,8 @@ class Layout:
     def senders(self, owner: int) -> list[int]:
         """Ranks (besides ``owner``) whose pieces, with the owner's own, make up the whole tensor (contributors:
         every shard, and every summand along partial axes)."""
-        key = self.group_key(owner)
-        return [r for r, k, n in zip(self.ranks, self._group_keys, self._local_numels) if r != owner and n and k == key]
+        key = self._group_ids[self._rank_pos[owner]]
+        return [r for r, k, n in zip(self.ranks, self._group_ids, self._local_numels) if r != owner and n and k == key]
 
     def receivers(self, owner: int) -> list[int]:
         """Ranks (besides ``owner``) that hold a non-empty piece and need the result back."""
@@ -244,7 +274,50 @@ def _coords_table(mesh_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     return tuple(itertools.product(*(range(n) for n in mesh_shape)))
 
 
-@lru_cache(maxsize=1024)
-def _local_numels_table(lay: Layout) -> tuple[int, ...]:
-    """``local_numel`` of every rank of ``lay`` in ``ranks`` order (shared by equal layouts)."""
-    return tuple(math.prod(lay.local_shape(r)) for r in lay.ranks)
+@lru_cache(maxsize=32)
+def rank_positions(ranks: tuple[int, ...]) -> dict[int, int]:
+    """``rank -> index in ranks``, shared by every layout over an equal rank tuple (read it, never write it)."""
+    return {r: i for i, r in enumerate(ranks)}
+
+
+@lru_cache(maxsize=32)
+def local_numels_table(
+    shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple[Placement, ...]
+) -> tuple[int, ...]:
+    """``local_numel`` by mesh position (row-major, the order of ``Layout.ranks``); the rank ids do not matter.
+
+    Axis by axis, each distinct local shape reached so far splits into the few distinct shapes the axis makes of
+    it (``chunk_lengths`` has at most three runs), so the work per rank is one list step, not a ``local_shape``
+    call: 1,000,000 ranks take well under a second.
+    """
+    if not math.prod(mesh_shape):
+        return ()
+    states: list[tuple[int, ...]] = [tuple(shape)]  # distinct local shapes after the axes so far
+    ids = [0]  # per mesh position so far: index into states
+    for pl, n in zip(placements, mesh_shape):
+        nxt: dict[tuple[int, ...], int] = {}
+        rows: list[list[int]] = []  # per state: the next state of each coordinate on this axis
+        for lens in states:
+            if not pl.is_shard:
+                rows.append([nxt.setdefault(lens, len(nxt))] * n)
+                continue
+            lengths = _piece_lengths(pl, lens[pl.dim], n)
+            to = {v: nxt.setdefault((*lens[: pl.dim], v, *lens[pl.dim + 1 :]), len(nxt)) for v in set(lengths)}
+            rows.append([to[v] for v in lengths])
+        states = list(nxt)
+        ids = rows[0] if ids == [0] else [j for i in ids for j in rows[i]]
+    numels = [math.prod(s) for s in states]
+    return tuple(map(numels.__getitem__, ids))
+
+
+@lru_cache(maxsize=32)
+def replica_group_table(mesh_shape: tuple[int, ...], placements: tuple[Placement, ...]) -> tuple[int, ...]:
+    """By mesh position: the row-major index of its coordinates on the replica axes (equal ids: equal
+    ``group_key``, the ranks that hold the pieces of one copy)."""
+    ids = [0]
+    for pl, n in zip(placements, mesh_shape):
+        if pl.kind == "replicate":
+            ids = [g * n + k for g in ids for k in range(n)]
+        else:
+            ids = [g for g in ids for _ in range(n)]
+    return tuple(ids)

@@ -59,8 +59,12 @@ def parse_layout(text: str, world_size: int) -> tuple[str, tuple[int, ...]]:
     return kind, (a, b)
 
 
-def layout_for(spec: ShapeSpec, kind: str, mesh: tuple[int, ...]) -> Layout:
-    shape, ranks = spec.shape, tuple(range(math.prod(mesh)))
+def layout_for(spec: ShapeSpec, kind: str, mesh: tuple[int, ...], ranks: tuple[int, ...] | None = None) -> Layout:
+    """``spec``'s layout over ranks ``0..N-1``; pass one shared ``ranks`` tuple for many specs (a tuple per layout
+    costs memory and time at a million ranks)."""
+    shape = spec.shape
+    if ranks is None:
+        ranks = tuple(range(math.prod(mesh)))
     if kind == "ddp":
         return Layout(shape, ranks, mesh, (REPLICATE,))
     if kind == "fsdp":
@@ -111,13 +115,14 @@ def build_plan(specs: Sequence[ShapeSpec], layout: str, world_size: int, bucket_
     if bucket_size is not None and bucket_size < 1:
         raise PlanInputError(f"--bucket-size must be >= 1, got {bucket_size}")
     kind, mesh = parse_layout(layout, world_size)
-    layouts = [layout_for(s, kind, mesh) for s in specs]
+    ranks = tuple(range(world_size))
+    layouts = [layout_for(s, kind, mesh, ranks) for s in specs]
     costs = [orthogonalize_cost(s.shape) for s in specs]
     return make_plan(
         layouts,
         costs,
         [0] * len(specs),
-        ranks=range(world_size),
+        ranks=ranks,
         batch_ndims=[1 if len(s.shape) == 3 else 0 for s in specs],
         bucket_size=bucket_size,
     )

@@ -9,15 +9,104 @@ sharded on the expert dim, with no replicated axis) need no exchange: each rank 
 A tensor's contributors (``Layout.senders``) are its shards and, on ``Partial`` axes, its summands: the owner
 receives every one of them. Results return in the input layout (each holder its piece) or, with
 ``out="replicated"``, whole to every holder; ``result_numels`` counts what one result holds.
+
+The owner rule: the least loaded rank of the tensor's mesh; among equally loaded ones, the one holding the
+biggest piece (it moves the fewest bytes); then the lowest rank id. Speed (65,536 ranks, 1,000 tensors well
+under a second): nothing runs per rank per tensor. A model's layouts share a handful of shapes and rank tuples,
+so per-rank tables (local sizes, replica groups) are built once per *distinct* layout (``_Tables``); ranks that
+own nothing yet stay grouped by (initial load, piece size) and are handed out lowest rank first (``_Pool``);
+only ranks that own something sit in a heap; and the byte counts add one vector per distinct layout, then
+correct the owners. ``tests/test_planner.py`` keeps the direct per-rank algorithm as the reference.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
+import operator
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from .layout import Layout
+from .layout import Layout, local_numels_table, rank_positions, replica_group_table
+
+
+class _Mesh:
+    """One distinct rank tuple (layouts often carry equal tuples as distinct objects): rank -> position."""
+
+    __slots__ = ("ranks", "_where")
+
+    def __init__(self, ranks: tuple[int, ...]) -> None:
+        self.ranks = ranks
+        # None: ranks are 0..n-1 in order, so a rank is its own position (no million-entry dict).
+        self._where = None if ranks == tuple(range(len(ranks))) else rank_positions(ranks)
+
+    def position(self, rank: int) -> int:
+        return rank if self._where is None else self._where[rank]
+
+    def __contains__(self, rank: int) -> bool:
+        return 0 <= rank < len(self.ranks) if self._where is None else rank in self._where
+
+
+class _Info:
+    """Per-rank tables of one distinct layout, by mesh position, and the sums the byte counts need."""
+
+    __slots__ = ("mesh", "numels", "groups", "total", "nonzero", "biggest", "grouped", "_sums")
+
+    def __init__(self, lay: Layout, mesh: _Mesh) -> None:
+        self.mesh = mesh
+        self.numels = local_numels_table(lay.shape, lay.mesh_shape, lay.placements)
+        self.groups = replica_group_table(lay.mesh_shape, lay.placements)
+        self.grouped = bool(lay.replica_axes())  # else one group: every rank holds a piece of the one copy
+        self.total = sum(self.numels)
+        self.nonzero = len(self.numels) - self.numels.count(0)
+        self.biggest = max(self.numels, default=0)
+        self._sums: tuple[dict[int, int], dict[int, int]] | None = None
+
+    def group_sums(self) -> tuple[dict[int, int], dict[int, int]]:
+        """Per replica group: elements held, and holders of a non-empty piece."""
+        if self._sums is None:
+            if not self.grouped:
+                self._sums = {0: self.total}, {0: self.nonzero}
+            else:
+                held: dict[int, int] = {}
+                holders: dict[int, int] = {}
+                for g, v in zip(self.groups, self.numels):
+                    held[g] = held.get(g, 0) + v
+                    holders[g] = holders.get(g, 0) + (v > 0)
+                self._sums = held, holders
+        return self._sums
+
+    def numel_of(self, rank: int) -> int:
+        return self.numels[self.mesh.position(rank)]
+
+
+class _Tables:
+    """The distinct layouts of a plan: ``which[i]`` indexes ``infos`` for tensor ``i``."""
+
+    def __init__(self, layouts: Sequence[Layout]) -> None:
+        by_id: dict[int, _Mesh] = {}  # id(ranks tuple): hashing a long tuple once per object, not per tensor
+        by_value: dict[tuple[int, ...], _Mesh] = {}
+        index: dict[tuple[Any, ...], int] = {}
+        self.infos: list[_Info] = []
+        self.which: list[int] = []
+        self.meshes: list[_Mesh] = []
+        for lay in layouts:
+            mesh = by_id.get(id(lay.ranks))
+            if mesh is None:
+                mesh = by_value.get(lay.ranks)
+                if mesh is None:
+                    mesh = by_value[lay.ranks] = _Mesh(lay.ranks)
+                    self.meshes.append(mesh)
+                by_id[id(lay.ranks)] = mesh
+            key = (lay.shape, lay.mesh_shape, lay.placements, id(mesh))
+            j = index.setdefault(key, len(self.infos))
+            if j == len(self.infos):
+                self.infos.append(_Info(lay, mesh))
+            self.which.append(j)
+
+    def info(self, i: int) -> _Info:
+        return self.infos[self.which[i]]
 
 
 @dataclass
@@ -35,8 +124,11 @@ class Plan:
     def returned_numel(self, i: int, rank: int) -> int:
         """Elements of tensor ``i``'s result that ``rank`` gets back from the owner."""
         if self.out == "replicated":
-            return self.result_numels[i] if self.result_numels is not None else self.layouts[i].numel
+            return self._result_numel(i)
         return self.layouts[i].local_numel(rank)
+
+    def _result_numel(self, i: int) -> int:
+        return self.result_numels[i] if self.result_numels is not None else self.layouts[i].numel
 
     @property
     def world_size(self) -> int:
@@ -46,15 +138,18 @@ class Plan:
     def assignments(self) -> dict[int, list[int]]:
         """rank -> indices of the tensors it computes (in-place tensors appear under every holder)."""
         out: dict[int, list[int]] = {r: [] for r in self.ranks}
-        for i, o in enumerate(self.owners):
+        tables = _Tables(self.layouts)
+        holders: dict[int, list[int]] = {}  # per distinct in-place layout: ranks with a non-empty piece
+        for i, o in enumerate(self.owners):  # in index order, so every list comes out sorted
             if o >= 0:
                 out[o].append(i)
-            else:
-                for r in self.layouts[i].ranks:
-                    if self.layouts[i].local_numel(r):
-                        out[r].append(i)
-        for v in out.values():
-            v.sort()
+                continue
+            j = tables.which[i]
+            if j not in holders:
+                info = tables.infos[j]
+                holders[j] = [r for r, v in zip(info.mesh.ranks, info.numels) if v]
+            for r in holders[j]:
+                out[r].append(i)
         return out
 
     def receivers(self, i: int) -> list[int]:
@@ -67,62 +162,118 @@ class Plan:
 
     def bytes_per_rank(self, element_size: int = 4) -> dict[int, dict[str, int]]:
         """Bytes each rank sends and receives per step (contributors in, results back)."""
-        out = {r: {"sent": 0, "received": 0} for r in self.ranks}
+        sent, received = self._traffic(_Tables(self.layouts), element_size)
+        return {r: {"sent": s, "received": v} for r, s, v in zip(self.ranks, sent, received)}
+
+    def _traffic(self, tables: _Tables, element_size: int) -> tuple[list[int], list[int]]:
+        """Bytes sent and received by each rank, in ``ranks`` order.
+
+        As if no rank owned anything, every holder sends its piece to each owner in its replica group and gets
+        its part of each result back: per distinct layout, one vector scaled by how many of its tensors have an
+        owner in each group. Then each owner trades those holder terms for its own: it receives its group's other
+        pieces and sends the results out.
+        """
+        replicated = self.out == "replicated"
+        per_group: dict[int, dict[int, int]] = {}  # distinct layout -> replica group of the owner -> tensors
+        back: dict[int, int] = {}  # distinct layout -> elements back to each holder, over its tensors
         for i, o in enumerate(self.owners):
             if o < 0:
                 continue
-            lay = self.layouts[i]
-            for s in lay.senders(o):
-                n = lay.local_numel(s) * element_size
-                out[s]["sent"] += n
-                out[o]["received"] += n
-            for r in self.receivers(i):
-                n = self.returned_numel(i, r) * element_size
-                out[o]["sent"] += n
-                out[r]["received"] += n
-        return out
+            j, info = tables.which[i], tables.info(i)
+            g = info.groups[info.mesh.position(o)]
+            counts = per_group.setdefault(j, {})
+            counts[g] = counts.get(g, 0) + 1
+            back[j] = back.get(j, 0) + (self._result_numel(i) if replicated else 1)
+        n = len(self.ranks)
+        sent, received = [0] * n, [0] * n
+        plan_mesh = _Mesh(self.ranks)
+        for j, counts in per_group.items():
+            info = tables.infos[j]
+            if info.grouped:
+                out = [v * counts.get(g, 0) for v, g in zip(info.numels, info.groups)]
+            else:
+                out = [v * counts[0] for v in info.numels]
+            m = back[j]
+            into = [m] * len(info.numels) if replicated else [v * m for v in info.numels]
+            if info.mesh.ranks == self.ranks:
+                sent = list(map(operator.add, sent, out))
+                received = list(map(operator.add, received, into))
+            else:
+                for r, s, v in zip(info.mesh.ranks, out, into):
+                    p = plan_mesh.position(r)
+                    sent[p] += s
+                    received[p] += v
+        for i, o in enumerate(self.owners):
+            if o < 0:
+                continue
+            info = tables.info(i)
+            k = info.mesh.position(o)
+            v, p = info.numels[k], plan_mesh.position(o)
+            held = info.group_sums()[0][info.groups[k]]
+            if replicated:
+                res = self._result_numel(i)
+                sent[p] += (len(info.numels) - 1) * res - v
+                received[p] += held - v - res
+            else:
+                sent[p] += info.total - 2 * v
+                received[p] += held - 2 * v
+        if element_size != 1:
+            sent = [x * element_size for x in sent]
+            received = [x * element_size for x in received]
+        return sent, received
 
     def bytes_lower_bound(self, element_size: int = 4) -> int:
         """Fewest bytes any owner choice must move: every contributor's piece but the owner's in, results out."""
+        return self._lower_bound(_Tables(self.layouts), element_size)
+
+    def _lower_bound(self, tables: _Tables, element_size: int) -> int:
+        # The best owner holds the biggest piece: it need not receive it, nor (results in place) send it back.
         total = 0
         for i, o in enumerate(self.owners):
             if o < 0:
                 continue
-            lay = self.layouts[i]
-            holders = [lay.local_numel(r) for r in lay.ranks]
-            # One copy's pieces cover the tensor once per summand (partial_count times).
-            pieces_in = lay.numel * lay.partial_count
+            lay, info = self.layouts[i], tables.info(i)
+            pieces_in = lay.numel * lay.partial_count  # one copy's pieces cover the tensor once per summand
             if self.out == "replicated":
-                back = (len(lay.ranks) - 1) * self.returned_numel(i, o)
-                best = min(pieces_in - lay.local_numel(c) for c in lay.ranks) + back
+                best = pieces_in - info.biggest + (len(info.numels) - 1) * self._result_numel(i)
             else:
-                back = sum(holders)
-                best = min(pieces_in - lay.local_numel(c) + back - lay.local_numel(c) for c in lay.ranks)
+                best = pieces_in - info.biggest + info.total - info.biggest
             total += best * element_size
         return total
 
     def collectives_per_step(self) -> int:
         """All-to-alls the executor runs per step: one per bucket and direction in which any data moves."""
-        n = 0
-        for b in self.buckets:
-            n += any(self.layouts[i].senders(self.owners[i]) for i in b)
-            n += any(self.receivers(i) for i in b)
-        return n
+        return self._collectives(_Tables(self.layouts))
+
+    def _collectives(self, tables: _Tables) -> int:
+        def gathers(i: int) -> bool:  # another holder of a non-empty piece in the owner's replica group
+            info = tables.info(i)
+            k = info.mesh.position(self.owners[i])
+            return info.group_sums()[1][info.groups[k]] - (info.numels[k] > 0) > 0
+
+        def returns(i: int) -> bool:
+            info = tables.info(i)
+            if self.out == "replicated":
+                return len(info.numels) > 1
+            return info.nonzero - (info.numel_of(self.owners[i]) > 0) > 0
+
+        return sum(any(map(gathers, b)) + any(map(returns, b)) for b in self.buckets)
 
     def stats(self, element_size: int = 4) -> dict[str, float]:
         loads = [self.load.get(r, 0.0) for r in self.ranks]
         mean = sum(loads) / len(loads) if loads else 0.0
         total = sum(self.costs)
-        per_rank = self.bytes_per_rank(element_size)
+        tables = _Tables(self.layouts)
+        sent, received = self._traffic(tables, element_size)
         return {
             "world_size": self.world_size,
             "tensors": len(self.layouts),
             "imbalance": (max(loads) / mean) if mean > 0 else 1.0,
             "redundancy": (sum(loads) / total) if total > 0 else 1.0,
-            "bytes_total": sum(v["received"] for v in per_rank.values()),
-            "bytes_lower_bound": self.bytes_lower_bound(element_size),
-            "bytes_per_rank_max": max((v["received"] + v["sent"] for v in per_rank.values()), default=0),
-            "collectives_per_step": self.collectives_per_step(),
+            "bytes_total": sum(received),
+            "bytes_lower_bound": self._lower_bound(tables, element_size),
+            "bytes_per_rank_max": max(map(operator.add, sent, received), default=0),
+            "collectives_per_step": self._collectives(tables),
             "buckets": len(self.buckets),
             "local_buckets": len(self.local_buckets),
         }
@@ -136,8 +287,9 @@ class Plan:
         bad = [i for i in range(len(self.layouts)) if seen.get(i, 0) != 1]
         if bad:
             raise ValueError(f"plan does not bucket every tensor exactly once: tensors {bad[:10]}")
+        tables = _Tables(self.layouts)
         for i, o in enumerate(self.owners):
-            if o >= 0 and o not in self.layouts[i].ranks:
+            if o >= 0 and o not in tables.info(i).mesh:
                 raise ValueError(f"tensor {i} owned by rank {o}, outside its mesh {self.layouts[i].ranks}")
 
 
@@ -145,6 +297,81 @@ def _is_local(lay: Layout, batch_ndim: int) -> bool:
     sharded_dims = {p.dim for p in lay.placements if p.is_shard}
     replicated = any(not p.is_shard and n > 1 for p, n in zip(lay.placements, lay.mesh_shape))
     return bool(sharded_dims) and max(sharded_dims) < batch_ndim and not replicated
+
+
+class _Size:
+    """Ranks of one layout that own nothing yet, with one initial load and one piece size (lowest rank first)."""
+
+    __slots__ = ("size", "members", "next")
+
+    def __init__(self, size: int, members: list[int]) -> None:
+        self.size, self.members, self.next = size, sorted(members), 0
+
+
+class _Pool:
+    """The best rank that owns nothing yet, for one distinct layout, without looking at every rank.
+
+    Such a rank's load is its initial load (in-place tensors), so ranks with equal initial load and equal piece
+    size are interchangeable but for their id, and the best of them is the lowest one not taken yet. Ranks are
+    only ever taken (a pointer moves past them), so over a whole plan each class is walked once.
+    """
+
+    def __init__(self, info: _Info, initial: dict[int, float] | None) -> None:
+        by: dict[tuple[float, int], list[int]] = {}
+        loads = map(initial.__getitem__, info.mesh.ranks) if initial is not None else itertools.repeat(0.0)
+        for r, v, ld in zip(info.mesh.ranks, info.numels, loads):
+            by.setdefault((ld, v), []).append(r)
+        levels: dict[float, list[_Size]] = {}
+        for (ld, v), members in sorted(by.items(), key=lambda kv: kv[0][1]):
+            levels.setdefault(ld, []).append(_Size(v, members))
+        # Best last, so exhausted ones pop off the end: lowest load, then (within a load) the biggest piece.
+        self.levels = [(ld, levels[ld]) for ld in sorted(levels, reverse=True)]
+
+    def best(self, taken: set[int]) -> tuple[float, int, int] | None:
+        """``(load, -piece size, rank)`` of the best rank not in ``taken``, or None when all are taken."""
+        while self.levels:
+            ld, sizes = self.levels[-1]
+            while sizes:
+                cls = sizes[-1]
+                members, k = cls.members, cls.next
+                while k < len(members) and members[k] in taken:
+                    k += 1
+                cls.next = k
+                if k < len(members):
+                    return ld, -cls.size, members[k]
+                sizes.pop()
+            self.levels.pop()
+        return None
+
+
+def _initial_loads(
+    load: dict[int, float], local: list[int], tables: _Tables, layouts: Sequence[Layout], costs: Sequence[float]
+) -> None:
+    """Add each in-place tensor's share of its cost to every holder, summed in tensor order as by a per-rank
+    loop (so equal ranks get bit-equal loads), but once per *kind* of rank: ranks holding equal pieces of every
+    in-place layout get equal loads."""
+    kinds = dict.fromkeys(load, 0)  # rank -> kind; kind 0 holds nothing in place
+    pieces: list[dict[int, int]] = [{}]  # kind -> {distinct layout: piece size}
+    for j in dict.fromkeys(tables.which[i] for i in local):
+        info = tables.infos[j]
+        step: dict[tuple[int, int], int] = {}  # (kind so far, piece of this layout) -> kind
+        for r, v in zip(info.mesh.ranks, info.numels):
+            if v:  # an empty piece adds exactly 0.0
+                kind = kinds[r]
+                new = step.get((kind, v))
+                if new is None:
+                    new = step[kind, v] = len(pieces)
+                    pieces.append({**pieces[kind], j: v})
+                kinds[r] = new
+    shares = [0.0] * len(pieces)
+    for kind, held in enumerate(pieces):
+        for i in local:
+            v = held.get(tables.which[i], 0)
+            if v:
+                shares[kind] += costs[i] * v / max(layouts[i].numel, 1)
+    for r, kind in kinds.items():
+        if kind:
+            load[r] += shares[kind]
 
 
 def make_plan(
@@ -162,7 +389,7 @@ def make_plan(
 
     Args:
         layouts: one per tensor.
-        costs: compute cost per tensor (e.g. ``batch * m * n * min(m, n)``).
+        costs: compute cost per tensor (e.g. ``batch * m * n * min(m, n)``), finite and non-negative.
         keys: bucket key per tensor (tensors with equal key and shape share a batched kernel).
         ranks: the ranks of the process group that runs the plan.
         batch_ndims: leading dims per tensor that are independent (expert stacks); sharding only those dims
@@ -175,45 +402,52 @@ def make_plan(
         raise ValueError(f"out must be 'input' or 'replicated', got {out!r}")
     n = len(layouts)
     batch_ndims = list(batch_ndims) if batch_ndims is not None else [0] * n
+    ranks = tuple(ranks)
     rank_set = set(ranks)
+    tables = _Tables(layouts)
+    outside = {id(m) for m in tables.meshes if not rank_set.issuperset(m.ranks)}
     for i, lay in enumerate(layouts):
-        if not set(lay.ranks) <= rank_set:
+        if id(tables.info(i).mesh) in outside:
             raise ValueError(f"tensor {i} ({lay.describe()}) lives on ranks outside the group {sorted(rank_set)}")
     owners = [-1] * n
-    load = {r: 0.0 for r in ranks}
+    load = dict.fromkeys(ranks, 0.0)
     local = [i for i in range(n) if out == "input" and _is_local(layouts[i], batch_ndims[i])]
     local_set = set(local)
-    for i in local:
-        lay = layouts[i]
-        for r in lay.ranks:
-            load[r] += costs[i] * lay.local_numel(r) / max(lay.numel, 1)
+    if local:
+        _initial_loads(load, local, tables, layouts, costs)
     # Longest processing time first; ties keep the key/shape order so a bucket spreads over the ranks.
     order = sorted((i for i in range(n) if i not in local_set), key=lambda i: (-costs[i], i))
-    heap = [(load[r], r) for r in ranks]  # in-place tensors already added load
+    initial = dict(load) if local else None
+    pools = {j: _Pool(tables.infos[j], initial) for j in dict.fromkeys(tables.which[i] for i in order)}
+    heaps: dict[int, list[tuple[float, int]]] = {id(m): [] for m in tables.meshes}  # per mesh: ranks that own
+    taken: set[int] = set()
     for i in order:
-        cand = set(layouts[i].ranks)
-        popped = []
-        while True:
-            ld, r = heapq.heappop(heap)
-            if r in cand and ld == load[r]:
-                break
-            if ld == load[r]:
-                popped.append((ld, r))
-        # Among equally loaded candidates, the one holding the biggest piece moves the fewest bytes.
-        while heap and heap[0][0] == ld:
-            ld2, r2 = heapq.heappop(heap)
-            if ld2 != load[r2]:
-                continue
-            if r2 in cand and layouts[i].local_numel(r2) > layouts[i].local_numel(r):
-                popped.append((ld, r))
-                r = r2
-            else:
-                popped.append((ld2, r2))
-        owners[i] = r
-        load[r] += costs[i]
-        heapq.heappush(heap, (load[r], r))
-        for item in popped:
-            heapq.heappush(heap, item)
+        info = tables.info(i)
+        best = pools[tables.which[i]].best(taken)
+        heap = heaps[id(info.mesh)]
+        while heap and heap[0][0] != load[heap[0][1]]:
+            heapq.heappop(heap)  # stale: that rank has owned more since
+        ties: set[int] = set()  # owning ranks at the lowest load among them: compare, then put back
+        if heap and (best is None or heap[0][0] <= best[0]):
+            ld = heap[0][0]
+            while heap and heap[0][0] == ld:
+                r = heapq.heappop(heap)[1]
+                if load[r] == ld and r not in ties:
+                    ties.add(r)
+                    cand = (ld, -info.numel_of(r), r)
+                    if best is None or cand < best:
+                        best = cand
+        if best is None:
+            raise ValueError(f"tensor {i} ({layouts[i].describe()}) has no rank to own it")
+        o = best[2]
+        for r in ties - {o}:
+            heapq.heappush(heap, (load[r], r))
+        owners[i] = o
+        taken.add(o)
+        load[o] += costs[i]
+        for mesh in tables.meshes:
+            if o in mesh:
+                heapq.heappush(heaps[id(mesh)], (load[o], o))
 
     def group(idx: list[int]) -> list[list[int]]:
         by: dict[tuple[Hashable, tuple[int, ...]], list[int]] = {}
@@ -226,7 +460,7 @@ def make_plan(
         return out
 
     plan = Plan(
-        ranks=tuple(ranks),
+        ranks=ranks,
         layouts=list(layouts),
         costs=list(costs),
         owners=owners,

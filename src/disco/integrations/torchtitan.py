@@ -48,7 +48,7 @@ key                                default               note
 ``momentum``                       ``0.95``
 ``nesterov``                       ``True``              ``False`` when ``is_light`` is set and this is unset
 ``norm_factor``                    ``"spectral"``
-``backend``                        ``"newtonschulz5"``
+``backend``                        ``"gram_newtonschulz5"``
 ``backend_steps``                  ``5``
 ``is_light``                       ``False``
 ``extra_param_group_split_rules``  ``[]``                a list of dicts, or its JSON string

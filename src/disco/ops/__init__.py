@@ -17,8 +17,11 @@ from .norms import (
 )
 from .orthogonalize import (
     BACKENDS,
+    ITERATIVE_BACKENDS,
     backend_names,
+    cpu_has_native_bf16,
     default_compute_dtype,
+    gram_newton_schulz,
     newton_schulz,
     orthogonalize,
     orthogonalize_cost,
@@ -28,6 +31,7 @@ from .specs import LMOSpec, NormsSpec, Spec
 
 __all__ = [
     "BACKENDS",
+    "ITERATIVE_BACKENDS",
     "NORMS",
     "OPERATOR_NORMS",
     "TABLES",
@@ -38,9 +42,11 @@ __all__ = [
     "Spec",
     "backend_names",
     "condition_number",
+    "cpu_has_native_bf16",
     "default_compute_dtype",
     "get_norm",
     "get_table",
+    "gram_newton_schulz",
     "l1_to_rms",
     "lmo",
     "matrix_view",

@@ -150,15 +150,25 @@ def lmo(
             return (X / rms.clamp_min(tiny)).to(G.dtype)
         return G.clone()  # never alias the caller's buffer
     X = matrix_view(G, norm, pd)
-    if spec.kind == "rows" and backend == "identity":
+    factor = norm_factor(norm, tuple(G.shape), pd)
+    if spec.kind == "matrix":
+        O = orthogonalize(
+            X,
+            backend=backend,
+            steps=steps,
+            coefficients=coefficients,
+            eps=eps,
+            compute_dtype=compute_dtype,
+            scale=factor,
+        )
+        return O.reshape(G.shape)
+    if backend == "identity":
         O = X  # _rows_unit below makes the new tensor; skip identity's copy of a (large) embedding
     else:
         O = orthogonalize(
             X, backend=backend, steps=steps, coefficients=coefficients, eps=eps, compute_dtype=compute_dtype
         )
-    if spec.kind == "rows":
-        O = _rows_unit(_upcast(O), 1e-30 if eps is None else max(eps, 1e-30)).to(G.dtype)
-    factor = norm_factor(norm, tuple(G.shape), pd)
+    O = _rows_unit(_upcast(O), 1e-30 if eps is None else max(eps, 1e-30)).to(G.dtype)
     return (O * factor).reshape(G.shape)
 
 

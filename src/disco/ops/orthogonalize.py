@@ -7,7 +7,9 @@ small one.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,26 +17,64 @@ from torch import Tensor
 
 from .coefficients import CoefficientTable, get_table
 
-DEFAULT_TABLE = {"newtonschulz5": "keller", "polar_express": "polar_express"}
+#: iterative backends -> their default coefficient table (these read ``steps`` and ``coefficients``)
+DEFAULT_TABLE = {
+    "newtonschulz5": "keller",
+    "polar_express": "polar_express",
+    "gram_newtonschulz5": "keller",
+    "gram_polar_express": "polar_express",
+}
+#: the Gram form saves work only when ``n / m`` is above this (``10 m^2 n + 5 m^3`` against ``4 m^2 n + 14 m^3``
+#: multiply-adds for 5 steps and one restart: equal at 1.5); below it ``gram_newton_schulz`` runs the plain form.
+GRAM_MIN_ASPECT = 1.5
+ITERATIVE_BACKENDS = tuple(DEFAULT_TABLE)
 
 
 def default_compute_dtype(G: Tensor) -> torch.dtype:
-    """bf16 on accelerators; on CPU fp32 (a bf16 matmul there is ~100x slower), fp64 kept for fp64 inputs."""
+    """bf16 on accelerators and on CPUs with native bf16 matmul (``cpu_has_native_bf16``: AVX512-BF16 or AMX, about
+    5x the fp32 rate); fp32 on other CPUs (there bf16 matmul is 5-150x slower than fp32); fp64 inputs stay fp64."""
     if G.device.type != "cpu":
         return torch.bfloat16
-    return torch.float64 if G.dtype == torch.float64 else torch.float32
+    if G.dtype == torch.float64:
+        return torch.float64
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def _frobenius_normalise(X: Tensor, safety: float, eps: float) -> Tensor:
-    # Normalise in at least fp32: casting a raw gradient to fp16 first can overflow (> 65504) or flush small
-    # entries to zero, and a tiny eps (1e-20) underflows in fp16. After this, entries are <= 1 in magnitude.
-    if X.dtype in (torch.float16, torch.bfloat16):
-        X = X.float()
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``; the
+    ``DISCO_CPU_BF16=0|1`` environment variable overrides)."""
+    forced = os.environ.get("DISCO_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: no cheap way to ask, stay with the safe fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _normalised(G: Tensor, safety: float, eps: float, dtype: torch.dtype) -> tuple[Tensor, bool]:
+    """``G / (safety ||G||_F + eps)`` per matrix, written once in ``dtype`` in G's own layout, then seen as a flat
+    wide batch ``(batch, m, n)``, ``m <= n`` (a tall matrix as a transposed view: matmuls read it as it lies, so no
+    transposing copy); and whether ``G`` is tall.
+
+    The norm and the scaling run in at least fp32 (casting a raw gradient to fp16 first can overflow or flush
+    small entries; a tiny eps underflows in fp16); the product is rounded once, straight into ``dtype``.
+    """
+    norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(G.dtype, torch.float32))
     denom = norm * safety + eps
-    # A zero matrix must stay zero, never 0/0 (eps may be 0).
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return X / denom
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # a zero matrix stays zero, never 0/0
+    X = torch.mul(G, denom.reciprocal(), out=torch.empty(G.shape, dtype=dtype, device=G.device))
+    tall = G.size(-2) > G.size(-1)
+    X = X.mT if tall else X
+    return X.reshape(-1, *X.shape[-2:]), tall
+
+
+def _restore(Y: Tensor, G: Tensor) -> Tensor:
+    """A flat batch in G's orientation back to G's shape and dtype."""
+    return Y.reshape(G.shape).to(G.dtype)
 
 
 def newton_schulz(
@@ -44,6 +84,7 @@ def newton_schulz(
     coefficients: str | CoefficientTable | Sequence = "keller",
     eps: float | None = None,
     compute_dtype: torch.dtype | None = None,
+    scale: float = 1.0,
 ) -> Tensor:
     r"""Quintic Newton-Schulz iteration towards the polar factor.
 
@@ -52,27 +93,124 @@ def newton_schulz(
 
     computed on the wide orientation (``m <= n``). ``(a_k, b_k, c_k)`` come from the table (``keller``,
     ``you``, ``polar_express``, ``polar_express_5``, or user tuples).
+
+    Args:
+        G: ``(..., m, n)``, leading dims a batch.
+        steps: iterations. Default 5.
+        coefficients: a table name, a ``CoefficientTable`` or ``(a, b, c)`` tuples. Default ``"keller"``.
+        eps: added to the scaled Frobenius norm (default: the table's).
+        compute_dtype: matmul dtype (default ``default_compute_dtype(G)``).
+        scale: multiplies the result (folded into the last step, so a norm factor costs no extra pass).
     """
     if steps < 0:
         raise ValueError(f"newton_schulz: steps must be >= 0, got {steps}")
     table = get_table(coefficients)
     dtype = compute_dtype or default_compute_dtype(G)
-    X = G.mT if G.size(-2) > G.size(-1) else G
-    tall = X is not G
-    X = _frobenius_normalise(X, table.safety, table.eps if eps is None else eps).to(dtype)
-    lead = X.shape[:-2]
-    # Fused multiply-adds (one rounding, as in the 2-D case) on a flat batch: (batch, m, n).
-    X = X.reshape(-1, *X.shape[-2:]) if X.dim() != 2 else X
-    mm = torch.addmm if X.dim() == 2 else torch.baddbmm
+    X, tall = _normalised(G, table.safety, table.eps if eps is None else eps, dtype)  # X: (batch, m, n)
+    if steps == 0:
+        return _restore((X.mT if tall else X) * scale, G)
     for k in range(steps):
         a, b, c = table.at(k)
-        A = X @ X.mT
-        B = mm(A, A, A, beta=b, alpha=c)
-        X = mm(X, B, X, beta=a, alpha=1.0)
-    X = X.reshape(*lead, *X.shape[-2:])
-    if tall:
-        X = X.mT
-    return X.to(G.dtype)
+        A = torch.bmm(X, X.mT)  # A: (batch, m, m)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        if k + 1 < steps:
+            X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)  # fused multiply-adds, one rounding
+        elif tall:  # the last step written in G's orientation: (B X)^T = X^T B^T, no transposing copy
+            X = torch.baddbmm(X.mT, X.mT, B.mT, beta=a * scale, alpha=scale)  # X: (batch, n, m)
+        else:
+            X = torch.baddbmm(X, B, X, beta=a * scale, alpha=scale)
+    return _restore(X, G)
+
+
+#: restarts of the Gram form by compute dtype: (steps before the first, steps between later ones); measured on
+#: ill-conditioned and low-rank 512 x 2048 inputs with the keller / you / polar_express tables at 5-12 steps
+#: (``tests/test_ops_gram.py``): no restart diverges in bf16 from 5 steps on and in fp32 from 8.
+RESTART_EVERY: dict[torch.dtype, tuple[int, int]] = {
+    torch.bfloat16: (3, 2),
+    torch.float16: (3, 2),
+    torch.float32: (5, 3),
+    torch.float64: (10, 6),
+}
+
+
+def restart_points(steps: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """The default restarts of ``gram_newton_schulz``: steps after which ``R`` is recomputed from ``X``."""
+    first, every = RESTART_EVERY.get(dtype, RESTART_EVERY[torch.float32])
+    return tuple(range(first, steps, every))
+
+
+def gram_newton_schulz(
+    G: Tensor,
+    *,
+    steps: int = 5,
+    coefficients: str | CoefficientTable | Sequence = "keller",
+    eps: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+    scale: float = 1.0,
+    restarts: Sequence[int] | None = None,
+) -> Tensor:
+    r"""Newton-Schulz in Gram form: the same polynomial as ``newton_schulz``, iterated on the ``m x m`` Gram matrix.
+
+    Each quintic step is ``X_{k+1} = Q_k X_k`` with ``Q_k = a_k I + b_k R_k + c_k R_k^2`` and ``R_k = X_k X_k^T``.
+    Every ``Q_k`` is a polynomial in ``R_0``, so they commute and ``R_{k+1} = Q_k R_k Q_k``: the iteration never
+    touches the ``m x n`` matrix until it applies the accumulated product::
+
+        X = G / (s ||G||_F + eps)   (wide: m <= n)
+        R = X X^T ; P = I
+        for k in steps:
+            Z = b_k R + c_k R^2                 # Q_k = a_k I + Z
+            P = a_k P + Z P                     # P <- Q_k P
+            T = a_k R + Z R ; R = a_k T + Z T   # R <- Q_k R Q_k   (not after the last step)
+            if k + 1 in restarts: X = P X ; R = X X^T ; P = I
+        return P X
+
+    Multiply-adds for ``steps`` steps and ``r`` restarts: ``2 (r + 1) m^2 n + (4 steps - 3 (r + 1)) m^3``, against
+    ``steps (2 m^2 n + m^3)`` for the plain form: at 5 steps and one restart it wins for ``n / m >``
+    ``GRAM_MIN_ASPECT`` = 1.5, and runs the plain form below that. Rounding in ``R`` is not corrected by later steps
+    the way it is in ``X``: an eigenvalue of ``R`` that rounds below zero grows by ``a_k^2`` per step. A restart
+    recomputes ``R`` from ``X``; the default points (``restart_points``) depend on the compute dtype.
+
+    Args:
+        G, steps, coefficients, eps, compute_dtype, scale: as ``newton_schulz``.
+        restarts: steps after which ``X`` is formed and ``R`` recomputed; ``None``: ``restart_points(steps, dtype)``.
+    """
+    if steps < 0:
+        raise ValueError(f"gram_newton_schulz: steps must be >= 0, got {steps}")
+    m, n = sorted(G.shape[-2:])
+    if n < GRAM_MIN_ASPECT * m or steps == 0:
+        kw = dict(steps=steps, coefficients=coefficients, eps=eps, compute_dtype=compute_dtype, scale=scale)
+        return newton_schulz(G, **kw)  # type: ignore[arg-type]
+    table = get_table(coefficients)
+    dtype = compute_dtype or default_compute_dtype(G)
+    restart_after = set(restart_points(steps, dtype) if restarts is None else (int(k) for k in restarts))
+    X, tall = _normalised(G, table.safety, table.eps if eps is None else eps, dtype)  # X: (batch, m, n)
+    R = torch.bmm(X, X.mT)  # R: (batch, m, m)
+    P: Tensor | None = None  # None: the identity
+    for k in range(steps):
+        a, b, c = table.at(k)
+        Z = torch.baddbmm(R, R, R, beta=b, alpha=c)  # Q_k = a_k I + Z
+        P = _plus_identity(Z, a) if P is None else torch.baddbmm(P, Z, P, beta=a)
+        if k + 1 == steps:
+            break
+        if k + 1 in restart_after:
+            X = torch.bmm(P, X)  # X: (batch, m, n)
+            R, P = torch.bmm(X, X.mT), None
+            continue
+        T = torch.baddbmm(R, Z, R, beta=a)
+        R = torch.baddbmm(T, Z, T, beta=a)
+    assert P is not None
+    if scale != 1.0:
+        P = P.mul_(scale)  # m x m: cheaper than scaling the result
+    # in G's orientation; a tall one as (P X)^T = X^T P^T, no transposing copy
+    Y = torch.bmm(X.mT, P.mT) if tall else torch.bmm(P, X)  # Y: (batch, n, m) or (batch, m, n)
+    return _restore(Y, G)
+
+
+def _plus_identity(Z: Tensor, a: float) -> Tensor:
+    """``Z + a I`` for a batch of square matrices (a new tensor)."""
+    out = Z.clone()
+    out.diagonal(dim1=-2, dim2=-1).add_(a)
+    return out
 
 
 def svd_polar(G: Tensor, *, compute_dtype: torch.dtype | None = None, **_: object) -> Tensor:
@@ -109,9 +247,21 @@ def _polar_express(G: Tensor, **kw) -> Tensor:
     return newton_schulz(G, **kw)
 
 
+def _gram_newtonschulz5(G: Tensor, **kw) -> Tensor:
+    kw.setdefault("coefficients", DEFAULT_TABLE["gram_newtonschulz5"])
+    return gram_newton_schulz(G, **kw)
+
+
+def _gram_polar_express(G: Tensor, **kw) -> Tensor:
+    kw.setdefault("coefficients", DEFAULT_TABLE["gram_polar_express"])
+    return gram_newton_schulz(G, **kw)
+
+
 BACKENDS: dict[str, Callable[..., Tensor]] = {
     "newtonschulz5": _newtonschulz5,
     "polar_express": _polar_express,
+    "gram_newtonschulz5": _gram_newtonschulz5,
+    "gram_polar_express": _gram_polar_express,
     "svd": svd_polar,
     "identity": identity,
 }
@@ -129,18 +279,21 @@ def orthogonalize(
     coefficients: str | CoefficientTable | Sequence | None = None,
     eps: float | None = None,
     compute_dtype: torch.dtype | None = None,
+    scale: float = 1.0,
 ) -> Tensor:
-    """Approximate polar factor of each matrix in ``G`` (shape ``(..., m, n)``), same shape and dtype.
+    """Approximate polar factor of each matrix in ``G`` (shape ``(..., m, n)``), times ``scale``; G's shape and dtype.
 
     Args:
         G: input, at least 2-D; leading dims are a batch.
         backend: ``newtonschulz5`` (default table ``keller``), ``polar_express`` (default table
-            ``polar_express``), ``svd`` (exact) or ``identity``.
-        steps: iterations for the Newton-Schulz backends.
+            ``polar_express``), their Gram forms ``gram_newtonschulz5`` / ``gram_polar_express`` (the same
+            polynomial, less work for ``n / m > 1.5``), ``svd`` (exact) or ``identity``.
+        steps: iterations for the Newton-Schulz backends. Default 5.
         coefficients: a table name, a ``CoefficientTable``, one ``(a, b, c)`` tuple, or ``None`` for the
             backend's default.
         eps: added to the Frobenius norm before dividing (default: the table's).
-        compute_dtype: matmul dtype; ``None`` is bf16 on CUDA and fp32 on CPU.
+        compute_dtype: matmul dtype; ``None``: ``default_compute_dtype(G)``.
+        scale: multiplies the result (free for the iterative backends: folded into their last step).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown orthogonalization backend {backend!r}; valid: {backend_names()}")
@@ -150,10 +303,12 @@ def orthogonalize(
         return G.clone()
     kw: dict = {"compute_dtype": compute_dtype}
     if backend in DEFAULT_TABLE:
-        kw.update(steps=steps, eps=eps)
+        kw.update(steps=steps, eps=eps, scale=scale)
         if coefficients is not None:
             kw["coefficients"] = coefficients
-    return BACKENDS[backend](G, **kw)
+        return BACKENDS[backend](G, **kw)
+    out = BACKENDS[backend](G, **kw)
+    return out.mul_(scale) if scale != 1.0 else out
 
 
 def orthogonalize_cost(shape: Sequence[int]) -> float:

@@ -70,11 +70,13 @@ class LMOSpec:
 
     Args:
         norm: a name from ``disco.ops.NORMS`` (``"spectral"``, ``"embed_sqrt"``, ``"bias_rms"``, ...).
-        backend: orthogonalization backend (``"newtonschulz5"``, ``"polar_express"``, ``"svd"``, ``"identity"``).
+        backend: orthogonalization backend (``"newtonschulz5"``, ``"gram_newtonschulz5"``, ``"polar_express"``,
+            ``"gram_polar_express"``, ``"svd"``, ``"identity"``).
         steps: iterations of the Newton-Schulz backends. Default 5.
         coefficients: a table name, a ``CoefficientTable`` or ``(a, b, c)`` tuples; ``None``: the backend's.
         eps: added to the Frobenius norm before Newton-Schulz; ``None``: the table's.
-        compute_dtype: matmul dtype; ``None``: bf16 on accelerators, fp32 on CPU.
+        compute_dtype: matmul dtype; ``None``: ``disco.ops.default_compute_dtype`` (bf16 on accelerators and on
+            CPUs with native bf16 matmul, fp32 on other CPUs).
         view: ``"native"`` (2-D matrix, 3-D batch of expert matrices, conv by its norm), ``"flatten"``
             (a >= 4-D weight seen as ``out x prod(rest)``) or ``"transposed"`` (a 2-D / 3-D weight stored
             ``fan_in x fan_out``, e.g. Hugging Face's ``Conv1D``: the LMO and its norm factor run on ``X.mT``, the

@@ -18,7 +18,8 @@ class DiscoDefaults:
         weight_decay: decoupled weight decay. Default ``0.0``.
         eps: added to the Frobenius norm before Newton-Schulz. Default ``1e-7`` (``torch.optim.Muon``'s).
         norm_factor: the layer norm of matrices. Default ``"spectral"`` (``sqrt(fan_out / fan_in)``).
-        backend: orthogonalization backend. Default ``"newtonschulz5"``.
+        backend: orthogonalization backend. Default ``"gram_newtonschulz5"`` (Newton-Schulz in Gram form where
+            ``n / m > 1.5``, the plain form elsewhere: the same polynomial, 1.3-1.9x less work at aspect 4).
         backend_steps: Newton-Schulz iterations. Default ``5``.
         is_light: keep the momentum in ``p.grad``. Default ``False``.
     """
@@ -29,7 +30,7 @@ class DiscoDefaults:
     weight_decay: float = 0.0
     eps: float = 1e-7
     norm_factor: str = "spectral"
-    backend: str = "newtonschulz5"
+    backend: str = "gram_newtonschulz5"
     backend_steps: int = 5
     is_light: bool = False
 

@@ -345,7 +345,7 @@ class Dion(SpectralOptimizer):
             momentum=mu,
             nesterov=False,
             norm_factor="spectral",
-            backend="newtonschulz5",
+            backend="gram_newtonschulz5",
             backend_steps=5,
             eps=1e-7,
             nonfinite=nonfinite,

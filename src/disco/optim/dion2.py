@@ -228,7 +228,7 @@ class Dion2(SpectralOptimizer):
         selection_scope: str = "global",
         *,
         norm_factor: str = "original",
-        backend: str = "newtonschulz5",
+        backend: str = "gram_newtonschulz5",
         ns_steps: int = 5,
         compute_dtype: torch.dtype | None = None,
         betas: tuple[float, float] = (0.9, 0.95),

@@ -31,8 +31,9 @@ class Disco(SpectralOptimizer):
             (``nesterov=None`` is ``True``, or ``False`` with ``is_light``).
         eps: added to the Frobenius norm before Newton-Schulz.
         norm_factor: a name from ``disco.ops.NORMS``.
-        backend, backend_steps: orthogonalization backend (``newtonschulz5``, ``polar_express``, ``svd``,
-            ``identity``) and its iterations; ``coefficients`` picks a table.
+        backend, backend_steps: orthogonalization backend (``gram_newtonschulz5``, the default, ``newtonschulz5``,
+            ``polar_express``, ``gram_polar_express``, ``svd``, ``identity``) and its iterations; ``coefficients``
+            picks a table.
         is_light: keep the momentum in ``p.grad`` instead of a buffer (saves one parameter-sized tensor).
             Then **do not zero gradients between steps**: the optimizer rescales ``p.grad`` after each step so
             that the next backward's accumulation gives the EMA momentum. ``nesterov`` must be False. A missing

@@ -24,7 +24,9 @@ class Muon(SpectralOptimizer):
 
     ``adjust_lr_fn``: ``None``/``"original"`` scales by ``sqrt(max(1, rows/cols))``, ``"match_rms_adamw"`` by
     ``0.2 * sqrt(max(rows, cols))`` (Moonlight). Beyond torch: ``compute_dtype`` (torch always runs in bf16; ours
-    defaults to bf16 on CUDA and fp32 on CPU), ``backend`` (``polar_express``, ``svd``...), conv weights
+    defaults to bf16 on CUDA and on CPUs with native bf16 matmul, fp32 on other CPUs), ``backend`` (default
+    ``gram_newtonschulz5``: torch's polynomial in Gram form where a matrix is wider than 1.5:1; ``newtonschulz5``
+    is torch's plain iteration; ``polar_express``, ``svd``...), conv weights
     (flattened to ``out x in*k*k``) and 3-D expert stacks (a batch of matrices), parameter groups with
     ``algorithm="adamw"``/``"lion"`` for non-matrix parameters, ``distributed_config`` and ``nonfinite``
     (``"raise"``, the default, or ``"skip"``: see ``disco.Disco``).
@@ -44,7 +46,7 @@ class Muon(SpectralOptimizer):
         *,
         distributed_config: Any = None,
         nonfinite: str = "raise",
-        backend: str = "newtonschulz5",
+        backend: str = "gram_newtonschulz5",
         compute_dtype: torch.dtype | None = None,
     ) -> None:
         if ns_steps >= 100:

@@ -182,7 +182,7 @@ class NorMuon(SpectralOptimizer):
         ns_eps: float = 1e-7,
         distributed_config: Any = None,
         nonfinite: str = "raise",
-        backend: str = "newtonschulz5",
+        backend: str = "gram_newtonschulz5",
         compute_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = muon_group_defaults(

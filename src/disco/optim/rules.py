@@ -53,6 +53,8 @@ class StepContext(Protocol):
 
 #: Applies a rule's step to parameters and state (local, cannot fail); returns each item's update direction.
 Commit = Callable[[], list[Tensor]]
+#: Writes one parameter's new momentum (local, cannot fail): what ``LMORule.prepare`` defers to the commit.
+MomentumWrite = Callable[[], object]
 
 
 class UpdateRule(Protocol):
@@ -162,23 +164,28 @@ class LMORule:
         )
 
     @staticmethod
-    def prepare(it: Item, ctx: StepContext) -> tuple[Tensor, Tensor | None]:
-        """The local direction the LMO reads and the new momentum (committed later), changing nothing."""
+    def prepare(it: Item, ctx: StepContext) -> tuple[Tensor, MomentumWrite | None]:
+        """The local direction the LMO reads, and the momentum update that ``finish`` applies (nothing written now).
+
+        Nesterov's ``lerp(G, M', beta)`` with ``M' = lerp(M, G, 1 - beta)`` is ``lerp(G, M, beta^2)``: one pass
+        that leaves ``M`` untouched, so the commit updates it in place (``lerp_``) without a copy of ``M'``.
+        """
         beta: float = it.group["momentum"]
         g = ctx.grad_of(it.param)
         if it.group.get("is_light"):
             # p.grad holds beta/(1-beta) * M_prev + G, so (1 - beta) * p.grad is the EMA momentum M.
             return g * (1 - beta), None
         buf = local_piece(ctx.state_of(it.param)["momentum_buffer"])
-        new = buf.lerp(g.to(buf.dtype), 1 - beta)
         if it.group.get("nesterov"):
-            return g.lerp(new.to(g.dtype), beta), new
-        return new, new
+            d = g.lerp(buf.to(g.dtype), beta * beta)
+            return d, lambda: buf.lerp_(g.to(buf.dtype), 1 - beta)
+        new = buf.lerp(g.to(buf.dtype), 1 - beta)
+        return new, lambda: buf.copy_(new)
 
     @staticmethod
-    def finish(it: Item, ctx: StepContext, O: Tensor, momentum: Tensor | None) -> None:
+    def finish(it: Item, ctx: StepContext, O: Tensor, momentum: MomentumWrite | None) -> None:
         if momentum is not None:
-            local_piece(ctx.state_of(it.param)["momentum_buffer"]).copy_(momentum)
+            momentum()
         lr, wd = it.group["lr"], it.group["weight_decay"]
         local = local_piece(it.param)
         if it.group.get("update_rule", "decoupled") == "frank_wolfe":
@@ -207,13 +214,13 @@ class LMORule:
         weights = [self.updated(it, O) if constraints.kind(it.group) else None for it, O in zip(items, directions)]
         return constraints.constrained_weights(items, ctx, weights)
 
-    def apply(self, it: Item, ctx: StepContext, O: Tensor, momentum: Tensor | None, W: Tensor | None) -> None:
+    def apply(self, it: Item, ctx: StepContext, O: Tensor, momentum: MomentumWrite | None, W: Tensor | None) -> None:
         """``finish``, or (a constrained weight ``W`` given) the momentum and ``W`` written."""
         if W is None:
             self.finish(it, ctx, O, momentum)
             return
         if momentum is not None:
-            local_piece(ctx.state_of(it.param)["momentum_buffer"]).copy_(momentum)
+            momentum()
         local_piece(it.param).copy_(W)
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:

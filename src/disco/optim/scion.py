@@ -47,7 +47,7 @@ class Scion(SpectralOptimizer):
         constrained: bool = True,
         weight_decay: float = 0.0,
         norm_factor: str = "spectral",
-        backend: str = "newtonschulz5",
+        backend: str = "gram_newtonschulz5",
         eps: float = 1e-7,
         compute_dtype: torch.dtype | None = torch.float32,
         distributed_config: Any = None,

@@ -90,7 +90,7 @@ def check_lmo(group: Group, at: str) -> None:
     if backend not in ops.BACKENDS:
         raise ValueError(f"{at}: unknown backend {backend!r}; valid: {ops.backend_names()}")
     steps = group.get("backend_steps")
-    if backend in ("newtonschulz5", "polar_express"):
+    if backend in ops.ITERATIVE_BACKENDS:
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
             raise ValueError(
                 f"{at}: backend_steps={steps!r} is invalid for backend {backend!r}; it must be an int in [1, 100) "
