@@ -1,18 +1,20 @@
 """``python -m disco bench step``: one Muon step on a transformer-shaped parameter set, against its peers.
 
-The parameter set is ``layers`` blocks of ``width``: per block four ``width x width`` matrices (attention
-q, k, v, o), one ``width x 4*width`` and one ``4*width x width`` (MLP), as plain parameters with fixed random
-gradients (no model). Two comparisons, each measured in the same process (median of ``--repeat`` steps after
-``--warmup``, the two sides interleaved step by step):
+The parameter set is ``--layers`` blocks of ``--width`` w, as plain parameters with fixed random gradients (no
+model). ``--block fused`` (the default): per block ``3w x w`` (fused q, k, v), ``w x w`` (attention out),
+``4w x w`` and ``w x 4w`` (MLP); ``--block split``: four ``w x w`` attention matrices and the two MLP ones.
+Per compute dtype, measured in the same process (median of ``--repeat`` steps after ``--warmup``, the two sides
+interleaved step by step):
 
-(a) ``disco.Muon`` in fp32 (same-shape matrices batched into one Newton-Schulz call) against a per-parameter
-    fp32 loop of the same algorithm (what ``torch.optim.Muon`` does, but in fp32); goal: ratio <= 0.8.
-(b) ``disco.Muon`` with ``compute_dtype=bfloat16`` against ``torch.optim.Muon`` (always bf16). bf16 matmuls are
-    5-150x slower than fp32 on CPUs without bf16 instructions (AVX2 only), so (b) runs on ``--bf16-layers``
-    blocks (default 1) unless set.
+* ``bf16``: ``disco.Muon(compute_dtype=bfloat16)`` against ``torch.optim.Muon`` (always bf16); goal: <= 0.8.
+* ``fp32``: ``disco.Muon(compute_dtype=float32)`` against a per-parameter fp32 loop of the same algorithm (what
+  ``torch.optim.Muon`` does, in fp32); goal: <= 0.8.
 
-``max_abs_diff`` is the largest parameter difference between the two sides after the timed steps (both start
-from the same weights and see the same gradients), a check that they compute the same thing.
+``disco.Muon`` runs its defaults: the Gram form of Newton-Schulz where a matrix is wider than 1.5:1 (the same
+polynomial, less work), one matrix per call on CPU (``--stack-bytes``). bf16 matmuls are 5-150x slower than fp32
+on CPUs without bf16 instructions (AVX2 only): there, run ``--dtypes float32``. ``--memory`` adds the peak extra
+memory of one step (the profiler's allocation timeline; goal: <= 1.25x the peer's). ``max |diff|`` is the
+largest parameter difference between the two sides after the timed steps (same weights, same gradients).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from disco.bench.common import Column, emit, environment, time_call
+from disco.distributed import create_local_config
 from disco.optim.muon import Muon
 
 KELLER = (3.4445, -4.7750, 2.0315)
@@ -34,20 +37,27 @@ COLUMNS: list[Column] = [
     ("case", "case"),
     ("ours", "ours"),
     ("peer", "peer"),
-    ("layers", "layers"),
-    ("width", "width"),
     ("matrices", "matrices"),
+    ("stack_bytes", "stack_bytes"),
     ("ours_ms", "ours ms/step", ".1f"),
     ("peer_ms", "peer ms/step", ".1f"),
     ("ratio", "ours/peer", ".3f"),
+    ("ours_mib", "ours MiB", ".1f"),
+    ("peer_mib", "peer MiB", ".1f"),
+    ("mem_ratio", "mem ours/peer", ".2f"),
     ("max_abs_diff", "max |diff|", ".2e"),
 ]
 
+#: block name -> (shapes of one block as (out/w, in/w) multiples, description)
+BLOCKS: dict[str, tuple[list[tuple[int, int]], str]] = {
+    "fused": ([(3, 1), (1, 1), (4, 1), (1, 4)], "[3w x w, w x w, 4w x w, w x 4w]"),
+    "split": ([(1, 1)] * 4 + [(4, 1), (1, 4)], "[4 x (w x w), 4w x w, w x 4w]"),
+}
 
-def transformer_shapes(layers: int, width: int) -> list[tuple[int, int]]:
-    """Per block: 4 x (w, w) attention, (4w, w) and (w, 4w) MLP (``out x in``)."""
-    block = [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)]
-    return block * layers
+
+def transformer_shapes(layers: int, width: int, block: str = "fused") -> list[tuple[int, int]]:
+    """``layers`` blocks of ``BLOCKS[block]`` at width ``width`` (``out x in``)."""
+    return [(o * width, i * width) for o, i in BLOCKS[block][0]] * layers
 
 
 def make_params(
@@ -111,22 +121,32 @@ class LoopMuon:
             p.add_(O.to(p.dtype), alpha=-self.lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
 
 
-def _compare(
+def peak_extra_mib(fn: Callable[[], object]) -> float:
+    """Peak bytes allocated above the start while ``fn`` runs (MiB), from the profiler's memory timeline: every
+    CPU allocation and free in order, not the process's RSS (which the allocator's caching blurs)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        fn()
+    _, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline("cpu")
+    totals = [sum(row) for row in sizes] or [0]
+    return (max(totals) - totals[0]) / 2**20
+
+
+def compare(
     case: str,
-    ours_name: str,
-    peer_name: str,
-    ours_step: Callable[[], object],
-    peer_step: Callable[[], object],
-    ours_params: Sequence[Tensor],
-    peer_params: Sequence[Tensor],
+    ours: tuple[str, Callable[[], object], Sequence[Tensor]],
+    peer: tuple[str, Callable[[], object], Sequence[Tensor]],
     *,
-    layers: int,
-    width: int,
     repeat: int,
     warmup: int,
     device: str,
+    memory: bool = False,
 ) -> dict:
-    # interleaved (peer, ours) pairs, so that a change of machine load hits both sides alike
+    """Time ``ours`` against ``peer`` (``(name, step, params)`` each), interleaved step by step so that a change
+    of machine load hits both alike; with ``memory``, also each side's peak extra memory of one more step."""
+    (ours_name, ours_step, ours_params), (peer_name, peer_step, peer_params) = ours, peer
     for _ in range(warmup):
         peer_step()
         ours_step()
@@ -136,99 +156,104 @@ def _compare(
         ours_t.append(time_call(ours_step, repeat=1, warmup=0, device=device))
     peer_s, ours_s = statistics.median(peer_t), statistics.median(ours_t)
     diff = max((a.detach() - b.detach()).abs().max().item() for a, b in zip(ours_params, peer_params))
-    return {
+    row = {
         "case": case,
         "ours": ours_name,
         "peer": peer_name,
-        "layers": layers,
-        "width": width,
         "matrices": len(ours_params),
         "ours_ms": ours_s * 1e3,
         "peer_ms": peer_s * 1e3,
         "ratio": ours_s / peer_s,
         "max_abs_diff": diff,
     }
+    if memory and device == "cpu":
+        row["ours_mib"], row["peer_mib"] = peak_extra_mib(ours_step), peak_extra_mib(peer_step)
+        row["mem_ratio"] = row["ours_mib"] / max(row["peer_mib"], 1e-9)
+    return row
 
 
-def run_fp32(layers: int, width: int, *, repeat: int, warmup: int, device: str, lr: float = 0.02) -> dict:
-    """(a) disco.Muon fp32 (batched) vs the per-parameter fp32 loop."""
-    weights, grads = make_params(transformer_shapes(layers, width), device=device)
+def run_case(
+    case: str,
+    shapes: list[tuple[int, int]],
+    dtype: torch.dtype,
+    *,
+    repeat: int,
+    warmup: int,
+    device: str,
+    memory: bool = False,
+    stack_bytes: int | str | None = "auto",
+    lr: float = 0.02,
+) -> dict:
+    """``disco.Muon`` (defaults but ``compute_dtype``) against ``torch.optim.Muon`` (bf16: it always runs bf16)
+    or the per-parameter loop of the same algorithm (fp32)."""
+    weights, grads = make_params(shapes, device=device)
     ours_p, peer_p = _as_params(weights, grads), _as_params(weights, grads)
-    ours = Muon(ours_p, lr=lr, weight_decay=0.1, compute_dtype=torch.float32)
-    peer = LoopMuon(peer_p, lr=lr, weight_decay=0.1, dtype=torch.float32)
-    return _compare(
-        "a",
-        "disco.Muon fp32 (batched)",
-        "per-parameter fp32 loop",
-        ours.step,
-        peer.step,
-        ours_p,
-        peer_p,
-        layers=layers,
-        width=width,
+    config = create_local_config(stack_bytes=stack_bytes)
+    ours = Muon(ours_p, lr=lr, weight_decay=0.1, compute_dtype=dtype, distributed_config=config)
+    if dtype == torch.bfloat16:
+        peer_name, peer_step = "torch.optim.Muon (bf16)", torch.optim.Muon(peer_p, lr=lr, weight_decay=0.1).step
+    else:
+        peer_name, peer_step = f"per-parameter {_short(dtype)} loop", LoopMuon(peer_p, lr=lr, weight_decay=0.1).step
+    return compare(
+        case,
+        (f"disco.Muon {_short(dtype)}", ours.step, ours_p),
+        (peer_name, peer_step, peer_p),
         repeat=repeat,
         warmup=warmup,
         device=device,
+        memory=memory,
     )
 
 
-def run_bf16(layers: int, width: int, *, repeat: int, warmup: int, device: str, lr: float = 0.02) -> dict:
-    """(b) disco.Muon at bf16 compute vs torch.optim.Muon (always bf16)."""
-    weights, grads = make_params(transformer_shapes(layers, width), device=device)
-    ours_p, peer_p = _as_params(weights, grads), _as_params(weights, grads)
-    ours = Muon(ours_p, lr=lr, weight_decay=0.1, compute_dtype=torch.bfloat16)
-    peer = torch.optim.Muon(peer_p, lr=lr, weight_decay=0.1)
-    return _compare(
-        "b",
-        "disco.Muon bf16",
-        "torch.optim.Muon (bf16)",
-        ours.step,
-        peer.step,
-        ours_p,
-        peer_p,
-        layers=layers,
-        width=width,
-        repeat=repeat,
-        warmup=warmup,
-        device=device,
-    )
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+
+
+def _stack_bytes(text: str) -> int | str | None:
+    return None if text == "none" else text if text == "auto" else int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m disco bench step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=12, help="transformer blocks for (a) (default 12)")
-    parser.add_argument("--width", type=int, default=768, help="model width (default 768)")
+    parser.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
+    parser.add_argument("--width", type=int, default=512, help="model width (default 512)")
+    parser.add_argument("--block", choices=sorted(BLOCKS), default="fused", help="matrices per block (default fused)")
     parser.add_argument(
-        "--bf16-layers", type=int, default=1, help="blocks for (b), bf16 (default 1: slow on CPU); 0 skips (b)"
+        "--dtypes", default="bfloat16,float32", help="compute dtypes, comma-separated (bf16 vs torch, fp32 vs loop)"
     )
-    parser.add_argument("--bf16-width", type=int, default=None, help="width for (b) (default: --width)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed steps per side (median)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed steps per side (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
+    parser.add_argument("--memory", action="store_true", help="also the peak extra memory of a step (CPU)")
+    parser.add_argument(
+        "--stack-bytes", default="auto", help="disco's stack budget: auto, none or bytes; a comma list sweeps"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.layers < 1 or args.width < 1 or args.bf16_layers < 0:
-        parser.error("--layers and --width must be >= 1, --bf16-layers >= 0")
-    bf16_width = args.bf16_width or args.width
-
-    timing = dict(repeat=args.repeat, warmup=args.warmup, device=args.device)
-    rows = [run_fp32(args.layers, args.width, **timing)]
-    if args.bf16_layers:
-        rows.append(run_bf16(args.bf16_layers, bf16_width, **timing))
+    if args.layers < 1 or args.width < 1:
+        parser.error("--layers and --width must be >= 1")
+    try:
+        dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+        budgets = [_stack_bytes(b) for b in args.stack_bytes.split(",")]
+    except (AttributeError, ValueError) as e:
+        parser.error(f"bad --dtypes or --stack-bytes: {e}")
+    shapes = transformer_shapes(args.layers, args.width, args.block)
+    timing = dict(repeat=args.repeat, warmup=args.warmup, device=args.device, memory=args.memory)
+    rows = []
+    for dtype in dtypes:
+        for sb in budgets:
+            row = run_case(_short(dtype), shapes, dtype, stack_bytes=sb, **timing)  # type: ignore[arg-type]
+            rows.append({**row, "stack_bytes": sb})
     meta = {
         "benchmark": "step",
         **environment(),
         "device": args.device,
         "repeat": args.repeat,
         "warmup": args.warmup,
-        "shapes_per_layer": "4 x WxW, 4WxW, Wx4W",
-        "a": f"{args.layers} layers x {args.width}",
-        "b": f"{args.bf16_layers} layers x {bf16_width}" if args.bf16_layers else "skipped",
-        "ratio_fp32_batched_vs_loop": rows[0]["ratio"],
-        "ratio_bf16_vs_torch": rows[1]["ratio"] if len(rows) > 1 else None,
+        "shapes": f"{args.layers} x {BLOCKS[args.block][1]} at w={args.width}",
     }
     emit(rows, args.json, COLUMNS, meta)
     return 0

@@ -5,7 +5,13 @@ agreement checks); ``create_dtensor_config`` / ``create_auto_config`` / ``create
 parameters live; ``make_plan`` is the pure planner (``python -m disco plan`` simulates any world size).
 """
 
-from .config import DistributedConfig, create_auto_config, create_callback_config, create_dtensor_config
+from .config import (
+    DistributedConfig,
+    create_auto_config,
+    create_callback_config,
+    create_dtensor_config,
+    create_local_config,
+)
 from .engine import Engine, EngineStats, Job, LocalEngine, build_engine, local_piece
 from .layout import PARTIAL, REPLICATE, Layout, Placement, shard
 from .planner import Plan, make_plan
@@ -24,6 +30,7 @@ __all__ = [
     "build_engine",
     "create_auto_config",
     "create_callback_config",
+    "create_local_config",
     "create_dtensor_config",
     "local_piece",
     "make_plan",

@@ -17,8 +17,9 @@ class DistributedConfig:
     """Where parameters live and how the engine runs.
 
     ``source`` is ``"dtensor"`` (layouts read from DTensor parameters), ``"process_groups"`` (plain tensors
-    with the groups below), or ``"callbacks"`` (the escape hatch: ``assign_fn``, ``gather_fn``,
-    ``redistribute_fn``).
+    with the groups below), ``"callbacks"`` (the escape hatch: ``assign_fn``, ``gather_fn``,
+    ``redistribute_fn``) or ``"local"`` (this process alone: what ``distributed_config=None`` gives plain tensors,
+    with options).
 
     Options:
         prefetch_count: buckets whose gather is in flight ahead of the one being computed.
@@ -30,6 +31,10 @@ class DistributedConfig:
             ``False`` keeps each replica's work inside the replica (repeated per replica, less traffic across).
         average_gradients: for plain replicated tensors without a DDP wrapper, average gradients over the
             replicas before the step.
+        stack_bytes: most input bytes of one batched spec call: same-shape tensors are stacked into one kernel
+            up to this size, a larger tensor runs alone (0: one tensor per call). ``None``: one call per shape,
+            however large. Default ``"auto"``: 0 on CPU, 64 MiB on accelerators
+            (``disco.distributed.engine.auto_stack_bytes``).
     """
 
     source: str = "dtensor"
@@ -47,9 +52,13 @@ class DistributedConfig:
     bucket_size: int | None = None
     split_replicas: bool = True
     average_gradients: bool = False
+    stack_bytes: int | str | None = "auto"
 
     def __post_init__(self) -> None:
-        if self.source not in ("dtensor", "process_groups", "callbacks"):
+        sb = self.stack_bytes
+        if sb is not None and sb != "auto" and (isinstance(sb, bool) or not isinstance(sb, int) or sb < 0):
+            raise ValueError(f"stack_bytes must be 'auto', an int >= 0 or None, got {sb!r}")
+        if self.source not in ("dtensor", "process_groups", "callbacks", "local"):
             raise ValueError(f"unknown distributed config source {self.source!r}")
         if self.source == "callbacks" and not (self.assign_fn and self.gather_fn and self.redistribute_fn):
             raise ValueError("a callbacks config needs assign_fn, gather_fn and redistribute_fn")
@@ -86,6 +95,11 @@ def create_auto_config(
         tp_dim_per_param=dict(tp_dim_per_param or {}),
         **options,
     )
+
+
+def create_local_config(**options: Any) -> DistributedConfig:
+    """Config for one process with options (``stack_bytes``); ``distributed_config=None`` is this with defaults."""
+    return DistributedConfig(source="local", **options)
 
 
 def create_callback_config(

@@ -40,6 +40,9 @@ from .layout import Layout
 if TYPE_CHECKING:
     from .config import DistributedConfig
 
+#: ``stack_bytes="auto"`` on accelerators (not measured here: no GPU in this project's CI).
+GPU_STACK_BYTES = 64 * 2**20
+
 Out = Literal["input", "replicated"]
 Over = Literal["replicas", "shards"] | int
 ReduceOp = Literal["sum", "avg", "max", "min"]
@@ -161,12 +164,38 @@ def run_spec(
     return out
 
 
+def cut_stacks(
+    members: list[int], item_bytes: int, stack_bytes: int | str | None, device: torch.device
+) -> list[list[int]]:
+    """``members`` (same shape and dtype, ``item_bytes`` each) cut into stacks of at most ``stack_bytes``
+    (``"auto"``: ``auto_stack_bytes(device)``; ``None``: one stack)."""
+    budget = auto_stack_bytes(device) if stack_bytes == "auto" else stack_bytes
+    per = len(members) if budget is None else max(1, int(budget) // max(item_bytes, 1))
+    return [members[k : k + per] for k in range(0, len(members), per)]
+
+
+def auto_stack_bytes(device: torch.device) -> int:
+    """``stack_bytes="auto"``: 0 on CPU (one tensor per call: batching saves no matmul time there and each stacked
+    byte holds about three more in flight; ``python -m disco bench step --stack-bytes``), ``GPU_STACK_BYTES`` on
+    accelerators, where batching small matrices fills the device."""
+    return 0 if device.type == "cpu" else GPU_STACK_BYTES
+
+
+def stacked(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.stack``, but a lone tensor is a view (no copy: specs never write into their input)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+
+
 class LocalEngine:
-    """Everything on this process: same-spec, same-shape tensors stacked into one batched call."""
+    """Everything on this process: same-spec, same-shape tensors stacked into batched calls of at most
+    ``stack_bytes`` input bytes (``DistributedConfig.stack_bytes``; ``None``: unbounded)."""
 
     has_layouts = True
 
-    def __init__(self, params: Sequence[Tensor], names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, params: Sequence[Tensor], names: Sequence[str] | None = None, *, stack_bytes: int | str | None = "auto"
+    ) -> None:
+        self.stack_bytes = stack_bytes
         self.layouts = [Layout.replicated(tuple(p.shape), (0,)) for p in params]
         self.names = list(names) if names is not None else [f"param{i}" for i in range(len(params))]
         self.stats = EngineStats()
@@ -192,11 +221,14 @@ class LocalEngine:
                 raise ValueError(f"tensor {job.index}: a Partial layout needs a distributed engine")
             by.setdefault((spec_of(job, spec), tuple(job.tensor.shape), job.tensor.dtype), []).append(k)
         outcomes = Outcomes()
-        for (s, shape, _), members in by.items():
-            res = run_spec(s, torch.stack([jobs[k].tensor for k in members]), self.stats, outcomes, members)
-            for m, k in enumerate(members):
-                results[k] = res[m]
-                self.stats.matrices_computed += n_matrices(shape, s.batch_ndim(shape))
+        for (s, shape, dtype), members in by.items():
+            item_bytes = math.prod(shape) * dtype.itemsize
+            device = jobs[members[0]].tensor.device
+            for chunk in cut_stacks(members, item_bytes, self.stack_bytes, device):
+                res = run_spec(s, stacked([jobs[k].tensor for k in chunk]), self.stats, outcomes, chunk)
+                for m, k in enumerate(chunk):
+                    results[k] = res[m]
+                    self.stats.matrices_computed += n_matrices(shape, s.batch_ndim(shape))
             self.stats.tensors_computed += len(members)
         self._assigned = sorted({j.index for j in jobs})
         settle(outcomes, None, [0], [j.index for j in jobs], self.names, collective=False)
@@ -232,6 +264,8 @@ def build_engine(
         config = create_dtensor_config()
     if config is None:
         return LocalEngine(params, names)
+    if config.source == "local":
+        return LocalEngine(params, names, stack_bytes=config.stack_bytes)
     if config.source == "callbacks":
         from .callbacks import CallbackEngine
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..ops.specs import Spec
 from .agreement import Outcomes, check_step, digest, first_difference, settle
 from .config import DistributedConfig
-from .engine import EngineStats, Job, Out, Over, ReduceOp, n_matrices, run_spec, spec_of
+from .engine import EngineStats, Job, Out, Over, ReduceOp, cut_stacks, n_matrices, run_spec, spec_of, stacked
 from .layout import REPLICATE, Layout
 from .planner import Plan, make_plan
 from .resolve import comm_dtype_for, group_for, resolve_layouts
@@ -415,14 +415,16 @@ class PlanEngine:
                     by.setdefault(tuple(local[k].shape), []).append(k)
                 else:
                     res_out[k] = local[k].clone()
-            for ks in by.values():
-                stack = torch.stack([local[k] for k in ks])
-                res = run_spec(prog.specs[ks[0]], stack, self.stats, outcomes, [positions[k] for k in ks])
-                for m, k in enumerate(ks):
-                    res_out[k] = res[m]
-                    shape = tuple(local[k].shape)
-                    self.stats.matrices_computed += n_matrices(shape, prog.specs[k].batch_ndim(shape))
-                    self.stats.tensors_computed += 1
+            for members in by.values():
+                item_bytes = local[members[0]].numel() * local[members[0]].element_size()
+                for ks in cut_stacks(members, item_bytes, self.config.stack_bytes, local[members[0]].device):
+                    stack = stacked([local[k] for k in ks])
+                    res = run_spec(prog.specs[ks[0]], stack, self.stats, outcomes, [positions[k] for k in ks])
+                    for m, k in enumerate(ks):
+                        res_out[k] = res[m]
+                        shape = tuple(local[k].shape)
+                        self.stats.matrices_computed += n_matrices(shape, prog.specs[k].batch_ndim(shape))
+                        self.stats.tensors_computed += 1
 
         gathers: deque[tuple[Any, Tensor, list[int]] | None] = deque()
         returns: deque[tuple[Any, Tensor, _Exchange]] = deque()
@@ -456,14 +458,24 @@ class PlanEngine:
                 issued += 1
             g = gathers.popleft()
             wire = wires[b]
+            # The owner's whole tensors are rows of the stacks its spec calls read (no stacking copy later): per
+            # spec, cut to at most stack_bytes each (one shape and dtype per bucket).
+            stacks: list[tuple[Spec, list[int], Tensor]] = []
             fulls: dict[int, Tensor] = {}
+            by_spec: dict[Any, list[int]] = {}
             for k in ex.owned:
-                lay = plan.layouts[k]
-                partial = lay.partial_count > 1
-                full = (torch.zeros if partial else torch.empty)(lay.shape, dtype=wire, device=device)
+                by_spec.setdefault(prog.specs[k], []).append(k)
+            for s, owned in by_spec.items():
+                shape = plan.layouts[owned[0]].shape
+                for ks in cut_stacks(owned, _numel(shape) * wire.itemsize, self.config.stack_bytes, device):
+                    partial = any(plan.layouts[k].partial_count > 1 for k in ks)
+                    stack = (torch.zeros if partial else torch.empty)((len(ks), *shape), dtype=wire, device=device)
+                    stacks.append((s, ks, stack))
+                    for m, k in enumerate(ks):
+                        fulls[k] = stack[m]
+            for k in ex.owned:
                 if local[k].numel():
-                    full[self.region(prog, k, me)] = local[k].to(wire)
-                fulls[k] = full
+                    fulls[k][self.region(prog, k, me)] = local[k].to(wire)
             if g is not None:
                 work, buf, splits = g
                 work.wait()
@@ -487,11 +499,8 @@ class PlanEngine:
                 if lay.partial_count > 1 and lay.partial_op == "avg":
                     fulls[k] /= lay.partial_count
             results: dict[int, Tensor] = {}
-            by_spec: dict[Any, list[int]] = {}
-            for k in ex.owned:
-                by_spec.setdefault(prog.specs[k], []).append(k)
-            for s, ks in by_spec.items():
-                res = compute(s, torch.stack([fulls[k] for k in ks]), ks).to(wire)
+            for s, ks, stack in stacks:
+                res = compute(s, stack, ks).to(wire)
                 for m, k in enumerate(ks):
                     results[k] = res[m]
                     if out == "replicated":
