@@ -39,9 +39,7 @@ package: $(STAMP)
 	cd build && wheel-venv/bin/python -c "import disco, sys; assert 'site-packages' in disco.__file__, disco.__file__"
 
 bench: $(STAMP)
-	$(PY) -m disco bench ortho
-	$(PY) -m disco bench step
-	$(PY) -m disco bench dist
+	$(PY) -m disco bench goals
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

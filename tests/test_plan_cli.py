@@ -149,3 +149,15 @@ def test_bad_input_exit_code_from_the_command_line(tmp_path):
 def test_help_exits_0(capsys):
     rc, out, _ = _run(["--help"], capsys)
     assert rc == 0 and "--world-size" in out
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "ddp", "hsdp:256x256", "fsdp+tp:8192x8"])
+def test_1000_matrices_on_65536_ranks(layout, tmp_path, capsys):
+    """Issue #13's size, in process: every matrix gets its own owner, nothing is computed twice."""
+    f = tmp_path / "shapes.json"
+    f.write_text(json.dumps([[768, 768], [768, 768], [768, 768], [768, 768], [3072, 768], [768, 3072]] * 167))
+    rc, out, _ = _run(["-n", "65536", "--shapes", str(f), "--layout", layout, "--json"], capsys)
+    assert rc == 0
+    data = json.loads(out)
+    assert data["tensors"] == 1002 and data["ranks_with_work"] == 1002 and data["redundancy"] == 1.0
+    assert data["bytes_total"] >= data["bytes_lower_bound"] > 0

@@ -1,4 +1,4 @@
-"""Benchmarks (scripts, not tests): ``python -m disco bench {ortho,step,dist,dion,checks} [options]``.
+"""Benchmarks (scripts, not tests): ``python -m disco bench {goals,ortho,step,dist,dion,checks,overlap,plan}``.
 
 Each sub-benchmark lives in its own module with a ``main(argv) -> int`` and is imported only when asked for,
 so that ``bench ortho`` works whatever the state of the others.
@@ -10,11 +10,14 @@ import importlib
 import sys
 
 BENCHMARKS = {
+    "goals": ("disco.bench.goals", "Every performance goal against its peer, in one table (make bench)."),
     "ortho": ("disco.bench.ortho", "Orthogonalization backends and tables: time, error vs SVD, singular values."),
     "step": ("disco.bench.step", "One optimizer step against its peers."),
     "dist": ("disco.bench.dist", "Distributed step: communication volume and time per layout."),
     "dion": ("disco.bench.dion", "Dion's step time and bytes per step against disco.Muon, by rank fraction."),
     "checks": ("disco.bench.checks", "What the agreement checks cost against the distributed step."),
+    "overlap": ("disco.bench.overlap", "Exposed optimizer time with overlap_with_backward against the plain step."),
+    "plan": ("disco.bench.plan", "Seconds to plan 1,000 matrices for 4,096 to 1,000,000 ranks."),
 }
 
 

@@ -167,8 +167,8 @@ def compare(
         "max_abs_diff": diff,
     }
     if memory and device == "cpu":
-        row["ours_mib"], row["peer_mib"] = peak_extra_mib(ours_step), peak_extra_mib(peer_step)
-        row["mem_ratio"] = row["ours_mib"] / max(row["peer_mib"], 1e-9)
+        ours_mib, peer_mib = peak_extra_mib(ours_step), peak_extra_mib(peer_step)
+        row.update(ours_mib=ours_mib, peer_mib=peer_mib, mem_ratio=ours_mib / max(peer_mib, 1e-9))
     return row
 
 
@@ -190,6 +190,7 @@ def run_case(
     ours_p, peer_p = _as_params(weights, grads), _as_params(weights, grads)
     config = create_local_config(stack_bytes=stack_bytes)
     ours = Muon(ours_p, lr=lr, weight_decay=0.1, compute_dtype=dtype, distributed_config=config)
+    peer_step: Callable[[], object]
     if dtype == torch.bfloat16:
         peer_name, peer_step = "torch.optim.Muon (bf16)", torch.optim.Muon(peer_p, lr=lr, weight_decay=0.1).step
     else:

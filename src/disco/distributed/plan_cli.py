@@ -25,6 +25,7 @@ buckets. Exit status 2 on bad input (missing or malformed file, bad shape, mesh 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -131,14 +132,14 @@ def build_plan(specs: Sequence[ShapeSpec], layout: str, world_size: int, bucket_
 def summarize(plan: Plan, element_size: int = 4) -> dict[str, float]:
     """``Plan.stats()`` plus the load summary and the ratio of bytes moved to the lower bound."""
     st = plan.stats(element_size)
-    loads = [plan.load.get(r, 0.0) for r in plan.ranks]
+    loads = list(map(plan.load.get, plan.ranks, itertools.repeat(0.0)))
     st["load_min"] = min(loads)
     st["load_max"] = max(loads)
     st["load_mean"] = sum(loads) / len(loads)
     st["cost_total"] = sum(plan.costs)
     st["elements"] = sum(lay.numel for lay in plan.layouts)
     st["bytes_vs_lower_bound"] = st["bytes_total"] / st["bytes_lower_bound"] if st["bytes_lower_bound"] else 1.0
-    st["ranks_with_work"] = sum(1 for v in plan.assignments.values() if v)
+    st["ranks_with_work"] = plan.ranks_with_work()
     st["element_size"] = element_size
     return st
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import operator
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .layout import Layout, local_numels_table, rank_positions, replica_group_table
 
@@ -49,33 +50,22 @@ class _Mesh:
 
 
 class _Info:
-    """Per-rank tables of one distinct layout, by mesh position, and the sums the byte counts need."""
+    """Per-rank tables of one distinct layout, by mesh position, and the sums the byte counts need.
 
-    __slots__ = ("mesh", "numels", "groups", "total", "nonzero", "biggest", "grouped", "_sums")
+    Replica coordinates never change a piece, so every replica group (copy) holds the same pieces: per-copy
+    sums are the totals over ``copies``, with no pass over the groups.
+    """
+
+    __slots__ = ("mesh", "numels", "groups", "copies", "total", "nonzero", "biggest")
 
     def __init__(self, lay: Layout, mesh: _Mesh) -> None:
         self.mesh = mesh
         self.numels = local_numels_table(lay.shape, lay.mesh_shape, lay.placements)
-        self.groups = replica_group_table(lay.mesh_shape, lay.placements)
-        self.grouped = bool(lay.replica_axes())  # else one group: every rank holds a piece of the one copy
+        self.groups = replica_group_table(lay.mesh_shape, lay.placements)  # position -> its copy, 0..copies-1
+        self.copies = math.prod(lay.mesh_shape[a] for a in lay.replica_axes())
         self.total = sum(self.numels)
         self.nonzero = len(self.numels) - self.numels.count(0)
         self.biggest = max(self.numels, default=0)
-        self._sums: tuple[dict[int, int], dict[int, int]] | None = None
-
-    def group_sums(self) -> tuple[dict[int, int], dict[int, int]]:
-        """Per replica group: elements held, and holders of a non-empty piece."""
-        if self._sums is None:
-            if not self.grouped:
-                self._sums = {0: self.total}, {0: self.nonzero}
-            else:
-                held: dict[int, int] = {}
-                holders: dict[int, int] = {}
-                for g, v in zip(self.groups, self.numels):
-                    held[g] = held.get(g, 0) + v
-                    holders[g] = holders.get(g, 0) + (v > 0)
-                self._sums = held, holders
-        return self._sums
 
     def numel_of(self, rank: int) -> int:
         return self.numels[self.mesh.position(rank)]
@@ -138,18 +128,31 @@ class Plan:
     def assignments(self) -> dict[int, list[int]]:
         """rank -> indices of the tensors it computes (in-place tensors appear under every holder)."""
         out: dict[int, list[int]] = {r: [] for r in self.ranks}
-        tables = _Tables(self.layouts)
-        holders: dict[int, list[int]] = {}  # per distinct in-place layout: ranks with a non-empty piece
+        holders = self._local_holders()
         for i, o in enumerate(self.owners):  # in index order, so every list comes out sorted
-            if o >= 0:
-                out[o].append(i)
-                continue
-            j = tables.which[i]
-            if j not in holders:
-                info = tables.infos[j]
-                holders[j] = [r for r, v in zip(info.mesh.ranks, info.numels) if v]
-            for r in holders[j]:
+            for r in [o] if o >= 0 else holders[i]:
                 out[r].append(i)
+        return out
+
+    def ranks_with_work(self) -> int:
+        """Ranks that compute at least one tensor (non-empty ``assignments``), without a list per rank."""
+        working = {o for o in self.owners if o >= 0}
+        for members in {id(m): m for m in self._local_holders().values()}.values():
+            working.update(members)
+        return len(working)
+
+    def _local_holders(self) -> dict[int, list[int]]:
+        """In-place tensor -> ranks holding a non-empty piece of it (one list per distinct layout)."""
+        tables = _Tables(self.layouts)
+        by_layout: dict[int, list[int]] = {}
+        out: dict[int, list[int]] = {}
+        for i, o in enumerate(self.owners):
+            if o < 0:
+                j = tables.which[i]
+                if j not in by_layout:
+                    info = tables.infos[j]
+                    by_layout[j] = list(itertools.compress(info.mesh.ranks, info.numels))
+                out[i] = by_layout[j]
         return out
 
     def receivers(self, i: int) -> list[int]:
@@ -174,27 +177,26 @@ class Plan:
         pieces and sends the results out.
         """
         replicated = self.out == "replicated"
-        per_group: dict[int, dict[int, int]] = {}  # distinct layout -> replica group of the owner -> tensors
+        per_copy: dict[int, list[int]] = {}  # distinct layout -> tensors with their owner in each copy
         back: dict[int, int] = {}  # distinct layout -> elements back to each holder, over its tensors
         for i, o in enumerate(self.owners):
             if o < 0:
                 continue
             j, info = tables.which[i], tables.info(i)
-            g = info.groups[info.mesh.position(o)]
-            counts = per_group.setdefault(j, {})
-            counts[g] = counts.get(g, 0) + 1
+            if j not in per_copy:
+                per_copy[j] = [0] * info.copies
+            per_copy[j][info.groups[info.mesh.position(o)]] += 1
             back[j] = back.get(j, 0) + (self._result_numel(i) if replicated else 1)
         n = len(self.ranks)
         sent, received = [0] * n, [0] * n
         plan_mesh = _Mesh(self.ranks)
-        for j, counts in per_group.items():
-            info = tables.infos[j]
-            if info.grouped:
-                out = [v * counts.get(g, 0) for v, g in zip(info.numels, info.groups)]
+        for j, counts in per_copy.items():
+            info, m = tables.infos[j], back[j]
+            if info.copies > 1:
+                out = list(map(operator.mul, info.numels, map(counts.__getitem__, info.groups)))
             else:
-                out = [v * counts[0] for v in info.numels]
-            m = back[j]
-            into = [m] * len(info.numels) if replicated else [v * m for v in info.numels]
+                out = list(map(counts[0].__mul__, info.numels))
+            into = [m] * len(info.numels) if replicated else list(map(m.__mul__, info.numels))
             if info.mesh.ranks == self.ranks:
                 sent = list(map(operator.add, sent, out))
                 received = list(map(operator.add, received, into))
@@ -208,8 +210,7 @@ class Plan:
                 continue
             info = tables.info(i)
             k = info.mesh.position(o)
-            v, p = info.numels[k], plan_mesh.position(o)
-            held = info.group_sums()[0][info.groups[k]]
+            v, p, held = info.numels[k], plan_mesh.position(o), info.total // info.copies
             if replicated:
                 res = self._result_numel(i)
                 sent[p] += (len(info.numels) - 1) * res - v
@@ -218,8 +219,8 @@ class Plan:
                 sent[p] += info.total - 2 * v
                 received[p] += held - 2 * v
         if element_size != 1:
-            sent = [x * element_size for x in sent]
-            received = [x * element_size for x in received]
+            sent = list(map(element_size.__mul__, sent))
+            received = list(map(element_size.__mul__, received))
         return sent, received
 
     def bytes_lower_bound(self, element_size: int = 4) -> int:
@@ -248,8 +249,7 @@ class Plan:
     def _collectives(self, tables: _Tables) -> int:
         def gathers(i: int) -> bool:  # another holder of a non-empty piece in the owner's replica group
             info = tables.info(i)
-            k = info.mesh.position(self.owners[i])
-            return info.group_sums()[1][info.groups[k]] - (info.numels[k] > 0) > 0
+            return info.nonzero // info.copies - (info.numel_of(self.owners[i]) > 0) > 0
 
         def returns(i: int) -> bool:
             info = tables.info(i)
@@ -260,7 +260,7 @@ class Plan:
         return sum(any(map(gathers, b)) + any(map(returns, b)) for b in self.buckets)
 
     def stats(self, element_size: int = 4) -> dict[str, float]:
-        loads = [self.load.get(r, 0.0) for r in self.ranks]
+        loads = list(map(self.load.get, self.ranks, itertools.repeat(0.0)))
         mean = sum(loads) / len(loads) if loads else 0.0
         total = sum(self.costs)
         tables = _Tables(self.layouts)
@@ -317,10 +317,11 @@ class _Pool:
     """
 
     def __init__(self, info: _Info, initial: dict[int, float] | None) -> None:
-        by: dict[tuple[float, int], list[int]] = {}
-        loads = map(initial.__getitem__, info.mesh.ranks) if initial is not None else itertools.repeat(0.0)
-        for r, v, ld in zip(info.mesh.ranks, info.numels, loads):
-            by.setdefault((ld, v), []).append(r)
+        ranks, numels = info.mesh.ranks, info.numels
+        if initial is None:
+            by = {(0.0, v): members for v, members in _group_by(ranks, numels).items()}
+        else:
+            by = _group_by(ranks, list(zip(map(initial.__getitem__, ranks), numels)))
         levels: dict[float, list[_Size]] = {}
         for (ld, v), members in sorted(by.items(), key=lambda kv: kv[0][1]):
             levels.setdefault(ld, []).append(_Size(v, members))
@@ -342,6 +343,21 @@ class _Pool:
                 sizes.pop()
             self.levels.pop()
         return None
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def _group_by(ranks: Sequence[int], keys: Sequence[K]) -> dict[K, list[int]]:
+    """``key -> ranks with that key``, in ``ranks`` order; a pass at C speed per key when keys are few (the
+    usual handful of piece sizes), else one Python pass."""
+    distinct = set(keys)
+    if len(distinct) <= 16:
+        return {k: list(itertools.compress(ranks, map(k.__eq__, keys))) for k in distinct}
+    by: dict[K, list[int]] = {}
+    for r, k in zip(ranks, keys):
+        by.setdefault(k, []).append(r)
+    return by
 
 
 def _initial_loads(

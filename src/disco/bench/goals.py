@@ -1,0 +1,160 @@
+"""``python -m disco bench goals``: every performance goal of the project in one table, each against its peer.
+
+Each row runs one of the other benchmarks (in a fresh process, ``--json``) or a direct measurement here, and
+prints the measured value, the peer's, their ratio, the target and whether it is met. Goals:
+
+1. ``step bf16``: one ``disco.Muon`` step (bf16 compute) over ``time torch.optim.Muon``'s, ``bench step`` at
+   4 x [3w x w, w x w, 4w x w, w x 4w], w = 512; target <= 0.8. ``step fp32``: against the per-parameter fp32 loop.
+2. ``memory``: peak extra memory of a steady-state step over ``torch.optim.Muon``'s (same run); target <= 1.25.
+3. ``gram``: Newton-Schulz over its Gram form at 512 x 2048 (aspect 4), per dtype; target >= 1.3 (speed-up).
+4. ``cpu dtype``: the default compute dtype this CPU gets (``disco.ops.default_compute_dtype``), and the fp32
+   step over the bf16 step (how much the right default is worth here).
+5. ``overlap``: exposed optimizer time (end of backward to end of ``step()``) with ``overlap_with_backward``
+   over the plain step's, one process (``bench overlap``).
+6. ``2 ranks``: the FSDP2 step on 2 gloo ranks over one process, one thread each (``bench dist``); target <= 0.6.
+   ``parallel capacity`` measures what the machine allows: two processes each running the same bf16 matmuls,
+   their time over one alone (1.0: two real cores; 2.0: one core's worth shared), so the 2-rank ratio can be read.
+7. ``planner``: seconds to plan and summarize 1,000 matrices on 65,536 ranks (``bench plan``); target <= 5 s.
+
+``--quick`` shrinks every case (a smoke run: the numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from disco.bench.common import Column, emit, environment
+
+COLUMNS: list[Column] = [
+    ("goal", "goal"),
+    ("measure", "measure"),
+    ("ours", "ours", ".4g"),
+    ("peer", "peer", ".4g"),
+    ("ratio", "ratio", ".3f"),
+    ("target", "target"),
+    ("met", "met"),
+]
+
+
+def _bench(name: str, *args: str, timeout: float = 1200) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "disco", "bench", name, *args, "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[2:])} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _row(goal: str, measure: str, ours: float, peer: float, target: str, ok: Callable[[float], bool]) -> dict:
+    ratio = ours / peer if peer else float("nan")
+    return {"goal": goal, "measure": measure, "ours": ours, "peer": peer, "ratio": ratio, "target": target,
+            "met": "yes" if ok(ratio) else "no"}  # fmt: skip
+
+
+def _best_ms(fn: Callable[[], object], repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
+def gram_rows(m: int, n: int, repeat: int) -> list[dict]:
+    from disco.ops import gram_newton_schulz, newton_schulz
+
+    G = torch.randn(m, n, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        plain = _best_ms(lambda d=dtype: newton_schulz(G, compute_dtype=d), repeat)  # type: ignore[misc]
+        gram = _best_ms(lambda d=dtype: gram_newton_schulz(G, compute_dtype=d), repeat)  # type: ignore[misc]
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        rows.append(_row("3 gram", f"NS / Gram NS ms, {m}x{n} {name}", plain, gram, ">= 1.3x", lambda r: r >= 1.3))
+    return rows
+
+
+def _matmul_rank(rank: int, world: int, cfg: dict) -> float:
+    torch.set_num_threads(1)
+    a = torch.randn(cfg["n"], cfg["n"], dtype=torch.bfloat16)
+    a @ a
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    for _ in range(cfg["reps"]):
+        a @ a
+    return time.perf_counter() - t0
+
+
+def parallel_capacity(n: int, reps: int) -> tuple[float, float]:
+    """Seconds for ``reps`` bf16 ``n x n`` matmuls in one process alone, and the slowest of two at once."""
+    from disco.distributed.launch import run_ranks
+
+    cfg = {"n": n, "reps": reps}
+    one = max(run_ranks(_matmul_rank, 1, cfg, timeout=300))
+    two = max(run_ranks(_matmul_rank, 2, cfg, timeout=300))
+    return one, two
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m disco bench goals", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    q = args.quick
+    size = ["--layers", "1", "--width", "64", "--repeat", "1"] if q else ["--layers", "4", "--width", "512"]
+    rows: list[dict] = []
+
+    step = _bench("step", *size, "--threads", "1", "--memory")["rows"]
+    by = {r["case"]: r for r in step}
+    for case in ("bf16", "fp32"):
+        r = by[case]
+        rows.append(_row(f"1 step {case}", f"ms vs {r['peer']}", r["ours_ms"], r["peer_ms"], "<= 0.8x",
+                         lambda x: x <= 0.8))  # fmt: skip
+    r = by["bf16"]
+    rows.append(_row("2 memory", "peak extra MiB vs torch.optim.Muon", r["ours_mib"], r["peer_mib"], "<= 1.25x",
+                     lambda x: x <= 1.25))  # fmt: skip
+
+    rows += gram_rows(*((64, 256) if q else (512, 2048)), repeat=1 if q else 3)
+
+    from disco.ops import cpu_has_native_bf16, default_compute_dtype
+
+    chosen = default_compute_dtype(torch.empty(1))
+    rows.append(_row("4 cpu dtype", f"default {chosen} (native bf16: {cpu_has_native_bf16()}); fp32 / bf16 step ms",
+                     by["fp32"]["ours_ms"], by["bf16"]["ours_ms"], "default = faster",
+                     lambda x: (x >= 1) == (chosen == torch.bfloat16)))  # fmt: skip
+
+    ov = _bench("overlap", "--ranks", "0", *(["--steps", "2", "--layers", "2", "--width", "32"] if q else []))
+    plain, over = ov["rows"][0], ov["rows"][1]
+    rows.append(_row("5 overlap", "exposed ms, overlap vs plain (1 process)", over["exposed_ms"], plain["exposed_ms"],
+                     "< 1x", lambda x: x < 1))  # fmt: skip
+    rows.append(_row("5 overlap", "total ms, overlap vs plain (1 process)", over["total_ms"], plain["total_ms"],
+                     "report", lambda x: True))  # fmt: skip
+
+    dist = _bench("dist", "--ranks", "1,2", "--torch-muon", "off", "--compute-dtype", "bfloat16",
+                  *(["--layers", "1", "--width", "64", "--steps", "1"] if q else []))["rows"]  # fmt: skip
+    ms = {r["ranks"]: r["ms"] for r in dist if r["method"] == "disco"}
+    rows.append(_row("6 2 ranks", "step ms, 2 gloo ranks vs 1 process", ms[2], ms[1], "<= 0.6x", lambda x: x <= 0.6))
+    one, two = parallel_capacity(*((128, 5) if q else (1024, 40)))
+    rows.append(_row("6 2 ranks", "parallel capacity: 2 procs vs 1, same matmuls", two, one, "1.0 = 2 cores",
+                     lambda x: True))  # fmt: skip
+
+    plan = _bench("plan", "--world-sizes", "65536", "--layouts", "fsdp,hsdp,fsdp+tp",
+                  "--matrices", "100" if q else "1000")["rows"]  # fmt: skip
+    worst = max(plan, key=lambda r: r["total_s"])
+    rows.append(_row("7 planner", f"s for 65,536 ranks ({worst['layout']}, worst)", worst["total_s"], 5.0, "<= 1x",
+                     lambda x: x <= 1))  # fmt: skip
+
+    emit(rows, args.json, COLUMNS, {"benchmark": "goals", **environment(), "quick": q})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
