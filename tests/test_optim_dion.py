@@ -150,3 +150,21 @@ def test_rank_rounding():
     assert dion_rank(100, 60, 0.25, multiple_of=8) == 16
     assert dion_rank(10, 6, 1.0, multiple_of=4) == 6
     assert torch.allclose(column_normalize(torch.zeros(3, 2)), torch.zeros(3, 2))
+
+
+def test_groups_with_different_power_iters_each_run_their_own():
+    # one rule serves every Dion group: a group's power_iters must not leak into another's parameters
+    g = torch.Generator().manual_seed(3)
+    A = nn.Parameter(torch.randn(24, 16, dtype=torch.float64, generator=g))
+    C = nn.Parameter(torch.randn(20, 12, dtype=torch.float64, generator=g))
+    X0 = {"A": A.detach().clone(), "C": C.detach().clone()}
+    groups = [{"params": [A], "power_iters": 1}, {"params": [C], "power_iters": 3}]
+    opt = Dion(groups, lr=0.05, mu=0.9, weight_decay=0.1, rank_fraction=0.5, qr_method="qr")
+    Q0 = {"A": opt.state[A]["Q"].clone(), "C": opt.state[C]["Q"].clone()}
+    grads = {"A": _grads((24, 16), STEPS, seed=4), "C": _grads((20, 12), STEPS, seed=5)}
+    for k in range(STEPS):
+        A.grad, C.grad = grads["A"][k].clone(), grads["C"][k].clone()
+        opt.step()
+    for name, p, iters in (("A", A, 1), ("C", C, 3)):
+        want = reference_dion(X0[name], Q0[name], grads[name], lr=0.05, mu=0.9, wd=0.1, power_iters=iters)
+        torch.testing.assert_close(p.detach(), want, atol=1e-9, rtol=0)

@@ -165,14 +165,21 @@ class DionRule:
         specs = [self._spec(it.group) for it in items]
         p_lays = [p_layout(lay, q.shape[-1], md, nd) for lay, q, (md, nd) in zip(lays, Q, dims)]
         P = [b @ q for b, q in zip(B, Q)]  # P: (m/outer, r), Partial over the axes sharding n
-        R: list[Tensor] = []
-        for it_round in range(max(int(it.group["power_iters"]) for it in items)):
+        iters = [int(it.group["power_iters"]) for it in items]
+        for it_round in range(max(iters)):
+            # each parameter runs its own group's count (the same subset on every rank: items are agreed)
+            on = [k for k, n in enumerate(iters) if n > it_round]
             if it_round:  # another power iteration: P = B (B^T P)
-                R = self._reduce_rows([b.mT @ p for b, p in zip(B, P)], lays, dims, engine)
-                P = [b @ r for b, r in zip(B, R)]
-            self._replica_mean(P, p_lays, sync, engine)
-            jobs = [Job(it.index, p, s, pl) for it, p, s, pl in zip(items, P, specs, p_lays)]
-            P = engine.map(jobs, out="input")  # P: (m/outer, r), orthonormal columns of the whole P
+                sub = self._reduce_rows(
+                    [B[k].mT @ P[k] for k in on], [lays[k] for k in on], [dims[k] for k in on], engine
+                )
+                for k, r in zip(on, sub):
+                    P[k] = B[k] @ r
+            on_P = [P[k] for k in on]
+            self._replica_mean(on_P, [p_lays[k] for k in on], [sync[k] for k in on], engine)
+            jobs = [Job(items[k].index, p, specs[k], p_lays[k]) for k, p in zip(on, on_P)]
+            for k, p in zip(on, engine.map(jobs, out="input")):
+                P[k] = p  # P: (m/outer, r), orthonormal columns of the whole P
         R = self._reduce_rows([b.mT @ p for b, p in zip(B, P)], lays, dims, engine)  # R: (n/inner, r)
         self._replica_mean(R, lays, sync, engine)
         sq = [r.pow(2).sum(dim=-2, keepdim=True) for r in R]  # column norms: partial sums over the rows of R

@@ -5,8 +5,7 @@ results are those of the plain ``step()`` in every case, because ``step()`` comm
 only when every rank agrees that it was done on the gradients that are still there, and otherwise recomputes.
 
 Buckets. The parameters of the rules whose ``compute`` is per parameter (the LMO rule of Disco / Muon / Scion,
-NorMuon's, and Dion's when every Dion group has the same ``power_iters``: its power iteration runs the largest
-count over the parameters it is given) are taken in reverse registration order, the order in which backward
+NorMuon's, and Dion's) are taken in reverse registration order, the order in which backward
 produces gradients, and cut into buckets of at most ``bucket_bytes`` (global shape times element size, so every
 rank forms the same buckets; checked with one agreement collective). Light-mode groups (``is_light``: the
 momentum lives in ``p.grad``), element-wise groups and parameters with ``requires_grad=False`` stay in ``step()``.
@@ -132,7 +131,7 @@ def overlappable(opt: SpectralOptimizer, items: Sequence[Item]) -> list[Item]:
         rules.setdefault(opt._rule(it.group), []).append(it)
     out = []
     for rule, mine in rules.items():
-        if type(rule) is DionRule and len({int(it.group["power_iters"]) for it in mine}) == 1:
+        if type(rule) is DionRule:
             out.extend(mine)
         elif type(rule) in (LMORule, NorMuonRule):
             out.extend(it for it in mine if not it.group.get("is_light"))
