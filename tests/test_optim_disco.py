@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import disco
+from disco.distributed import create_local_config
 from disco.ops import lmo
 
 torch.set_num_threads(1)
@@ -171,7 +172,8 @@ def test_same_shape_matrices_are_batched():
     ps = _batch_params()
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(*p.shape, generator=gen) for p in ps]
-    opt = disco.Disco(ps, lr=0.1, momentum=0.5)
+    # stack_bytes=None: one stack per shape (on CPU the default runs one tensor per call)
+    opt = disco.Disco(ps, lr=0.1, momentum=0.5, distributed_config=create_local_config(stack_bytes=None))
     calls: list[tuple[int, ...]] = []
     opt.engine.stats.observers.append(lambda spec, X: calls.append(tuple(X.shape)))
     for _ in range(2):

@@ -129,7 +129,8 @@ class CallbackEngine:
         for k in sorted(range(len(jobs)), key=lambda k: jobs[k].index):
             job, s = jobs[k], spec_of(jobs[k], spec)
             i, owner = job.index, self.owner[job.index]
-            full = self.config.gather_fn(job.tensor, i, owner)
+            piece = job.values()
+            full = self.config.gather_fn(piece, i, owner)
             result = None
             if self.current_rank == owner:
                 if full is None:
@@ -143,7 +144,7 @@ class CallbackEngine:
                 dist.broadcast_object_list(box, src=owner)
                 results[k] = box[0]  # type: ignore[assignment]
             else:
-                results[k] = self.config.redistribute_fn(result, i, owner, job.tensor)
+                results[k] = self.config.redistribute_fn(result, i, owner, piece)
         self._mapped = sorted(j.index for j in jobs)
         settle(outcomes, None, list(range(dist.get_world_size())), [j.index for j in jobs], self.names)
         return [results[k] for k in range(len(jobs))]

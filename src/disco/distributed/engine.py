@@ -53,13 +53,21 @@ class Job:
     """One tensor to map: ``tensor`` is this rank's local piece of tensor ``index`` (a registered parameter).
 
     ``spec`` overrides the ``spec`` given to ``map``; ``layout`` overrides the parameter's layout (a tensor
-    derived from the parameter, e.g. ``Partial`` products or state of another shape).
+    derived from the parameter, e.g. ``Partial`` products or state of another shape). ``make`` computes the
+    piece when the engine needs it (``tensor`` is then only a template of its shape, dtype and device, e.g. the
+    gradient it derives from): the local engine makes each stack's pieces just before its spec call and drops
+    them after, so that an optimizer's directions never all live at once.
     """
 
     index: int
     tensor: Tensor
     spec: Spec | None = None
     layout: Layout | None = None
+    make: Callable[[], Tensor] | None = None
+
+    def values(self) -> Tensor:
+        """The piece itself: ``make()`` if given (called once per use), else ``tensor``."""
+        return self.make() if self.make is not None else self.tensor
 
 
 @dataclass
@@ -225,7 +233,7 @@ class LocalEngine:
             item_bytes = math.prod(shape) * dtype.itemsize
             device = jobs[members[0]].tensor.device
             for chunk in cut_stacks(members, item_bytes, self.stack_bytes, device):
-                res = run_spec(s, stacked([jobs[k].tensor for k in chunk]), self.stats, outcomes, chunk)
+                res = run_spec(s, stacked([jobs[k].values() for k in chunk]), self.stats, outcomes, chunk)
                 for m, k in enumerate(chunk):
                     results[k] = res[m]
                     self.stats.matrices_computed += n_matrices(shape, s.batch_ndim(shape))

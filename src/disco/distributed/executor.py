@@ -380,11 +380,11 @@ class PlanEngine:
         exchanged = set(mapped)
         for k, (job, s) in enumerate(zip(jobs, specs)):
             if k not in exchanged:  # element-wise: the local piece is all it needs
-                results[k] = run_spec(s, job.tensor.unsqueeze(0), self.stats, outcomes, [k])[0]
+                results[k] = run_spec(s, job.values().unsqueeze(0), self.stats, outcomes, [k])[0]
         prog = self._program(signature, [specs[k] for k in mapped], out)
         self._current = prog
         self._job_index = [jobs[k].index for k in mapped]
-        mres = self._run(prog, [jobs[k].tensor for k in mapped], out, outcomes, mapped)
+        mres = self._run(prog, [jobs[k].values() for k in mapped], out, outcomes, mapped)
         for k, r in zip(mapped, mres):
             results[k] = r
         self.stats.checks += 1

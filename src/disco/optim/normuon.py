@@ -106,7 +106,10 @@ class NorMuonRule(LMORule):
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         engine = ctx.engine
         prepared = [self.prepare(it, ctx) for it in items]
-        jobs = [Job(it.index, d, self.spec(it.group, it.param)) for it, (d, _) in zip(items, prepared)]
+        jobs = [
+            Job(it.index, like, self.spec(it.group, it.param), make=make)
+            for it, (like, make, _) in zip(items, prepared)
+        ]
         results = engine.map(jobs) if jobs else []
         lays = [engine.layout(it.index) for it in items]
         rdims = [row_dims(it.group, it.param) for it in items]
@@ -138,7 +141,7 @@ class NorMuonRule(LMORule):
         weights = self.constrain(items, ctx, updates)
 
         def commit() -> list[Tensor]:
-            for it, O, (_, momentum), (v_new, _), W in zip(items, updates, prepared, new_v, weights):
+            for it, O, (_, _, momentum), (v_new, _), W in zip(items, updates, prepared, new_v, weights):
                 local_piece(ctx.state_of(it.param)["row_var"]).copy_(v_new)
                 self.apply(it, ctx, O, momentum, W)
             return updates

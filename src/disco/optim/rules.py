@@ -2,7 +2,7 @@
 
 A rule owns the per-parameter state of its groups and one step over the parameters that have a gradient::
 
-    prepare  (local)      d_i, M_i' = momentum(state_i, g_i)     # this rank's piece only; nothing written
+    prepare  (local)      d_i = momentum(state_i, g_i)           # this rank's piece, made when the engine stacks it
     map      (engine)     o_i = spec_i(whole d_i)                # once per tensor, on its owner
     finish   (local)      M_i <- M_i';  w_i <- apply(w_i, o_i)   # the commit, after every rule computed
 
@@ -164,23 +164,26 @@ class LMORule:
         )
 
     @staticmethod
-    def prepare(it: Item, ctx: StepContext) -> tuple[Tensor, MomentumWrite | None]:
-        """The local direction the LMO reads, and the momentum update that ``finish`` applies (nothing written now).
+    def prepare(it: Item, ctx: StepContext) -> tuple[Tensor, Callable[[], Tensor], MomentumWrite | None]:
+        """The LMO's input, as a template (the gradient: same shape, dtype, device) and the function that computes
+        it when the engine stacks it, and the momentum update ``finish`` applies. Nothing is written now.
 
         Nesterov's ``lerp(G, M', beta)`` with ``M' = lerp(M, G, 1 - beta)`` is ``lerp(G, M, beta^2)``: one pass
-        that leaves ``M`` untouched, so the commit updates it in place (``lerp_``) without a copy of ``M'``.
+        that leaves ``M`` untouched, so the commit updates it in place (``lerp_``) and no ``M'`` is kept.
         """
         beta: float = it.group["momentum"]
         g = ctx.grad_of(it.param)
         if it.group.get("is_light"):
             # p.grad holds beta/(1-beta) * M_prev + G, so (1 - beta) * p.grad is the EMA momentum M.
-            return g * (1 - beta), None
+            return g, lambda: g * (1 - beta), None
         buf = local_piece(ctx.state_of(it.param)["momentum_buffer"])
+
+        def write() -> Tensor:
+            return buf.lerp_(g.to(buf.dtype), 1 - beta)
+
         if it.group.get("nesterov"):
-            d = g.lerp(buf.to(g.dtype), beta * beta)
-            return d, lambda: buf.lerp_(g.to(buf.dtype), 1 - beta)
-        new = buf.lerp(g.to(buf.dtype), 1 - beta)
-        return new, lambda: buf.copy_(new)
+            return g, lambda: g.lerp(buf.to(g.dtype), beta * beta), write
+        return buf, lambda: buf.lerp(g.to(buf.dtype), 1 - beta), write
 
     @staticmethod
     def finish(it: Item, ctx: StepContext, O: Tensor, momentum: MomentumWrite | None) -> None:
@@ -225,7 +228,10 @@ class LMORule:
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         prepared = [self.prepare(it, ctx) for it in items]
-        jobs = [Job(it.index, d, self.spec(it.group, it.param)) for it, (d, _) in zip(items, prepared)]
+        jobs = [
+            Job(it.index, like, self.spec(it.group, it.param), make=make)
+            for it, (like, make, _) in zip(items, prepared)
+        ]
         if torch.compiler.is_compiling():
             # Inductor's CPU backend crashes (KeyError: 'bufN', pytorch#196570) when the momentum lerp, a
             # row-norm LMO and the parameter add share one graph: keep them apart under torch.compile.
@@ -234,7 +240,7 @@ class LMORule:
         weights = self.constrain(items, ctx, results)
 
         def commit() -> list[Tensor]:
-            for it, O, (_, momentum), W in zip(items, results, prepared, weights):
+            for it, O, (_, _, momentum), W in zip(items, results, prepared, weights):
                 self.apply(it, ctx, O, momentum, W)
             return results
 
