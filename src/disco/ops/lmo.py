@@ -125,8 +125,10 @@ def lmo(
     eps: float | None = None,
     compute_dtype: torch.dtype | None = None,
     param_ndim: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """The LMO direction of ``G`` under ``norm``, scaled by the norm's factor; same shape and dtype as ``G``.
+    """The LMO direction of ``G`` under ``norm``, scaled by the norm's factor; G's shape, and G's dtype unless
+    ``out_dtype`` is given (matrix norms only: element-wise and row norms keep G's).
 
     Pseudocode for the matrix norms::
 

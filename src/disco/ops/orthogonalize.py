@@ -69,12 +69,12 @@ def _normalised(G: Tensor, safety: float, eps: float, dtype: torch.dtype) -> tup
     X = torch.mul(G, denom.reciprocal(), out=torch.empty(G.shape, dtype=dtype, device=G.device))
     tall = G.size(-2) > G.size(-1)
     X = X.mT if tall else X
-    return X.reshape(-1, *X.shape[-2:]), tall
+    return X.reshape(math.prod(X.shape[:-2]), *X.shape[-2:]), tall  # explicit: -1 is ambiguous for 0 elements
 
 
-def _restore(Y: Tensor, G: Tensor) -> Tensor:
-    """A flat batch in G's orientation back to G's shape and dtype."""
-    return Y.reshape(G.shape).to(G.dtype)
+def _restore(Y: Tensor, G: Tensor, out_dtype: torch.dtype | None) -> Tensor:
+    """A flat batch in G's orientation back to G's shape, in ``out_dtype`` (``None``: G's)."""
+    return Y.reshape(G.shape).to(out_dtype or G.dtype)
 
 
 def newton_schulz(
@@ -85,6 +85,7 @@ def newton_schulz(
     eps: float | None = None,
     compute_dtype: torch.dtype | None = None,
     scale: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Quintic Newton-Schulz iteration towards the polar factor.
 
@@ -101,6 +102,7 @@ def newton_schulz(
         eps: added to the scaled Frobenius norm (default: the table's).
         compute_dtype: matmul dtype (default ``default_compute_dtype(G)``).
         scale: multiplies the result (folded into the last step, so a norm factor costs no extra pass).
+        out_dtype: the result's dtype (default G's); the compute dtype skips a cast and, in bf16, halves it.
     """
     if steps < 0:
         raise ValueError(f"newton_schulz: steps must be >= 0, got {steps}")
@@ -108,7 +110,7 @@ def newton_schulz(
     dtype = compute_dtype or default_compute_dtype(G)
     X, tall = _normalised(G, table.safety, table.eps if eps is None else eps, dtype)  # X: (batch, m, n)
     if steps == 0:
-        return _restore((X.mT if tall else X) * scale, G)
+        return _restore((X.mT if tall else X) * scale, G, out_dtype)
     for k in range(steps):
         a, b, c = table.at(k)
         A = torch.bmm(X, X.mT)  # A: (batch, m, m)
@@ -119,24 +121,37 @@ def newton_schulz(
             X = torch.baddbmm(X.mT, X.mT, B.mT, beta=a * scale, alpha=scale)  # X: (batch, n, m)
         else:
             X = torch.baddbmm(X, B, X, beta=a * scale, alpha=scale)
-    return _restore(X, G)
+    return _restore(X, G, out_dtype)
 
 
-#: restarts of the Gram form by compute dtype: (steps before the first, steps between later ones); measured on
-#: ill-conditioned and low-rank 512 x 2048 inputs with the keller / you / polar_express tables at 5-12 steps
-#: (``tests/test_ops_gram.py``): no restart diverges in bf16 from 5 steps on and in fp32 from 8.
-RESTART_EVERY: dict[torch.dtype, tuple[int, int]] = {
-    torch.bfloat16: (3, 2),
-    torch.float16: (3, 2),
-    torch.float32: (5, 3),
-    torch.float64: (10, 6),
+#: restarts of the Gram form by compute dtype: how far rounding in ``R`` may be amplified (the product of the steps'
+#: ``a_k^2``) before the first restart and between later ones. Measured on ill-conditioned and low-rank inputs
+#: (64 x 256 to 512 x 2048) with the keller / you / polar_express tables at 5-12 steps (``tests/test_ops_gram.py``):
+#: keller restarts after step 3, then every 2 in bf16 (after 5, then every 3 in fp32); polar_express, whose first
+#: ``a`` is 8.2, after 2 and 4. Without restarts bf16 diverges from 5 steps on, fp32 from 8.
+RESTART_GROWTH: dict[torch.dtype, tuple[float, float]] = {
+    torch.bfloat16: (4e3, 3e2),
+    torch.float16: (4e3, 3e2),
+    torch.float32: (3e5, 2e3),
+    torch.float64: (1e11, 3e6),
 }
 
 
-def restart_points(steps: int, dtype: torch.dtype) -> tuple[int, ...]:
-    """The default restarts of ``gram_newton_schulz``: steps after which ``R`` is recomputed from ``X``."""
-    first, every = RESTART_EVERY.get(dtype, RESTART_EVERY[torch.float32])
-    return tuple(range(first, steps, every))
+def restart_points(
+    steps: int, dtype: torch.dtype, coefficients: str | CoefficientTable | Sequence = "keller"
+) -> tuple[int, ...]:
+    """The default restarts of ``gram_newton_schulz``: the steps after which ``R`` is recomputed from ``X``, as
+    late as ``RESTART_GROWTH`` allows for this table."""
+    table = get_table(coefficients)
+    first, later = RESTART_GROWTH.get(dtype, RESTART_GROWTH[torch.float32])
+    points, growth, budget = [], 1.0, first
+    for k in range(steps):
+        a = table.at(k)[0]
+        if growth * a * a > budget and k > 0 and (not points or points[-1] < k):
+            points.append(k)
+            growth, budget = 1.0, later
+        growth *= a * a
+    return tuple(points)
 
 
 def gram_newton_schulz(
@@ -148,6 +163,7 @@ def gram_newton_schulz(
     compute_dtype: torch.dtype | None = None,
     scale: float = 1.0,
     restarts: Sequence[int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Newton-Schulz in Gram form: the same polynomial as ``newton_schulz``, iterated on the ``m x m`` Gram matrix.
 
@@ -171,18 +187,20 @@ def gram_newton_schulz(
     recomputes ``R`` from ``X``; the default points (``restart_points``) depend on the compute dtype.
 
     Args:
-        G, steps, coefficients, eps, compute_dtype, scale: as ``newton_schulz``.
-        restarts: steps after which ``X`` is formed and ``R`` recomputed; ``None``: ``restart_points(steps, dtype)``.
+        G, steps, coefficients, eps, compute_dtype, scale, out_dtype: as ``newton_schulz``.
+        restarts: steps after which ``X`` is formed and ``R`` recomputed; ``None``: ``restart_points(steps, dtype,
+            coefficients)``.
     """
     if steps < 0:
         raise ValueError(f"gram_newton_schulz: steps must be >= 0, got {steps}")
     m, n = sorted(G.shape[-2:])
     if n < GRAM_MIN_ASPECT * m or steps == 0:
         kw = dict(steps=steps, coefficients=coefficients, eps=eps, compute_dtype=compute_dtype, scale=scale)
+        kw["out_dtype"] = out_dtype
         return newton_schulz(G, **kw)  # type: ignore[arg-type]
     table = get_table(coefficients)
     dtype = compute_dtype or default_compute_dtype(G)
-    restart_after = set(restart_points(steps, dtype) if restarts is None else (int(k) for k in restarts))
+    restart_after = set(restart_points(steps, dtype, table) if restarts is None else (int(k) for k in restarts))
     X, tall = _normalised(G, table.safety, table.eps if eps is None else eps, dtype)  # X: (batch, m, n)
     R = torch.bmm(X, X.mT)  # R: (batch, m, m)
     P: Tensor | None = None  # None: the identity
@@ -203,7 +221,7 @@ def gram_newton_schulz(
         P = P.mul_(scale)  # m x m: cheaper than scaling the result
     # in G's orientation; a tall one as (P X)^T = X^T P^T, no transposing copy
     Y = torch.bmm(X.mT, P.mT) if tall else torch.bmm(P, X)  # Y: (batch, n, m) or (batch, m, n)
-    return _restore(Y, G)
+    return _restore(Y, G, out_dtype)
 
 
 def _plus_identity(Z: Tensor, a: float) -> Tensor:
@@ -280,6 +298,7 @@ def orthogonalize(
     eps: float | None = None,
     compute_dtype: torch.dtype | None = None,
     scale: float = 1.0,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Approximate polar factor of each matrix in ``G`` (shape ``(..., m, n)``), times ``scale``; G's shape and dtype.
 
@@ -294,21 +313,23 @@ def orthogonalize(
         eps: added to the Frobenius norm before dividing (default: the table's).
         compute_dtype: matmul dtype; ``None``: ``default_compute_dtype(G)``.
         scale: multiplies the result (free for the iterative backends: folded into their last step).
+        out_dtype: the result's dtype; ``None``: G's.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown orthogonalization backend {backend!r}; valid: {backend_names()}")
     if G.dim() < 2:
         raise ValueError(f"orthogonalize needs a (..., m, n) tensor, got shape {tuple(G.shape)}")
     if G.numel() == 0:
-        return G.clone()
+        return G.to(out_dtype or G.dtype, copy=True)
     kw: dict = {"compute_dtype": compute_dtype}
     if backend in DEFAULT_TABLE:
-        kw.update(steps=steps, eps=eps, scale=scale)
+        kw.update(steps=steps, eps=eps, scale=scale, out_dtype=out_dtype)
         if coefficients is not None:
             kw["coefficients"] = coefficients
         return BACKENDS[backend](G, **kw)
     out = BACKENDS[backend](G, **kw)
-    return out.mul_(scale) if scale != 1.0 else out
+    out = out.mul_(scale) if scale != 1.0 else out
+    return out.to(out_dtype) if out_dtype is not None else out
 
 
 def orthogonalize_cost(shape: Sequence[int]) -> float:

@@ -29,7 +29,7 @@ from torch import Tensor
 from .coefficients import CoefficientTable
 from .lmo import get_norm, lmo
 from .norms import OPERATOR_NORMS, operator_norm
-from .orthogonalize import BACKENDS, orthogonalize_cost
+from .orthogonalize import BACKENDS, ITERATIVE_BACKENDS, default_compute_dtype, orthogonalize_cost
 
 
 class Spec(Protocol):
@@ -81,6 +81,9 @@ class LMOSpec:
             (a >= 4-D weight seen as ``out x prod(rest)``) or ``"transposed"`` (a 2-D / 3-D weight stored
             ``fan_in x fan_out``, e.g. Hugging Face's ``Conv1D``: the LMO and its norm factor run on ``X.mT``, the
             ``fan_out x fan_in`` matrix, and the result is transposed back to the stored layout).
+        result_in_compute_dtype: matrix norms of the Newton-Schulz backends return the compute dtype's result
+            (bf16 computing in bf16 from fp32) instead of casting it to the input's: an optimizer holds every
+            result until it commits, so this halves that memory; the values are those the cast would keep.
     """
 
     norm: str = "spectral"
@@ -90,6 +93,7 @@ class LMOSpec:
     eps: float | None = None
     compute_dtype: torch.dtype | None = None
     view: str = "native"
+    result_in_compute_dtype: bool = False
 
     def __post_init__(self) -> None:
         get_norm(self.norm)  # ValueError naming the valid norms
@@ -125,6 +129,10 @@ class LMOSpec:
             eps=self.eps,
             compute_dtype=self.compute_dtype,
         )
+        if self.result_in_compute_dtype and self.backend in ITERATIVE_BACKENDS:
+            compute = self.compute_dtype or default_compute_dtype(stack)
+            if compute.itemsize < stack.dtype.itemsize:  # never wider than the input
+                kw["out_dtype"] = compute
         if self.view == "flatten":
             flat = stack.reshape(stack.shape[0], stack.shape[1], -1)
             return lmo(flat, param_ndim=2, **kw).reshape(stack.shape)

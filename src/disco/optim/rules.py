@@ -161,6 +161,7 @@ class LMORule:
             coefficients=group.get("coefficients"),
             eps=group.get("eps"),
             compute_dtype=group.get("compute_dtype"),
+            result_in_compute_dtype=True,  # held until the commit: half the bytes in bf16
         )
 
     @staticmethod
@@ -195,7 +196,7 @@ class LMORule:
             local.mul_(1 - lr)
         elif wd:
             local.mul_(1 - lr * wd)
-        local.add_(O.to(local.dtype), alpha=-lr * it.group.get("scale", 1.0))
+        local.add_(O, alpha=-lr * it.group.get("scale", 1.0))  # a bf16 O is read as it is: no cast
 
     @staticmethod
     def updated(it: Item, O: Tensor) -> Tensor:
