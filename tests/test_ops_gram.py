@@ -417,3 +417,19 @@ def test_detection_reads_proc_cpuinfo(monkeypatch, fresh_bf16_cache):
         assert cpu_has_native_bf16() is expected
         assert default_compute_dtype(torch.zeros(2, 2)) == (torch.bfloat16 if expected else torch.float32)
         assert default_compute_dtype(torch.zeros(2, 2, dtype=F64)) == F64
+
+
+def test_lmo_spec_keeps_bf16_results_for_the_commit():
+    from disco.ops import LMOSpec
+
+    stack = gaussian(2, 32, 96, seed=12, dtype=torch.float32)
+    kept = LMOSpec(backend="gram_newtonschulz5", compute_dtype=torch.bfloat16, result_in_compute_dtype=True)
+    cast = LMOSpec(backend="gram_newtonschulz5", compute_dtype=torch.bfloat16)
+    a, b = kept(stack), cast(stack)
+    assert a.dtype == torch.bfloat16 and b.dtype == torch.float32
+    assert torch.equal(a.float(), b)  # the same values: only the cast is skipped
+    # never wider than the input, and the exact SVD backend keeps the input's dtype
+    wide = LMOSpec(compute_dtype=torch.float64, result_in_compute_dtype=True)(stack)
+    assert wide.dtype == torch.float32
+    svd = LMOSpec(backend="svd", compute_dtype=torch.bfloat16, result_in_compute_dtype=True)(stack)
+    assert svd.dtype == torch.float32

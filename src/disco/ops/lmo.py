@@ -162,6 +162,7 @@ def lmo(
             eps=eps,
             compute_dtype=compute_dtype,
             scale=factor,
+            out_dtype=out_dtype,
         )
         return O.reshape(G.shape)
     if backend == "identity":
