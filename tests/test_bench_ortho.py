@@ -26,6 +26,8 @@ def test_ortho_json(capsys):
         ("newtonschulz5", "you"),
         ("polar_express", "polar_express"),
         ("polar_express", "polar_express_5"),
+        ("gram_newtonschulz5", "keller"),
+        ("gram_polar_express", "polar_express"),
         ("svd", "-"),
     }
     assert {r["shape"] for r in rows} == {"64x64", "64x16"}

@@ -1,6 +1,7 @@
 """``python -m disco bench ortho``: orthogonalization backends and coefficient tables side by side.
 
-For each shape (a square ``s x s`` and a rectangular ``s x s/4`` per size ``s``) and each backend / table, prints
+For each shape (a square ``s x s`` and a rectangular ``s x s/4`` per size ``s``) and each backend / table (the Gram
+forms run their plain twin on square shapes), in ``--compute-dtype`` (default: the input's), prints
 the median (and min) time per call after a warm-up, the candidates timed round-robin so that a noisy neighbour
 hits them all alike; the relative Frobenius error to the exact polar factor (float64 SVD); and the smallest and
 largest singular value of the result. ``x_svd`` is the median time over the SVD backend's, measured in the same
@@ -23,6 +24,8 @@ CONFIGS: list[tuple[str, str | None]] = [
     ("newtonschulz5", "you"),
     ("polar_express", "polar_express"),
     ("polar_express", "polar_express_5"),
+    ("gram_newtonschulz5", "keller"),
+    ("gram_polar_express", "polar_express"),
     ("svd", None),
 ]
 COLUMNS: list[Column] = [
@@ -57,6 +60,7 @@ def measure(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     seed: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> list[dict]:
     """One row per backend / table for a Gaussian input of ``shape``."""
     gen = torch.Generator().manual_seed(seed)
@@ -65,7 +69,9 @@ def measure(
     polar = U @ Vh
     G = G64.to(device=device, dtype=dtype)
     calls = [
-        functools.partial(orthogonalize, G, backend=backend, steps=steps, coefficients=table, compute_dtype=None)
+        functools.partial(
+            orthogonalize, G, backend=backend, steps=steps, coefficients=table, compute_dtype=compute_dtype or dtype
+        )
         for backend, table in CONFIGS
     ]
     times = time_interleaved(calls, repeat=repeat, warmup=1, device=device)
@@ -100,16 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="Newton-Schulz / Polar Express iterations")
     p.add_argument("--repeat", type=int, default=3, help="timed calls per row (median reported)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype")
+    p.add_argument("--compute-dtype", choices=sorted(DTYPES), default=None, help="matmul dtype (default: --dtype)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     rows: list[dict] = []
     for shape in shapes_for(parse_ints(args.sizes)):
-        rows += measure(shape, steps=args.steps, repeat=args.repeat, dtype=DTYPES[args.dtype], device=args.device)
+        compute = DTYPES[args.compute_dtype] if args.compute_dtype else None
+        rows += measure(
+            shape, steps=args.steps, repeat=args.repeat, dtype=DTYPES[args.dtype], device=args.device,
+            compute_dtype=compute,
+        )  # fmt: skip
     meta = {
         "benchmark": "ortho",
         "device": args.device,
         "dtype": args.dtype,
+        "compute_dtype": args.compute_dtype or args.dtype,
         "steps": args.steps,
         "repeat": args.repeat,
         **environment(),
