@@ -68,6 +68,10 @@ def check_step(
 ) -> list[int]:
     """Agree before a step; return the indices whose gradient is non-finite on some rank.
 
+    ``nonfinite`` may be longer than ``present``: the extra entries are flags of the caller's own (a vote such
+    as "this rank recomputes", ``disco.optim.overlap``), OR-ed over the ranks like the others and returned as
+    indices ``>= len(present)``; every rank must pass the same length.
+
     Raises ``StepError`` (a rank's local ``error``) or ``RuntimeError`` (gradients present on some ranks only;
     settings that differ, naming the first difference and its value on each rank), the same on every rank.
     """

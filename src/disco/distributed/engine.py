@@ -123,7 +123,8 @@ class Engine(Protocol):
         self, present: Sequence[bool], nonfinite: Sequence[bool], settings: Sequence[str], error: str | None
     ) -> list[int]:
         """One collective before a step: gradient presence and settings agree, a rank's local ``error`` is raised
-        everywhere (``StepError``); returns the indices whose gradient is non-finite on some rank."""
+        everywhere (``StepError``); returns the indices whose gradient is non-finite on some rank. Entries of
+        ``nonfinite`` past ``len(present)`` are the caller's votes, OR-ed over ranks and returned the same way."""
         ...
 
     def check_agreement(self, items: Sequence[str], what: str) -> None: ...

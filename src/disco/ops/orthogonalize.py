@@ -144,7 +144,8 @@ def restart_points(
     late as ``RESTART_GROWTH`` allows for this table."""
     table = get_table(coefficients)
     first, later = RESTART_GROWTH.get(dtype, RESTART_GROWTH[torch.float32])
-    points, growth, budget = [], 1.0, first
+    points: list[int] = []
+    growth, budget = 1.0, first
     for k in range(steps):
         a = table.at(k)[0]
         if growth * a * a > budget and k > 0 and (not points or points[-1] < k):
