@@ -1,7 +1,8 @@
-"""Shared helpers for the benchmarks: timing, a fixed-width table, and one-JSON-object output."""
+"""Shared helpers for the benchmarks: timing, a fixed-width table, one-JSON-object output, launching ranks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -137,3 +138,22 @@ def time_interleaved(
 def parse_ints(text: str) -> list[int]:
     """``"256,512,1024"`` -> ``[256, 512, 1024]``."""
     return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def launch_ranks(
+    fn: Callable[..., Any], world: int, cfg: dict, *, timeout_s: float, preload: Sequence[str], name: str
+) -> list[Any]:
+    """``fn(rank, world, cfg)`` on ``world`` gloo ranks (``disco.distributed.launch.run_ranks``); results by rank.
+
+    What the ranks print is replayed on stderr, so that the table or the JSON object stays alone on stdout. A
+    failure or a timeout raises ``RuntimeError`` / ``TimeoutError`` naming the benchmark and the rank count.
+    """
+    from disco.distributed.launch import RankError, run_ranks
+
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            return run_ranks(fn, world, cfg, timeout=timeout_s, preload=list(preload))
+        except RankError as e:
+            raise RuntimeError(f"bench {name}: {world} ranks: {e}") from e
+        except TimeoutError as e:
+            raise TimeoutError(f"bench {name}: {world} ranks: {e}") from e

@@ -26,7 +26,6 @@ On a machine with fewer cores than ranks, more ranks cannot be faster: the core 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import os
@@ -38,8 +37,7 @@ from typing import Any
 
 import torch
 
-from disco.bench.common import Column, emit, environment, parse_ints
-from disco.distributed.launch import RankError, run_ranks
+from disco.bench.common import Column, emit, environment, launch_ranks, parse_ints
 
 _PRELOAD = ["disco", "disco.bench.dist"]  # on top of the launcher's torch modules
 
@@ -234,21 +232,6 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
     return out
 
 
-def launch(world: int, cfg: dict, timeout_s: float) -> list[dict]:
-    """Run ``_bench_rank`` on ``world`` gloo ranks; the results by rank. Raises on a failure or timeout.
-
-    What the ranks print is replayed on stderr (``run_ranks`` replays it on ``sys.stdout``), so that the table
-    or the JSON object stays alone on stdout.
-    """
-    with contextlib.redirect_stdout(sys.stderr):
-        try:
-            return run_ranks(_bench_rank, world, cfg, timeout=timeout_s, preload=_PRELOAD)
-        except RankError as e:
-            raise RuntimeError(f"bench dist: {world} ranks: {e}") from e
-        except TimeoutError as e:
-            raise TimeoutError(f"bench dist: {world} ranks: {e}") from e
-
-
 def _mib(n: float | None) -> float | None:
     return None if n is None else n / 2**20
 
@@ -331,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     for world in ranks:
         try:
-            got = launch(world, cfg, args.timeout)
+            got = launch_ranks(_bench_rank, world, cfg, timeout_s=args.timeout, preload=_PRELOAD, name="dist")
         except (RuntimeError, TimeoutError) as e:
             print(str(e), file=sys.stderr)
             return 1

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from disco.bench.common import Column, emit, environment
+from disco.bench.common import Column, emit, environment, launch_ranks
 
 COLUMNS: list[Column] = [
     ("goal", "goal"),
@@ -94,11 +94,8 @@ def _matmul_rank(rank: int, world: int, cfg: dict) -> float:
 
 def parallel_capacity(n: int, reps: int) -> tuple[float, float]:
     """Seconds for ``reps`` bf16 ``n x n`` matmuls in one process alone, and the slowest of two at once."""
-    from disco.distributed.launch import run_ranks
-
     cfg = {"n": n, "reps": reps}
-    one = max(run_ranks(_matmul_rank, 1, cfg, timeout=300))
-    two = max(run_ranks(_matmul_rank, 2, cfg, timeout=300))
+    one, two = (max(launch_ranks(_matmul_rank, w, cfg, timeout_s=300, preload=(), name="goals")) for w in (1, 2))
     return one, two
 
 

@@ -21,7 +21,6 @@ optimizer's work runs beside backward's (a GPU stream, idle cores, communication
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -31,8 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from disco.bench.common import Column, emit, environment
-from disco.distributed.launch import RankError, run_ranks
+from disco.bench.common import Column, emit, environment, launch_ranks
 
 _PRELOAD = ["disco", "disco.bench.overlap"]
 
@@ -168,12 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     if args.ranks:
-        with contextlib.redirect_stdout(sys.stderr):  # the ranks' output stays off stdout
-            try:
-                got = run_ranks(_bench_rank, args.ranks, cfg, timeout=args.timeout, preload=_PRELOAD)
-            except (RankError, TimeoutError) as e:
-                print(f"bench overlap: {args.ranks} ranks: {e}", file=sys.stderr)
-                return 1
+        try:
+            got = launch_ranks(_bench_rank, args.ranks, cfg, timeout_s=args.timeout, preload=_PRELOAD, name="overlap")
+        except (RuntimeError, TimeoutError) as e:
+            print(str(e), file=sys.stderr)
+            return 1
         rows += _rows(args.ranks, got)
     meta = {
         "benchmark": "overlap",

@@ -179,7 +179,7 @@ def cut_stacks(
     """``members`` (same shape and dtype, ``item_bytes`` each) cut into stacks of at most ``stack_bytes``
     (``"auto"``: ``auto_stack_bytes(device)``; ``None``: one stack)."""
     budget = auto_stack_bytes(device) if stack_bytes == "auto" else stack_bytes
-    per = len(members) if budget is None else max(1, int(budget) // max(item_bytes, 1))
+    per = max(1, len(members)) if budget is None else max(1, int(budget) // max(item_bytes, 1))
     return [members[k : k + per] for k in range(0, len(members), per)]
 
 
@@ -193,6 +193,29 @@ def auto_stack_bytes(device: torch.device) -> int:
 def stacked(tensors: Sequence[Tensor]) -> Tensor:
     """``torch.stack``, but a lone tensor is a view (no copy: specs never write into their input)."""
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+
+
+def run_stacked(
+    spec: Spec,
+    members: list[int],
+    piece: Callable[[int], Tensor],
+    like: Tensor,
+    stack_bytes: int | str | None,
+    stats: EngineStats,
+    outcomes: Outcomes,
+    positions: Callable[[int], int],
+) -> dict[int, Tensor]:
+    """``spec`` over the pieces of ``members`` (all shaped, typed and placed like ``like``), in stacks of at most
+    ``stack_bytes``; ``piece(k)`` is called when its stack is built, so only one stack's pieces live at a time.
+    Counts the tensors and matrices in ``stats``; failures go to ``outcomes`` under ``positions(k)``."""
+    shape = tuple(like.shape)
+    out: dict[int, Tensor] = {}
+    for chunk in cut_stacks(members, like.numel() * like.element_size(), stack_bytes, like.device):
+        res = run_spec(spec, stacked([piece(k) for k in chunk]), stats, outcomes, [positions(k) for k in chunk])
+        out.update(zip(chunk, res))
+    stats.matrices_computed += len(members) * n_matrices(shape, spec.batch_ndim(shape))
+    stats.tensors_computed += len(members)
+    return out
 
 
 class LocalEngine:
@@ -230,15 +253,13 @@ class LocalEngine:
                 raise ValueError(f"tensor {job.index}: a Partial layout needs a distributed engine")
             by.setdefault((spec_of(job, spec), tuple(job.tensor.shape), job.tensor.dtype), []).append(k)
         outcomes = Outcomes()
-        for (s, shape, dtype), members in by.items():
-            item_bytes = math.prod(shape) * dtype.itemsize
-            device = jobs[members[0]].tensor.device
-            for chunk in cut_stacks(members, item_bytes, self.stack_bytes, device):
-                res = run_spec(s, stacked([jobs[k].values() for k in chunk]), self.stats, outcomes, chunk)
-                for m, k in enumerate(chunk):
-                    results[k] = res[m]
-                    self.stats.matrices_computed += n_matrices(shape, s.batch_ndim(shape))
-            self.stats.tensors_computed += len(members)
+        for (s, _, _), members in by.items():
+            like = jobs[members[0]].tensor
+            done = run_stacked(
+                s, members, lambda k: jobs[k].values(), like, self.stack_bytes, self.stats, outcomes, int
+            )
+            for k, r in done.items():
+                results[k] = r
         self._assigned = sorted({j.index for j in jobs})
         settle(outcomes, None, [0], [j.index for j in jobs], self.names, collective=False)
         return results  # type: ignore[return-value]

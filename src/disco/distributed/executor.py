@@ -21,7 +21,7 @@ from torch import Tensor
 from ..ops.specs import Spec
 from .agreement import Outcomes, check_step, digest, first_difference, settle
 from .config import DistributedConfig
-from .engine import EngineStats, Job, Out, Over, ReduceOp, cut_stacks, n_matrices, run_spec, spec_of, stacked
+from .engine import EngineStats, Job, Out, Over, ReduceOp, cut_stacks, n_matrices, run_spec, run_stacked, spec_of
 from .layout import REPLICATE, Layout
 from .planner import Plan, make_plan
 from .resolve import comm_dtype_for, group_for, resolve_layouts
@@ -416,15 +416,13 @@ class PlanEngine:
                 else:
                     res_out[k] = local[k].clone()
             for members in by.values():
-                item_bytes = local[members[0]].numel() * local[members[0]].element_size()
-                for ks in cut_stacks(members, item_bytes, self.config.stack_bytes, local[members[0]].device):
-                    stack = stacked([local[k] for k in ks])
-                    res = run_spec(prog.specs[ks[0]], stack, self.stats, outcomes, [positions[k] for k in ks])
-                    for m, k in enumerate(ks):
-                        res_out[k] = res[m]
-                        shape = tuple(local[k].shape)
-                        self.stats.matrices_computed += n_matrices(shape, prog.specs[k].batch_ndim(shape))
-                        self.stats.tensors_computed += 1
+                spec, like = prog.specs[members[0]], local[members[0]]
+                done = run_stacked(
+                    spec, members, local.__getitem__, like, self.config.stack_bytes, self.stats, outcomes,
+                    positions.__getitem__,
+                )  # fmt: skip
+                for k, got in done.items():
+                    res_out[k] = got
 
         gathers: deque[tuple[Any, Tensor, list[int]] | None] = deque()
         returns: deque[tuple[Any, Tensor, _Exchange]] = deque()

@@ -148,7 +148,7 @@ def restart_points(
     growth, budget = 1.0, first
     for k in range(steps):
         a = table.at(k)[0]
-        if growth * a * a > budget and k > 0 and (not points or points[-1] < k):
+        if growth * a * a > budget and k > 0:  # never before the first step
             points.append(k)
             growth, budget = 1.0, later
         growth *= a * a
@@ -185,7 +185,7 @@ def gram_newton_schulz(
     ``steps (2 m^2 n + m^3)`` for the plain form: at 5 steps and one restart it wins for ``n / m >``
     ``GRAM_MIN_ASPECT`` = 1.5, and runs the plain form below that. Rounding in ``R`` is not corrected by later steps
     the way it is in ``X``: an eigenvalue of ``R`` that rounds below zero grows by ``a_k^2`` per step. A restart
-    recomputes ``R`` from ``X``; the default points (``restart_points``) depend on the compute dtype.
+    recomputes ``R`` from ``X``; the default points (``restart_points``) depend on the compute dtype and the table.
 
     Args:
         G, steps, coefficients, eps, compute_dtype, scale, out_dtype: as ``newton_schulz``.
@@ -196,9 +196,10 @@ def gram_newton_schulz(
         raise ValueError(f"gram_newton_schulz: steps must be >= 0, got {steps}")
     m, n = sorted(G.shape[-2:])
     if n < GRAM_MIN_ASPECT * m or steps == 0:
-        kw = dict(steps=steps, coefficients=coefficients, eps=eps, compute_dtype=compute_dtype, scale=scale)
-        kw["out_dtype"] = out_dtype
-        return newton_schulz(G, **kw)  # type: ignore[arg-type]
+        return newton_schulz(
+            G, steps=steps, coefficients=coefficients, eps=eps, compute_dtype=compute_dtype, scale=scale,
+            out_dtype=out_dtype,
+        )  # fmt: skip
     table = get_table(coefficients)
     dtype = compute_dtype or default_compute_dtype(G)
     restart_after = set(restart_points(steps, dtype, table) if restarts is None else (int(k) for k in restarts))
