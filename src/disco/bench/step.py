@@ -13,7 +13,8 @@ interleaved step by step):
 ``disco.Muon`` runs its defaults: the Gram form of Newton-Schulz where a matrix is wider than 1.5:1 (the same
 polynomial, less work), one matrix per call on CPU (``--stack-bytes``). bf16 matmuls are 5-150x slower than fp32
 on CPUs without bf16 instructions (AVX2 only): there, run ``--dtypes float32``. ``--memory`` adds the peak extra
-memory of one step (the profiler's allocation timeline; goal: <= 1.25x the peer's). ``max |diff|`` is the
+memory of one step (the profiler's allocation timeline; goal: <= 1.25x the peer's); ``--commit streaming``
+writes each parameter as soon as its update is ready instead of holding all of them. ``max |diff|`` is the
 largest parameter difference between the two sides after the timed steps (same weights, same gradients).
 """
 
@@ -39,6 +40,7 @@ COLUMNS: list[Column] = [
     ("peer", "peer"),
     ("matrices", "matrices"),
     ("stack_bytes", "stack_bytes"),
+    ("commit", "commit"),
     ("ours_ms", "ours ms/step", ".1f"),
     ("peer_ms", "peer ms/step", ".1f"),
     ("ratio", "ours/peer", ".3f"),
@@ -182,6 +184,7 @@ def run_case(
     device: str,
     memory: bool = False,
     stack_bytes: int | str | None = "auto",
+    commit: str = "atomic",
     lr: float = 0.02,
 ) -> dict:
     """``disco.Muon`` (defaults but ``compute_dtype``) against ``torch.optim.Muon`` (bf16: it always runs bf16)
@@ -189,7 +192,7 @@ def run_case(
     weights, grads = make_params(shapes, device=device)
     ours_p, peer_p = _as_params(weights, grads), _as_params(weights, grads)
     config = create_local_config(stack_bytes=stack_bytes)
-    ours = Muon(ours_p, lr=lr, weight_decay=0.1, compute_dtype=dtype, distributed_config=config)
+    ours = Muon(ours_p, lr=lr, weight_decay=0.1, compute_dtype=dtype, distributed_config=config, commit=commit)
     peer_step: Callable[[], object]
     if dtype == torch.bfloat16:
         peer_name, peer_step = "torch.optim.Muon (bf16)", torch.optim.Muon(peer_p, lr=lr, weight_decay=0.1).step
@@ -228,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stack-bytes", default="auto", help="disco's stack budget: auto, none or bytes; a comma list sweeps"
     )
+    parser.add_argument(
+        "--commit", default="atomic", help="disco's commit: atomic, streaming, or a comma list (sweeps)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -241,13 +247,17 @@ def main(argv: list[str] | None = None) -> int:
         budgets = [_stack_bytes(b) for b in args.stack_bytes.split(",")]
     except (AttributeError, ValueError) as e:
         parser.error(f"bad --dtypes or --stack-bytes: {e}")
+    commits = args.commit.split(",")
+    if any(c not in ("atomic", "streaming") for c in commits):
+        parser.error(f"--commit: each of {args.commit!r} must be atomic or streaming")
     shapes = transformer_shapes(args.layers, args.width, args.block)
     timing = dict(repeat=args.repeat, warmup=args.warmup, device=args.device, memory=args.memory)
     rows = []
     for dtype in dtypes:
         for sb in budgets:
-            row = run_case(_short(dtype), shapes, dtype, stack_bytes=sb, **timing)  # type: ignore[arg-type]
-            rows.append({**row, "stack_bytes": sb})
+            for commit in commits:
+                row = run_case(_short(dtype), shapes, dtype, stack_bytes=sb, commit=commit, **timing)  # type: ignore[arg-type]
+                rows.append({**row, "stack_bytes": sb, "commit": commit})
     meta = {
         "benchmark": "step",
         **environment(),

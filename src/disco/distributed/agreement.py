@@ -27,12 +27,22 @@ class StepError(RuntimeError):
 
     ``nonfinite``: indices of the tensors whose gradient or result is not finite (on some rank); ``failed``:
     indices whose computation raised. A step with only ``nonfinite`` tensors may be skipped (``nonfinite="skip"``).
+    ``applied``: with ``commit="streaming"`` groups, the indices this rank had already committed when the
+    failure came (empty otherwise: nothing changed).
     """
 
-    def __init__(self, message: str, *, nonfinite: Sequence[int] = (), failed: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        nonfinite: Sequence[int] = (),
+        failed: Sequence[int] = (),
+        applied: Sequence[int] = (),
+    ) -> None:
         super().__init__(message)
         self.nonfinite = list(nonfinite)
         self.failed = list(failed)
+        self.applied = list(applied)
 
 
 def digest(obj: Any) -> int:
@@ -119,6 +129,10 @@ class Outcomes:
         acc = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else None
         ok = torch.isfinite(flat.sum(dim=1, dtype=acc)).tolist()
         self.nonfinite.update(k for k, fine in zip(positions, ok) if not fine)
+
+    def ok(self, position: int) -> bool:
+        """Nothing went wrong for the job at ``position`` (so far, on this rank)."""
+        return position not in self.failed and position not in self.nonfinite
 
     def fail(self, positions: Sequence[int], e: BaseException) -> None:
         for k in positions:

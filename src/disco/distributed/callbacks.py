@@ -147,4 +147,9 @@ class CallbackEngine:
                 results[k] = self.config.redistribute_fn(result, i, owner, piece)
         self._mapped = sorted(j.index for j in jobs)
         settle(outcomes, None, list(range(dist.get_world_size())), [j.index for j in jobs], self.names)
+        # User functions move the pieces: results are handed to ``consume`` only once every rank agreed.
+        for k, job in enumerate(jobs):
+            if job.consume is not None:
+                job.consume(results[k])
+                results[k] = results[k].new_empty(0)
         return [results[k] for k in range(len(jobs))]

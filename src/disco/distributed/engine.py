@@ -13,6 +13,11 @@ An optimizer registers its parameters once (the engine reads their layouts) and 
 * ``check_step`` / ``check_agreement``: every rank holds the same thing, or every rank raises the same error
   (``disco.distributed.agreement``); a failure inside ``map`` (an exception, a non-finite result) is raised on
   every rank as the same ``StepError`` before any result is returned.
+* ``Job.consume``: a job's result is handed to a function as soon as it is final on this rank and good on its
+  owner, and not kept (``map`` returns an empty tensor in its place), so that a caller committing from
+  ``consume`` holds one stack's results at a time. A failed or non-finite result is never handed: its owner
+  sends it as all-NaN, which each holder tells from a good result (always finite) by its first entry. Failures
+  are still raised at the end of ``map``; what was consumed before stays consumed.
 * ``stats``, ``assignments``, ``current_rank``, ``layout(index)``.
 
 The engine never names an algorithm: it calls ``spec(stack)``, ``spec.cost(shape)``, ``spec.batch_ndim(shape)``,
@@ -56,7 +61,7 @@ class Job:
     derived from the parameter, e.g. ``Partial`` products or state of another shape). ``make`` computes the
     piece when the engine needs it (``tensor`` is then only a template of its shape, dtype and device, e.g. the
     gradient it derives from): the local engine makes each stack's pieces just before its spec call and drops
-    them after, so that an optimizer's directions never all live at once.
+    them after, so that an optimizer's directions never all live at once. ``consume``: see the module docstring.
     """
 
     index: int
@@ -64,6 +69,7 @@ class Job:
     spec: Spec | None = None
     layout: Layout | None = None
     make: Callable[[], Tensor] | None = None
+    consume: Callable[[Tensor], object] | None = None
 
     def values(self) -> Tensor:
         """The piece itself: ``make()`` if given (called once per use), else ``tensor``."""
@@ -152,8 +158,9 @@ def run_spec(
     """``spec(stack)``, timed into ``stats.compute_s`` and recorded in ``stats.batches``.
 
     With ``outcomes``, an exception or a non-finite result is recorded for the job ``positions`` instead of
-    raised (the result is then zeros), so the rank keeps taking part in the collectives that follow and every
-    rank learns of it in ``settle``.
+    raised (the result is then all-NaN: a holder that consumes results as they come must tell it from a good
+    one by any entry), so the rank keeps taking part in the collectives that follow and every rank learns of it
+    in ``settle``.
     """
     for observe in stats.observers:
         observe(spec, stack)
@@ -166,11 +173,27 @@ def run_spec(
             raise
         outcomes.fail(positions, e)
         shape = (stack.shape[0], *spec.result_shape(tuple(stack.shape[1:])))
-        out = torch.zeros(shape, dtype=stack.dtype, device=stack.device)
+        out = torch.full(shape, math.nan, dtype=stack.dtype, device=stack.device)
     stats.compute_s += time.perf_counter() - t0
     if outcomes is not None:
         outcomes.record(positions, out)
+        for m, k in enumerate(positions):
+            if k in outcomes.nonfinite:
+                out[m].fill_(math.nan)
     return out
+
+
+def handed(job: Job, result: Tensor, ok: bool, outcomes: Outcomes, position: int) -> Tensor:
+    """What ``map`` returns for ``job``: ``result``, or, when the job has ``consume`` and the result is ``ok``,
+    an empty tensor once ``consume(result)`` ran (an exception there is recorded under ``position``: the rank
+    stays in the collectives that follow and ``settle`` raises it everywhere)."""
+    if job.consume is None or not ok:
+        return result
+    try:
+        job.consume(result)
+    except Exception as e:
+        outcomes.fail([position], e)
+    return result.new_empty(0)
 
 
 def cut_stacks(
@@ -204,18 +227,20 @@ def run_stacked(
     stats: EngineStats,
     outcomes: Outcomes,
     positions: Callable[[int], int],
-) -> dict[int, Tensor]:
+    put: Callable[[int, Tensor], object],
+) -> None:
     """``spec`` over the pieces of ``members`` (all shaped, typed and placed like ``like``), in stacks of at most
-    ``stack_bytes``; ``piece(k)`` is called when its stack is built, so only one stack's pieces live at a time.
-    Counts the tensors and matrices in ``stats``; failures go to ``outcomes`` under ``positions(k)``."""
+    ``stack_bytes``; ``piece(k)`` is called when its stack is built and ``put(k, result)`` as soon as it is
+    computed, so only one stack's pieces live at a time. Counts the tensors and matrices in ``stats``; failures
+    go to ``outcomes`` under ``positions(k)``."""
     shape = tuple(like.shape)
-    out: dict[int, Tensor] = {}
     for chunk in cut_stacks(members, like.numel() * like.element_size(), stack_bytes, like.device):
         res = run_spec(spec, stacked([piece(k) for k in chunk]), stats, outcomes, [positions(k) for k in chunk])
-        out.update(zip(chunk, res))
+        for k, r in zip(chunk, res):
+            put(k, r)
+        del res, r  # else alive through the next stack's spec call
     stats.matrices_computed += len(members) * n_matrices(shape, spec.batch_ndim(shape))
     stats.tensors_computed += len(members)
-    return out
 
 
 class LocalEngine:
@@ -253,13 +278,13 @@ class LocalEngine:
                 raise ValueError(f"tensor {job.index}: a Partial layout needs a distributed engine")
             by.setdefault((spec_of(job, spec), tuple(job.tensor.shape), job.tensor.dtype), []).append(k)
         outcomes = Outcomes()
+
+        def put(k: int, r: Tensor) -> None:
+            results[k] = handed(jobs[k], r, outcomes.ok(k), outcomes, k)
+
         for (s, _, _), members in by.items():
             like = jobs[members[0]].tensor
-            done = run_stacked(
-                s, members, lambda k: jobs[k].values(), like, self.stack_bytes, self.stats, outcomes, int
-            )
-            for k, r in done.items():
-                results[k] = r
+            run_stacked(s, members, lambda k: jobs[k].values(), like, self.stack_bytes, self.stats, outcomes, int, put)
         self._assigned = sorted({j.index for j in jobs})
         settle(outcomes, None, [0], [j.index for j in jobs], self.names, collective=False)
         return results  # type: ignore[return-value]

@@ -10,7 +10,7 @@ every rank instead of exchanging mismatched pieces.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,19 @@ from torch import Tensor
 from ..ops.specs import Spec
 from .agreement import Outcomes, check_step, digest, first_difference, settle
 from .config import DistributedConfig
-from .engine import EngineStats, Job, Out, Over, ReduceOp, cut_stacks, n_matrices, run_spec, run_stacked, spec_of
+from .engine import (
+    EngineStats,
+    Job,
+    Out,
+    Over,
+    ReduceOp,
+    cut_stacks,
+    handed,
+    n_matrices,
+    run_spec,
+    run_stacked,
+    spec_of,
+)
 from .layout import REPLICATE, Layout
 from .planner import Plan, make_plan
 from .resolve import comm_dtype_for, group_for, resolve_layouts
@@ -380,11 +392,18 @@ class PlanEngine:
         exchanged = set(mapped)
         for k, (job, s) in enumerate(zip(jobs, specs)):
             if k not in exchanged:  # element-wise: the local piece is all it needs
-                results[k] = run_spec(s, job.values().unsqueeze(0), self.stats, outcomes, [k])[0]
+                r = run_spec(s, job.values().unsqueeze(0), self.stats, outcomes, [k])[0]
+                results[k] = handed(job, r, outcomes.ok(k), outcomes, k)
         prog = self._program(signature, [specs[k] for k in mapped], out)
         self._current = prog
         self._job_index = [jobs[k].index for k in mapped]
-        mres = self._run(prog, [jobs[k].values() for k in mapped], out, outcomes, mapped)
+
+        def put(k: int, r: Tensor, ok: bool) -> Tensor:
+            p = mapped[k]
+            return handed(jobs[p], r, ok and outcomes.ok(p), outcomes, p)
+
+        consuming = [jobs[k].consume is not None for k in mapped]
+        mres = self._run(prog, [jobs[k].values() for k in mapped], out, outcomes, mapped, put, consuming)
         for k, r in zip(mapped, mres):
             results[k] = r
         self.stats.checks += 1
@@ -392,9 +411,19 @@ class PlanEngine:
         return results  # type: ignore[return-value]
 
     def _run(
-        self, prog: _Program, local: list[Tensor], out: Out, outcomes: Outcomes, positions: list[int]
+        self,
+        prog: _Program,
+        local: list[Tensor],
+        out: Out,
+        outcomes: Outcomes,
+        positions: list[int],
+        put: Callable[[int, Tensor, bool], Tensor],
+        consuming: list[bool],
     ) -> list[Tensor]:
-        """Execute ``prog`` on ``local`` pieces; failures go to ``outcomes`` under the jobs' ``positions``."""
+        """Execute ``prog`` on ``local`` pieces; failures go to ``outcomes`` under the jobs' ``positions``.
+
+        Each result goes through ``put(k, result, ok)`` as soon as it is final here (``ok``: not received as
+        all-NaN, checked for the ``consuming`` jobs only) and what it returns is kept."""
         plan = prog.plan
         res_out: list[Tensor | None] = [None] * len(local)
         me = self.rank
@@ -415,14 +444,16 @@ class PlanEngine:
                     by.setdefault(tuple(local[k].shape), []).append(k)
                 else:
                     res_out[k] = local[k].clone()
+
+            def put_local(k: int, r: Tensor) -> None:
+                res_out[k] = put(k, r, True)
+
             for members in by.values():
                 spec, like = prog.specs[members[0]], local[members[0]]
-                done = run_stacked(
+                run_stacked(
                     spec, members, local.__getitem__, like, self.config.stack_bytes, self.stats, outcomes,
-                    positions.__getitem__,
+                    positions.__getitem__, put_local,
                 )  # fmt: skip
-                for k, got in done.items():
-                    res_out[k] = got
 
         gathers: deque[tuple[Any, Tensor, list[int]] | None] = deque()
         returns: deque[tuple[Any, Tensor, _Exchange]] = deque()
@@ -441,12 +472,19 @@ class PlanEngine:
             work, buf, ex = item
             work.wait()
             offset = 0
+            got: list[tuple[int, Tensor]] = []
             for _, ks in ex.back_from:
                 for k in ks:
                     n = plan.returned_numel(k, me)
                     shape = prog.result_shapes[k] if out == "replicated" else plan.layouts[k].local_shape(me)
-                    res_out[k] = buf[offset : offset + n].view(shape)
+                    got.append((k, buf[offset : offset + n].view(shape)))
                     offset += n
+            # A failed result comes back all-NaN (``run_spec``); a good one is finite: its first entry tells.
+            checked = [k for k, t in got if consuming[k] and t.numel()]
+            firsts = [t.reshape(-1)[:1] for k, t in got if consuming[k] and t.numel()]
+            poisoned = dict(zip(checked, torch.cat(firsts).isnan().tolist())) if firsts else {}
+            for k, t in got:
+                res_out[k] = put(k, t, not poisoned.get(k, False))
 
         prefetch = max(0, self.config.prefetch_count)
         issued = 0
@@ -502,9 +540,9 @@ class PlanEngine:
                 for m, k in enumerate(ks):
                     results[k] = res[m]
                     if out == "replicated":
-                        res_out[k] = res[m]
+                        res_out[k] = put(k, res[m], True)
                     elif local[k].numel():
-                        res_out[k] = res[m][self.region(prog, k, me)]
+                        res_out[k] = put(k, res[m][self.region(prog, k, me)], True)
             # Return: owners send each receiver its piece (or the whole result); receivers take theirs.
             if ex.returns:
                 chunks: dict[int, list[Tensor]] = {}
@@ -523,7 +561,7 @@ class PlanEngine:
             finish_return(returns.popleft())
         for k, r_k in enumerate(res_out):
             if r_k is None:  # a holder of an empty piece
-                res_out[k] = local[k].clone()
+                res_out[k] = put(k, local[k].clone(), True)
         return res_out  # type: ignore[return-value]
 
 

@@ -49,6 +49,8 @@ class SpectralOptimizer(Optimizer):
         self._tracked: dict[str, Tensor] = {}
         self._overlap: Overlap | None = None  # overlap_with_backward()
         self._overlap_assignments: dict[int, list[int]] | None = None
+        self._streamed: list[int] | None = None  # during a step: what streaming groups committed so far
+        self._tracking = False
         self._init_state()
         self._engine = self._build_engine()
 
@@ -122,6 +124,14 @@ class SpectralOptimizer(Optimizer):
         if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
             g = g.redistribute(p.device_mesh, p.placements)
         return local_piece(g)
+
+    @property
+    def streamed(self) -> list[int] | None:
+        return self._streamed
+
+    @property
+    def wants_updates(self) -> bool:
+        return self._tracking
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -271,9 +281,12 @@ class SpectralOptimizer(Optimizer):
             self._engine = self._build_engine()
             if ov is not None:
                 ov.build()  # new buckets and hooks (collective too); what backward computed is void
+        # Streaming groups commit inside their rule's compute, unless the updates are read after (tracking).
+        self._streamed, self._tracking = ([] if armed is False else None), armed is not False
         try:
             return self._step(items, armed, loss, ov)
         finally:
+            self._streamed, self._tracking = None, False
             if ov is not None:
                 ov.reset()
 
@@ -329,8 +342,10 @@ class SpectralOptimizer(Optimizer):
                 mine = [it for it in rest if self._rule(it.group) is rule]
                 if mine:
                     commits.append((mine, rule.compute(mine, self)))
-        except StepError as e:
-            if e.failed or not e.nonfinite:
+        except Exception as e:
+            if self._streamed:
+                raise self._partially_applied(e, stepping) from e
+            if not isinstance(e, StepError) or e.failed or not e.nonfinite:
                 raise
             self._nonfinite(e, items)
             return loss
@@ -384,6 +399,21 @@ class SpectralOptimizer(Optimizer):
             f"{e} in {names}; nothing was changed. Set nonfinite='skip' on their group to skip such steps",
             nonfinite=e.nonfinite,
         ) from None
+
+    def _partially_applied(self, e: Exception, stepping: list[Item]) -> StepError:
+        """A failure after streaming groups committed some parameters: no policy can undo that, so it raises."""
+        done = set(self._streamed or ())
+        rest = [repr(it.name) for it in stepping if it.index not in done]
+        shown = ", ".join(rest[:8]) + (", ..." if len(rest) > 8 else "")
+        nonfinite, failed = (e.nonfinite, e.failed) if isinstance(e, StepError) else ([], [])
+        return StepError(
+            f"{e}; the step was partially applied (commit='streaming'): {len(done)} of {len(stepping)} parameters "
+            f"took it on this rank, not {shown}. Load a checkpoint before stepping again (commit='atomic' changes "
+            "nothing on failure)",
+            nonfinite=nonfinite,
+            failed=failed,
+            applied=sorted(done),
+        )
 
     def _group(self, it: Item) -> int:
         return next(gi for gi, g in enumerate(self.param_groups) if g is it.group)

@@ -85,6 +85,7 @@ class DionRule:
 
     def validate(self, group: Group, where: str) -> None:
         validation.check_common(group, where)
+        validation.refuse_streaming(group, where, "Dion")
         validation.check_range(group, "mu", where, lo=0.0, hi=1.0, hi_open=True)
         validation.check_range(group, "rank_fraction", where, lo=1e-9, hi=1.0)
         validation.check_range(group, "epsilon", where, lo=0.0)

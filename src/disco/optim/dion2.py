@@ -99,6 +99,7 @@ class Dion2Rule:
 
     def validate(self, group: Group, where: str) -> None:
         validation.check_common(group, where)
+        validation.refuse_streaming(group, where, "Dion2")
         validation.check_range(group, "fraction", where, lo=1e-9, hi=1.0)
         validation.check_range(group, "ef_decay", where, lo=0.0, hi=1.0)
         validation.check_range(group, "eps", where, lo=0.0)

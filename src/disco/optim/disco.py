@@ -43,6 +43,10 @@ class Disco(SpectralOptimizer):
         name_of_embedding: kept for the routing helpers.
         nonfinite: ``"raise"`` (default: a NaN / inf gradient or result raises on every rank, naming the
             parameter, before anything changes) or ``"skip"`` (the step is skipped on every rank, nothing changes).
+        commit: ``"atomic"`` (default: every update is computed before any is written, so a failure changes
+            nothing; the step holds one update per parameter) or ``"streaming"`` (each parameter is written as
+            soon as its update is known good: one update held at a time, the same results; a failure after
+            the gradients were checked leaves the step partially applied and raises ``StepError`` naming it).
         distributed_config: ``create_dtensor_config()``, ``create_auto_config(...)`` or ``None`` (DTensor
             parameters are detected; plain tensors then run single-device).
 
@@ -68,6 +72,7 @@ class Disco(SpectralOptimizer):
         name_of_embedding: str | None = None,
         distributed_config: Any = None,
         nonfinite: str = "raise",
+        commit: str = "atomic",
     ) -> None:
         if lr < 0 or not 0 <= momentum < 1:
             raise ValueError(f"invalid lr={lr} or momentum={momentum} (need lr >= 0, 0 <= momentum < 1)")
@@ -90,6 +95,7 @@ class Disco(SpectralOptimizer):
         self.parallel_dims = parallel_dims
         self.name_of_embedding = name_of_embedding
         defaults["nonfinite"] = nonfinite
+        defaults["commit"] = commit
         super().__init__(params, defaults, distributed_config=distributed_config)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -29,7 +29,8 @@ class Muon(SpectralOptimizer):
     is torch's plain iteration; ``polar_express``, ``svd``...), conv weights
     (flattened to ``out x in*k*k``) and 3-D expert stacks (a batch of matrices), parameter groups with
     ``algorithm="adamw"``/``"lion"`` for non-matrix parameters, ``distributed_config`` and ``nonfinite``
-    (``"raise"``, the default, or ``"skip"``: see ``disco.Disco``).
+    (``"raise"``, the default, or ``"skip"``: see ``disco.Disco``), ``commit`` (``"atomic"``, the default, or
+    ``"streaming"``: one update held at a time instead of one per parameter; see ``disco.Disco``).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class Muon(SpectralOptimizer):
         nonfinite: str = "raise",
         backend: str = "gram_newtonschulz5",
         compute_dtype: torch.dtype | None = None,
+        commit: str = "atomic",
     ) -> None:
         if ns_steps >= 100:
             raise ValueError(f"ns_steps must be < 100, got {ns_steps}")
@@ -66,6 +68,7 @@ class Muon(SpectralOptimizer):
             compute_dtype=compute_dtype,
             nonfinite=nonfinite,
         )
+        defaults["commit"] = commit
         super().__init__(params, defaults, distributed_config=distributed_config)
 
 

@@ -85,6 +85,7 @@ class NorMuonRule(LMORule):
         group.setdefault("beta2", DEFAULT_BETA2)
         group.setdefault("normuon_eps", DEFAULT_EPS)
         super().validate(group, where)
+        validation.refuse_streaming(group, where, "NorMuon")
         validation.check_range(group, "beta2", where, lo=0.0, hi=1.0, hi_open=True)
         validation.check_range(group, "normuon_eps", where, lo=0.0)
         if group.get("update_rule", "decoupled") != "decoupled":

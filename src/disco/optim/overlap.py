@@ -110,6 +110,14 @@ class _BucketContext:
     def state_of(self, p: Tensor) -> dict[str, Any]:
         return self._opt.state_of(p)
 
+    @property
+    def streamed(self) -> list[int] | None:
+        return None  # work done ahead is held until step() validates it
+
+    @property
+    def wants_updates(self) -> bool:
+        return self._opt.wants_updates  # read by the commit, which runs inside step()
+
     def grad_of(self, p: Tensor) -> Tensor:
         local = self._grads.get(id(p))
         if local is None:

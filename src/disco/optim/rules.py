@@ -14,6 +14,7 @@ algorithm adds a spec in ``disco.ops`` and a rule here (registered in ``RULES``)
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,18 @@ class StepContext(Protocol):
 
     def grad_of(self, p: Tensor) -> Tensor: ...
 
+    @property
+    def streamed(self) -> list[int] | None:
+        """Where a rule lists the parameters it committed inside ``compute`` (groups with
+        ``commit="streaming"``); ``None``: this step holds every update until the commit (norm tracking armed,
+        or work done ahead in backward)."""
+        ...
+
+    @property
+    def wants_updates(self) -> bool:
+        """The commit's returned updates are read (norm tracking): else a rule may return empty tensors."""
+        ...
+
 
 #: Applies a rule's step to parameters and state (local, cannot fail); returns each item's update direction.
 Commit = Callable[[], list[Tensor]]
@@ -62,7 +75,9 @@ class UpdateRule(Protocol):
 
     A step is split so that it is atomic: ``compute`` may communicate and may raise but changes nothing;
     ``commit`` (what ``compute`` returns) only writes local pieces. The optimizer commits every rule only after
-    every rule computed, so a failure anywhere leaves every parameter and all state as they were.
+    every rule computed, so a failure anywhere leaves every parameter and all state as they were. The one
+    exception is opt-in: a rule may commit the parameters of ``commit="streaming"`` groups inside ``compute``,
+    each as soon as its result is known good, listing them in ``ctx.streamed`` (when not ``None``).
     """
 
     def validate(self, group: Group, where: str) -> None: ...
@@ -104,10 +119,13 @@ class ElementwiseRule:
             updates = []
             for it in items:
                 local = local_piece(it.param)
-                before = local.clone()
+                before = local.clone() if ctx.wants_updates else None  # a parameter's copy only when norms are read
                 algo = str(it.group["algorithm"])
                 elementwise.step(algo, it.param, ctx.grad_of(it.param), ctx.state_of(it.param), it.group)
-                updates.append((before - local) / max(float(it.group["lr"]), 1e-30))
+                if before is None:
+                    updates.append(local.new_empty(0))
+                else:
+                    updates.append((before - local) / max(float(it.group["lr"]), 1e-30))
             return updates
 
         return commit
@@ -229,23 +247,34 @@ class LMORule:
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         prepared = [self.prepare(it, ctx) for it in items]
-        jobs = [
-            Job(it.index, like, self.spec(it.group, it.param), make=make)
-            for it, (like, make, _) in zip(items, prepared)
-        ]
+        streamed = ctx.streamed
+        jobs = []
+        for it, (like, make, momentum) in zip(items, prepared):
+            consume = None
+            if streamed is not None and it.group.get("commit", "atomic") == "streaming":
+                consume = functools.partial(self._commit_now, it, ctx, momentum, streamed)
+            jobs.append(Job(it.index, like, self.spec(it.group, it.param), make=make, consume=consume))
         if torch.compiler.is_compiling():
             # Inductor's CPU backend crashes (KeyError: 'bufN', pytorch#196570) when the momentum lerp, a
             # row-norm LMO and the parameter add share one graph: keep them apart under torch.compile.
             torch._dynamo.graph_break()
         results = ctx.engine.map(jobs) if jobs else []
-        weights = self.constrain(items, ctx, results)
+        weights = self.constrain(items, ctx, results)  # streaming groups have no constraint (validation)
 
         def commit() -> list[Tensor]:
-            for it, O, (_, _, momentum), W in zip(items, results, prepared, weights):
-                self.apply(it, ctx, O, momentum, W)
+            for it, O, (_, _, momentum), W, job in zip(items, results, prepared, weights, jobs):
+                if job.consume is None:
+                    self.apply(it, ctx, O, momentum, W)
             return results
 
         return commit
+
+    def _commit_now(
+        self, it: Item, ctx: StepContext, momentum: MomentumWrite | None, streamed: list[int], O: Tensor
+    ) -> None:
+        """A streaming group's commit, from inside ``map`` as soon as ``O`` is known good."""
+        self.finish(it, ctx, O, momentum)
+        streamed.append(it.index)
 
     # ---- light mode: the momentum lives in p.grad, so the user must not zero it -------------------------------
     def _watch_light(self, p: Tensor) -> None:

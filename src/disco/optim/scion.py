@@ -31,6 +31,10 @@ class Scion(SpectralOptimizer):
         constrained: Frank-Wolfe update (default) or the unconstrained one.
         nonfinite: ``"raise"`` (default: a NaN / inf gradient or result raises on every rank, naming the
             parameter, before anything changes) or ``"skip"`` (the step is skipped on every rank, nothing changes).
+        commit: ``"atomic"`` (default: every update is computed before any is written, so a failure changes
+            nothing; the step holds one update per parameter) or ``"streaming"`` (each parameter is written as
+            soon as its update is known good: one update held at a time, the same results; a failure after
+            the gradients were checked leaves the step partially applied and raises ``StepError`` naming it).
         norm_factor, backend: per-group LMO (vectors: ``bias_rms`` / ``sign``; embeddings: ``embed_sqrt``...).
     """
 
@@ -52,6 +56,7 @@ class Scion(SpectralOptimizer):
         compute_dtype: torch.dtype | None = torch.float32,
         distributed_config: Any = None,
         nonfinite: str = "raise",
+        commit: str = "atomic",
     ) -> None:
         if fp32_matmul_prec not in _PRECISIONS:
             raise ValueError(f"fp32_matmul_prec must be one of {_PRECISIONS}, got {fp32_matmul_prec!r}")
@@ -74,6 +79,7 @@ class Scion(SpectralOptimizer):
         )
         self.fp32_matmul_prec = fp32_matmul_prec
         defaults["nonfinite"] = nonfinite
+        defaults["commit"] = commit
         super().__init__(params, defaults, distributed_config=distributed_config)
 
     @torch.no_grad()

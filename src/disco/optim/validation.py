@@ -20,6 +20,9 @@ Group = dict[str, Any]
 
 COMPUTE_DTYPES = (None, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NONFINITE = ("raise", "skip")
+#: ``commit``: ``"atomic"`` (hold every update until every rule computed) or ``"streaming"`` (commit each
+#: parameter as soon as its update is known good: one update held at a time; see ``SpectralOptimizer.step``).
+COMMITS = ("atomic", "streaming")
 
 
 def describe(name: str, p: Tensor) -> str:
@@ -73,6 +76,17 @@ def check_common(group: Group, at: str) -> None:
     check_range(group, "weight_decay", at, lo=0.0)
     if group.get("nonfinite", "raise") not in NONFINITE:
         raise ValueError(f"{at}: nonfinite={group['nonfinite']!r} is invalid; valid: {list(NONFINITE)}")
+    if group.get("commit", "atomic") not in COMMITS:
+        raise ValueError(f"{at}: commit={group['commit']!r} is invalid; valid: {list(COMMITS)}")
+
+
+def refuse_streaming(group: Group, at: str, algorithm: str) -> None:
+    """For rules whose updates need every parameter's result at once (a norm over them, a shared basis)."""
+    if group.get("commit", "atomic") == "streaming":
+        raise ValueError(
+            f"{at}: commit='streaming' is not available for {algorithm} (its commit reads every parameter's "
+            "result of the step); use commit='atomic'"
+        )
 
 
 def check_lmo(group: Group, at: str) -> None:
@@ -144,6 +158,7 @@ def check_constraint(group: Group, at: str) -> None:
     check_range(group, "sigma_min", at, lo=0.0)
     check_range(group, "sigma_max", at, lo=1e-30)
     check_range(group, "radius", at, lo=1e-30)
+    refuse_streaming(group, at, f"weight_constraint={kind!r}")
     lo, hi = group.get("sigma_min"), group.get("sigma_max")
     if lo is not None and hi is not None and float(lo) > float(hi):
         raise ValueError(f"{at}: sigma_min={lo!r} exceeds sigma_max={hi!r}")
