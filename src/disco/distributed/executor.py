@@ -328,7 +328,11 @@ class PlanEngine:
                     f"but its layout {lay.describe()} gives {lay.local_shape(self.rank)}"
                 )
             items.append((job.index, s, lay, job.tensor.dtype))
-        return (*items, out)
+        # The results' dtypes size the return buffers: ranks must agree on them (a spec may read the device).
+        results = tuple(
+            str(s.result_dtype(comm_dtype_for(j.tensor, self.config), j.tensor.device)) for j, s in zip(jobs, specs)
+        )
+        return (*items, (out, results))
 
     def _agree_on(self, signature: tuple[Any, ...] | None, error: str | None = None) -> None:
         """Every rank maps the same jobs (``signature``); a rank that could not build its own (``error``) votes 0."""
@@ -344,7 +348,7 @@ class PlanEngine:
             shown = [f"error: {error}"]
         else:
             shown = [f"{self.names[i]}: {lay.describe()} {dtype} {s!r}" for i, s, lay, dtype in signature[:-1]]
-            shown.append(f"out={signature[-1]}")
+            shown.append(f"out={signature[-1][0]}, result dtypes {signature[-1][1]}")
         dist.all_gather_object(everyone, shown, group=self.group)
         raise RuntimeError(
             "ranks disagree on the tensors of this step (parameters, order, settings, dtypes or gradient "
@@ -403,7 +407,8 @@ class PlanEngine:
             return handed(jobs[p], r, ok and outcomes.ok(p), outcomes, p)
 
         consuming = [jobs[k].consume is not None for k in mapped]
-        mres = self._run(prog, [jobs[k].values() for k in mapped], out, outcomes, mapped, put, consuming)
+        like = [jobs[k].tensor for k in mapped]
+        mres = self._run(prog, like, lambda k: jobs[mapped[k]].values(), out, outcomes, mapped, put, consuming)
         for k, r in zip(mapped, mres):
             results[k] = r
         self.stats.checks += 1
@@ -413,19 +418,21 @@ class PlanEngine:
     def _run(
         self,
         prog: _Program,
-        local: list[Tensor],
+        like: list[Tensor],
+        make: Callable[[int], Tensor],
         out: Out,
         outcomes: Outcomes,
         positions: list[int],
         put: Callable[[int, Tensor, bool], Tensor],
         consuming: list[bool],
     ) -> list[Tensor]:
-        """Execute ``prog`` on ``local`` pieces; failures go to ``outcomes`` under the jobs' ``positions``.
+        """Execute ``prog`` on this rank's pieces: ``make(k)`` makes piece ``k`` (shaped, typed and placed like
+        ``like[k]``) when its bucket sends or stacks it, once. Failures go to ``outcomes`` under ``positions``.
 
         Each result goes through ``put(k, result, ok)`` as soon as it is final here (``ok``: not received as
         all-NaN, checked for the ``consuming`` jobs only) and what it returns is kept."""
         plan = prog.plan
-        res_out: list[Tensor | None] = [None] * len(local)
+        res_out: list[Tensor | None] = [None] * len(like)
         me = self.rank
 
         def compute(spec: Spec, stack: Tensor, ks: list[int]) -> Tensor:
@@ -440,31 +447,34 @@ class PlanEngine:
         for bucket in plan.local_buckets:  # sharded on batch dims only: each rank computes its own pieces
             by: dict[tuple[int, ...], list[int]] = {}
             for k in bucket:
-                if local[k].numel():
-                    by.setdefault(tuple(local[k].shape), []).append(k)
+                if like[k].numel():
+                    by.setdefault(tuple(like[k].shape), []).append(k)
                 else:
-                    res_out[k] = local[k].clone()
+                    res_out[k] = put(k, like[k].new_empty(like[k].shape), True)
 
             def put_local(k: int, r: Tensor) -> None:
                 res_out[k] = put(k, r, True)
 
             for members in by.values():
-                spec, like = prog.specs[members[0]], local[members[0]]
+                spec, first = prog.specs[members[0]], like[members[0]]
                 run_stacked(
-                    spec, members, local.__getitem__, like, self.config.stack_bytes, self.stats, outcomes,
-                    positions.__getitem__, put_local,
+                    spec, members, make, first, self.config.stack_bytes, self.stats, outcomes, positions.__getitem__,
+                    put_local,
                 )  # fmt: skip
 
         gathers: deque[tuple[Any, Tensor, list[int]] | None] = deque()
         returns: deque[tuple[Any, Tensor, _Exchange]] = deque()
-        wires = [comm_dtype_for(local[ex.members[0]], self.config) for ex in prog.exchanges]
-        device = local[0].device if local else torch.device("cpu")
+        wires = [comm_dtype_for(like[ex.members[0]], self.config) for ex in prog.exchanges]
+        device = like[0].device if like else torch.device("cpu")
+        # Results travel back in their own dtype when it is narrower than the wire (a bf16 result of fp32 pieces:
+        # exact, half the bytes); every rank knows it from the spec (agreed in the map's digest).
+        rets = [_narrower(prog.specs[ex.members[0]].result_dtype(w, device), w) for ex, w in zip(prog.exchanges, wires)]
 
         def issue_gather(b: int) -> tuple[Any, Tensor, list[int]] | None:
             ex, wire = prog.exchanges[b], wires[b]
             if not ex.gathers:
                 return None
-            chunks = {g: [local[k].to(wire) for k in ks] for g, ks in ex.send.items()}
+            chunks = {g: [make(k).to(wire) for k in ks] for g, ks in ex.send.items()}
             sizes = {g: sum(plan.layouts[k].local_numel(self.group_ranks[g]) for k in ks) for g, ks in ex.recv.items()}
             return self._a2a(chunks, sizes, torch.empty(0, dtype=wire, device=device))
 
@@ -485,6 +495,26 @@ class PlanEngine:
             poisoned = dict(zip(checked, torch.cat(firsts).isnan().tolist())) if firsts else {}
             for k, t in got:
                 res_out[k] = put(k, t, not poisoned.get(k, False))
+
+        def receive(g: tuple[Any, Tensor, list[int]], ex: _Exchange, fulls: dict[int, Tensor]) -> None:
+            """The owner's received pieces written (or, ``Partial``, added) into its whole tensors."""
+            work, buf, splits = g
+            work.wait()
+            offsets = [0]
+            for s in splits:
+                offsets.append(offsets[-1] + s)
+            for src, ks in ex.recv.items():
+                off = offsets[src]
+                r = self.group_ranks[src]
+                for k in ks:
+                    lay = plan.layouts[k]
+                    n = lay.local_numel(r)
+                    piece = buf[off : off + n].view(lay.local_shape(r))
+                    if lay.partial_count > 1:
+                        fulls[k][self.region(prog, k, r)] += piece
+                    else:
+                        fulls[k][self.region(prog, k, r)] = piece
+                    off += n
 
         prefetch = max(0, self.config.prefetch_count)
         issued = 0
@@ -510,39 +540,30 @@ class PlanEngine:
                     for m, k in enumerate(ks):
                         fulls[k] = stack[m]
             for k in ex.owned:
-                if local[k].numel():
-                    fulls[k][self.region(prog, k, me)] = local[k].to(wire)
+                if like[k].numel():
+                    fulls[k][self.region(prog, k, me)] = make(k)
             if g is not None:
-                work, buf, splits = g
-                work.wait()
-                offsets = [0]
-                for s in splits:
-                    offsets.append(offsets[-1] + s)
-                for src, ks in ex.recv.items():
-                    off = offsets[src]
-                    r = self.group_ranks[src]
-                    for k in ks:
-                        lay = plan.layouts[k]
-                        n = lay.local_numel(r)
-                        piece = buf[off : off + n].view(lay.local_shape(r))
-                        if lay.partial_count > 1:
-                            fulls[k][self.region(prog, k, r)] += piece
-                        else:
-                            fulls[k][self.region(prog, k, r)] = piece
-                        off += n
+                receive(g, ex, fulls)
+                g = None  # the received pieces now live in the stacks
             for k in ex.owned:
                 lay = plan.layouts[k]
                 if lay.partial_count > 1 and lay.partial_op == "avg":
                     fulls[k] /= lay.partial_count
+            fulls.clear()
             results: dict[int, Tensor] = {}
-            for s, ks, stack in stacks:
-                res = compute(s, stack, ks).to(wire)
+            while stacks:  # each stack dropped once computed
+                s, ks, stack = stacks.pop(0)
+                res = compute(s, stack, ks).to(rets[b])
+                del stack
                 for m, k in enumerate(ks):
                     results[k] = res[m]
                     if out == "replicated":
                         res_out[k] = put(k, res[m], True)
-                    elif local[k].numel():
-                        res_out[k] = put(k, res[m][self.region(prog, k, me)], True)
+                    elif like[k].numel():
+                        mine = res[m][self.region(prog, k, me)]
+                        if mine.numel() < res[m].numel() and not consuming[k]:
+                            mine = mine.clone()  # kept until the commit: not the whole result
+                        res_out[k] = put(k, mine, True)
             # Return: owners send each receiver its piece (or the whole result); receivers take theirs.
             if ex.returns:
                 chunks: dict[int, list[Tensor]] = {}
@@ -551,7 +572,7 @@ class PlanEngine:
                         piece = results[k] if out == "replicated" else results[k][self.region(prog, k, r)]
                         chunks.setdefault(self._grank[r], []).append(piece)
                 sizes = {g2: sum(plan.returned_numel(k, me) for k in ks) for g2, ks in ex.back_from}
-                work, buf, _ = self._a2a(chunks, sizes, torch.empty(0, dtype=wire, device=device))
+                work, buf, _ = self._a2a(chunks, sizes, torch.empty(0, dtype=rets[b], device=device))
                 if not self.config.async_gpu_parallelism:
                     work.wait()
                 returns.append((work, buf, ex))
@@ -561,8 +582,14 @@ class PlanEngine:
             finish_return(returns.popleft())
         for k, r_k in enumerate(res_out):
             if r_k is None:  # a holder of an empty piece
-                res_out[k] = put(k, local[k].clone(), True)
+                res_out[k] = put(k, like[k].new_empty(like[k].shape), True)
         return res_out  # type: ignore[return-value]
+
+
+def _narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The one with fewer bytes (``b`` on a tie): a float widened to a wider float is exact, so a result may travel
+    in the narrower of its own dtype and the wire's without loss."""
+    return a if a.itemsize < b.itemsize else b
 
 
 def _numel(shape: Sequence[int]) -> int:

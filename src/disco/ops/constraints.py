@@ -117,3 +117,6 @@ class ConstraintSpec:
 
     def result_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(shape)
+
+    def result_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        return dtype

@@ -46,6 +46,10 @@ class Spec(Protocol):
 
     def result_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]: ...
 
+    def result_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """The dtype of ``spec(stack)`` for a stack of ``dtype`` on ``device``."""
+        ...
+
 
 def _hashable_coefficients(coefficients: Any) -> Any:
     if isinstance(coefficients, (list, tuple)):
@@ -129,10 +133,9 @@ class LMOSpec:
             eps=self.eps,
             compute_dtype=self.compute_dtype,
         )
-        if self.result_in_compute_dtype and self.backend in ITERATIVE_BACKENDS:
-            compute = self.compute_dtype or default_compute_dtype(stack)
-            if compute.itemsize < stack.dtype.itemsize:  # never wider than the input
-                kw["out_dtype"] = compute
+        out = self.result_dtype(stack.dtype, stack.device)  # never wider than the input
+        if out != stack.dtype:
+            kw["out_dtype"] = out
         if self.view == "flatten":
             flat = stack.reshape(stack.shape[0], stack.shape[1], -1)
             return lmo(flat, param_ndim=2, **kw).reshape(stack.shape)
@@ -150,6 +153,13 @@ class LMOSpec:
 
     def result_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(shape)
+
+    def result_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        if self.result_in_compute_dtype and self.backend in ITERATIVE_BACKENDS:
+            compute = self.compute_dtype or default_compute_dtype(torch.empty(0, dtype=dtype, device=device))
+            if compute.itemsize < dtype.itemsize:
+                return compute
+        return dtype
 
 
 @dataclass(frozen=True)
@@ -202,6 +212,9 @@ class NormsSpec:
 
     def result_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (len(self.norms),)
+
+    def result_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        return torch.float32
 
 
 #: Norms defined on vectors as well as matrices.

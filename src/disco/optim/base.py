@@ -266,6 +266,11 @@ class SpectralOptimizer(Optimizer):
         exchanges happen here; nothing is written); every rule commits; tracked norms are measured. With
         ``overlap_with_backward()``, buckets computed in backward are committed instead when every rank agrees
         they are still valid (``disco.optim.overlap``), else recomputed here.
+
+        Groups with ``commit="streaming"`` write each parameter inside the compute, as soon as its update is known
+        good (not on steps that track norms, nor for work done in backward): one update held at a time instead of
+        one per parameter, the same results. A failure after the first such write raises ``StepError`` on every
+        rank whatever the ``nonfinite`` policy, with ``applied`` listing what this rank wrote.
         """
         loss = None
         if closure is not None:

@@ -5,6 +5,7 @@ A rule owns the per-parameter state of its groups and one step over the paramete
     prepare  (local)      d_i = momentum(state_i, g_i)           # this rank's piece, made when the engine stacks it
     map      (engine)     o_i = spec_i(whole d_i)                # once per tensor, on its owner
     finish   (local)      M_i <- lerp(M_i, g_i); w_i <- apply(w_i, o_i)  # the commit, after every rule computed
+                                                                 # (commit="streaming": inside map, per o_i)
 
 ``ElementwiseRule`` (AdamW, Lion, signSGD) has no map: every op is element-wise on local pieces. ``LMORule``
 serves Muon, Scion and Disco, which differ only in data (norm, backend, momentum form, update form). A new
