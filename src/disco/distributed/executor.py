@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,50 +35,8 @@ from .engine import (
 )
 from .layout import REPLICATE, Layout
 from .planner import Plan, make_plan
+from .program import Exchange, Program, make_exchange
 from .resolve import comm_dtype_for, group_for, resolve_layouts
-
-Region = tuple[Any, ...]
-
-
-def _indexer(lists: tuple[list[int], ...]) -> Region:
-    """Index that selects the outer product of per-dim index lists (slices where contiguous)."""
-    contiguous = [not lst or lst == list(range(lst[0], lst[0] + len(lst))) for lst in lists]
-    if all(contiguous):
-        return tuple(slice(lst[0], lst[0] + len(lst)) if lst else slice(0, 0) for lst in lists)
-    adv = [d for d, c in enumerate(contiguous) if not c]
-    if len(adv) == 1:
-        return tuple(
-            torch.tensor(lst, dtype=torch.long) if d == adv[0] else slice(lst[0], lst[0] + len(lst))
-            for d, lst in enumerate(lists)
-        )
-    n = len(lists)
-    return tuple(
-        torch.tensor(lst, dtype=torch.long).view([-1 if k == d else 1 for k in range(n)]) for d, lst in enumerate(lists)
-    )
-
-
-@dataclass
-class _Exchange:
-    """One bucket's exchange, seen from this rank (positions into the job list)."""
-
-    members: list[int]
-    send: dict[int, list[int]]  # dest group rank -> jobs whose piece I send there
-    recv: dict[int, list[int]]  # src group rank -> jobs (owned by me) whose piece it sends
-    owned: list[int]
-    back_from: list[tuple[int, list[int]]]  # src group rank -> jobs whose result it returns to me
-    gathers: bool  # whether any rank sends a piece to an owner
-    returns: bool  # whether any owner sends a result back
-
-
-@dataclass
-class _Program:
-    """A plan for one set of jobs, with everything the executor derives from it once."""
-
-    plan: Plan
-    specs: list[Spec]
-    result_shapes: list[tuple[int, ...]]
-    exchanges: list[_Exchange]
-    regions: dict[tuple[int, int], Region] = field(default_factory=dict)
 
 
 class PlanEngine:
@@ -107,9 +64,9 @@ class PlanEngine:
         self.group_ranks = ranks
         self._grank = {r: i for i, r in enumerate(ranks)}
         self.layouts = layouts
-        self._programs: dict[tuple[Any, ...], _Program] = {}
+        self._programs: dict[tuple[Any, ...], Program] = {}
         self._digests: dict[tuple[Any, ...], int] = {}
-        self._current: _Program | None = None
+        self._current: Program | None = None
         self._job_index: list[int] = []  # parameter index of each job of the current program
 
     # ---- layouts -----------------------------------------------------------------------------------------
@@ -251,14 +208,14 @@ class PlanEngine:
             return self.layouts[job.index]
         return job.layout if self.config.split_replicas else self._within_replica(job.layout)
 
-    def _program(self, signature: tuple[Any, ...], specs: list[Spec], out: Out) -> _Program:
+    def _program(self, signature: tuple[Any, ...], specs: list[Spec], out: Out) -> Program:
         prog = self._programs.get(signature)
         if prog is None:
             prog = self._make_program(signature, specs, out)
             self._programs[signature] = prog
         return prog
 
-    def _make_program(self, signature: tuple[Any, ...], specs: list[Spec], out: Out) -> _Program:
+    def _make_program(self, signature: tuple[Any, ...], specs: list[Spec], out: Out) -> Program:
         layouts = [lay for _, _, lay, _ in signature[:-1]]
         keys = [(s, dtype) for (_, s, _, dtype) in signature[:-1]]
         result_shapes = []
@@ -280,30 +237,8 @@ class PlanEngine:
             out=out,
             result_numels=[_numel(rs) for rs in result_shapes],
         )
-        exchanges = [self._make_exchange(plan, b) for b in plan.buckets]
-        return _Program(plan, specs, result_shapes, exchanges)
-
-    def _make_exchange(self, plan: Plan, members: list[int]) -> _Exchange:
-        send: dict[int, list[int]] = {}
-        recv: dict[int, list[int]] = {}
-        back: dict[int, list[int]] = {}
-        owned = []
-        gathers = returns = False
-        for k in members:
-            lay, o = plan.layouts[k], plan.owners[k]
-            gathers = gathers or bool(lay.senders(o))
-            receivers = plan.receivers(k)
-            returns = returns or bool(receivers)
-            if o == self.rank:
-                owned.append(k)
-                for s in lay.senders(o):
-                    recv.setdefault(self._grank[s], []).append(k)
-            else:
-                if self.rank in lay.senders(o):
-                    send.setdefault(self._grank[o], []).append(k)
-                if self.rank in receivers:
-                    back.setdefault(self._grank[o], []).append(k)
-        return _Exchange(members, send, recv, owned, sorted(back.items()), gathers, returns)
+        exchanges = [make_exchange(plan, b, self.rank, self._grank) for b in plan.buckets]
+        return Program(plan, specs, result_shapes, exchanges)
 
     def assign(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> dict[int, list[int]]:
         """Plan ``jobs`` without running them (no communication); sets ``assignments`` and ``plan``."""
@@ -356,12 +291,6 @@ class PlanEngine:
         )
 
     # ---- execution ---------------------------------------------------------------------------------------
-    def region(self, prog: _Program, k: int, rank: int) -> Region:
-        key = (k, rank)
-        if key not in prog.regions:
-            prog.regions[key] = _indexer(prog.plan.layouts[k].index_lists(rank))
-        return prog.regions[key]
-
     def _a2a(
         self, chunks: dict[int, list[Tensor]], recv_sizes: dict[int, int], like: Tensor
     ) -> tuple[Any, Tensor, list[int]]:
@@ -417,7 +346,7 @@ class PlanEngine:
 
     def _run(
         self,
-        prog: _Program,
+        prog: Program,
         like: list[Tensor],
         make: Callable[[int], Tensor],
         out: Out,
@@ -463,7 +392,7 @@ class PlanEngine:
                 )  # fmt: skip
 
         gathers: deque[tuple[Any, Tensor, list[int]] | None] = deque()
-        returns: deque[tuple[Any, Tensor, _Exchange]] = deque()
+        returns: deque[tuple[Any, Tensor, Exchange]] = deque()
         wires = [comm_dtype_for(like[ex.members[0]], self.config) for ex in prog.exchanges]
         device = like[0].device if like else torch.device("cpu")
         # Results travel back in their own dtype when it is narrower than the wire (a bf16 result of fp32 pieces:
@@ -478,7 +407,7 @@ class PlanEngine:
             sizes = {g: sum(plan.layouts[k].local_numel(self.group_ranks[g]) for k in ks) for g, ks in ex.recv.items()}
             return self._a2a(chunks, sizes, torch.empty(0, dtype=wire, device=device))
 
-        def finish_return(item: tuple[Any, Tensor, _Exchange]) -> None:
+        def finish_return(item: tuple[Any, Tensor, Exchange]) -> None:
             work, buf, ex = item
             work.wait()
             offset = 0
@@ -496,7 +425,7 @@ class PlanEngine:
             for k, t in got:
                 res_out[k] = put(k, t, not poisoned.get(k, False))
 
-        def receive(g: tuple[Any, Tensor, list[int]], ex: _Exchange, fulls: dict[int, Tensor]) -> None:
+        def receive(g: tuple[Any, Tensor, list[int]], ex: Exchange, fulls: dict[int, Tensor]) -> None:
             """The owner's received pieces written (or, ``Partial``, added) into its whole tensors."""
             work, buf, splits = g
             work.wait()
@@ -511,9 +440,9 @@ class PlanEngine:
                     n = lay.local_numel(r)
                     piece = buf[off : off + n].view(lay.local_shape(r))
                     if lay.partial_count > 1:
-                        fulls[k][self.region(prog, k, r)] += piece
+                        fulls[k][prog.region(k, r)] += piece
                     else:
-                        fulls[k][self.region(prog, k, r)] = piece
+                        fulls[k][prog.region(k, r)] = piece
                     off += n
 
         prefetch = max(0, self.config.prefetch_count)
@@ -541,7 +470,7 @@ class PlanEngine:
                         fulls[k] = stack[m]
             for k in ex.owned:
                 if like[k].numel():
-                    fulls[k][self.region(prog, k, me)] = make(k)
+                    fulls[k][prog.region(k, me)] = make(k)
             if g is not None:
                 receive(g, ex, fulls)
                 g = None  # the received pieces now live in the stacks
@@ -560,7 +489,7 @@ class PlanEngine:
                     if out == "replicated":
                         res_out[k] = put(k, res[m], True)
                     elif like[k].numel():
-                        mine = res[m][self.region(prog, k, me)]
+                        mine = res[m][prog.region(k, me)]
                         if mine.numel() < res[m].numel() and not consuming[k]:
                             mine = mine.clone()  # kept until the commit: not the whole result
                         res_out[k] = put(k, mine, True)
@@ -569,7 +498,7 @@ class PlanEngine:
                 chunks: dict[int, list[Tensor]] = {}
                 for k in ex.owned:
                     for r in plan.receivers(k):
-                        piece = results[k] if out == "replicated" else results[k][self.region(prog, k, r)]
+                        piece = results[k] if out == "replicated" else results[k][prog.region(k, r)]
                         chunks.setdefault(self._grank[r], []).append(piece)
                 sizes = {g2: sum(plan.returned_numel(k, me) for k in ks) for g2, ks in ex.back_from}
                 work, buf, _ = self._a2a(chunks, sizes, torch.empty(0, dtype=rets[b], device=device))

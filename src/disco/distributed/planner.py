@@ -163,18 +163,22 @@ class Plan:
             return [r for r in lay.ranks if r != o]
         return lay.receivers(o)
 
-    def bytes_per_rank(self, element_size: int = 4) -> dict[int, dict[str, int]]:
-        """Bytes each rank sends and receives per step (contributors in, results back)."""
-        sent, received = self._traffic(_Tables(self.layouts), element_size)
+    def bytes_per_rank(self, element_size: int = 4, result_size: int | None = None) -> dict[int, dict[str, int]]:
+        """Bytes each rank sends and receives per step (contributors in at ``element_size`` bytes an element,
+        results back at ``result_size``, default the same)."""
+        sent, received = self._traffic(_Tables(self.layouts), element_size, result_size)
         return {r: {"sent": s, "received": v} for r, s, v in zip(self.ranks, sent, received)}
 
-    def _traffic(self, tables: _Tables, element_size: int) -> tuple[list[int], list[int]]:
+    def _traffic(
+        self, tables: _Tables, element_size: int, result_size: int | None = None
+    ) -> tuple[list[int], list[int]]:
         """Bytes sent and received by each rank, in ``ranks`` order.
 
         As if no rank owned anything, every holder sends its piece to each owner in its replica group and gets
         its part of each result back: per distinct layout, one vector scaled by how many of its tensors have an
         owner in each group. Then each owner trades those holder terms for its own: it receives its group's other
-        pieces and sends the results out.
+        pieces and sends the results out. Pieces in and results back are counted apart (``g_*`` and ``r_*``),
+        then weighed by their element sizes.
         """
         replicated = self.out == "replicated"
         per_copy: dict[int, list[int]] = {}  # distinct layout -> tensors with their owner in each copy
@@ -188,7 +192,8 @@ class Plan:
             per_copy[j][info.groups[info.mesh.position(o)]] += 1
             back[j] = back.get(j, 0) + (self._result_numel(i) if replicated else 1)
         n = len(self.ranks)
-        sent, received = [0] * n, [0] * n
+        g_sent, r_received = [0] * n, [0] * n  # holders: pieces out, results in
+        g_received, r_sent = [0] * n, [0] * n  # owners: pieces in, results out
         plan_mesh = _Mesh(self.ranks)
         for j, counts in per_copy.items():
             info, m = tables.infos[j], back[j]
@@ -198,29 +203,31 @@ class Plan:
                 out = list(map(counts[0].__mul__, info.numels))
             into = [m] * len(info.numels) if replicated else list(map(m.__mul__, info.numels))
             if info.mesh.ranks == self.ranks:
-                sent = list(map(operator.add, sent, out))
-                received = list(map(operator.add, received, into))
+                g_sent = list(map(operator.add, g_sent, out))
+                r_received = list(map(operator.add, r_received, into))
             else:
                 for r, s, v in zip(info.mesh.ranks, out, into):
                     p = plan_mesh.position(r)
-                    sent[p] += s
-                    received[p] += v
+                    g_sent[p] += s
+                    r_received[p] += v
         for i, o in enumerate(self.owners):
             if o < 0:
                 continue
             info = tables.info(i)
             k = info.mesh.position(o)
             v, p, held = info.numels[k], plan_mesh.position(o), info.total // info.copies
+            g_sent[p] -= v  # the owner's own piece stays
+            g_received[p] += held - v
             if replicated:
                 res = self._result_numel(i)
-                sent[p] += (len(info.numels) - 1) * res - v
-                received[p] += held - v - res
+                r_sent[p] += (len(info.numels) - 1) * res
+                r_received[p] -= res
             else:
-                sent[p] += info.total - 2 * v
-                received[p] += held - 2 * v
-        if element_size != 1:
-            sent = list(map(element_size.__mul__, sent))
-            received = list(map(element_size.__mul__, received))
+                r_sent[p] += info.total - v
+                r_received[p] -= v
+        rs = element_size if result_size is None else result_size
+        sent = [element_size * a + rs * b for a, b in zip(g_sent, r_sent)]
+        received = [element_size * a + rs * b for a, b in zip(g_received, r_received)]
         return sent, received
 
     def bytes_lower_bound(self, element_size: int = 4) -> int:
