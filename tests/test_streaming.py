@@ -268,3 +268,46 @@ def test_failure_on_the_owner_is_never_committed_by_a_holder(layout, how):
         for k in range(4):
             assert torch.equal(ps[k], ref[0][k]) and torch.equal(ms[k], ref[1][k])
     assert out[0]["streaming"][2][0] == out[1]["streaming"][2][0]
+
+
+@pytest.mark.filterwarnings("ignore:overlap_with_backward")
+@pytest.mark.parametrize("committed", [True, False])
+def test_overlap_holds_its_buckets_and_streams_the_recomputed_step(monkeypatch, committed):
+    """Buckets computed in backward are held until ``step()`` validates them (never streamed from a hook); a step
+    that recomputes (a gradient changed after backward) streams. Both equal the plain atomic step."""
+    from test_overlap import assert_equal, batch, mlp, snapshot
+
+    from disco.optim.rules import LMORule
+
+    streamed = []
+    real = LMORule._commit_now
+
+    def spy(self, it, *args):
+        streamed.append(it.name)
+        return real(self, it, *args)
+
+    def run(commit: str, overlap: bool):
+        model = mlp()
+        opt = make_opt(model, commit=commit)
+        if overlap:
+            opt.overlap_with_backward(bucket_bytes=1)
+        for step in range(3):
+            model(batch(step)).square().mean().backward()
+            if not committed:
+                model[0].weight.grad.mul_(1.0)  # an in-place change after backward: the step recomputes
+            opt.step()
+            opt.zero_grad()
+        return snapshot(model, opt), opt
+
+    want, _ = run("atomic", False)
+    monkeypatch.setattr(LMORule, "_commit_now", spy)
+    got, opt = run("streaming", True)
+    assert_equal(got, want)
+    assert (opt.overlap.committed, opt.overlap.recomputed) == ((3, 0) if committed else (0, 3))
+    assert len(streamed) == (0 if committed else 9)  # 3 matrices x 3 steps
+
+
+def make_opt(model, **kw):
+    from test_overlap import make_opt as overlap_opt
+
+    return overlap_opt(model, "muon", **kw)

@@ -19,8 +19,11 @@ gradients, and times, side by side in the same processes:
 Step time is the median over ``--steps`` timed steps of the slowest rank's time (ranks meet at a barrier before
 each step). ``x_1rank`` is the time over the same method's 1-rank time; ``x_disco`` over ``disco``'s at the same
 rank count; ``ns_ms`` is the slowest rank's time inside Newton-Schulz (the rest of a step is communication,
-packing and the update). Goals (reported, not asserted): redundancy 1.00, bytes at the lower bound, 2 ranks < 0.7x of 1.
-On a machine with fewer cores than ranks, more ranks cannot be faster: the core count is printed.
+packing and the update). ``--memory``: disco's peak extra memory of one more step on each rank (the profiler's
+allocation timeline), the largest over ranks, beside each rank's parameter bytes; ``--commit streaming`` writes
+each parameter as its update arrives. Goals (reported, not asserted): redundancy 1.00, bytes at the lower
+bound, 2 ranks < 0.7x of 1. On a machine with fewer cores than ranks, more ranks cannot be faster: the core
+count is printed.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ COLUMNS: list[Column] = [
     ("collectives", "coll/rank"),
     ("plan_collectives", "plan_coll"),
     ("redundancy", "redund", ".2f"),
+    ("peak_mib", "peak MiB/rank", ".1f"),
+    ("param_mib", "params MiB/rank", ".1f"),
     ("imbalance", "imbal", ".3f"),
     ("max_diff", "max_diff", ".1e"),
 ]
@@ -136,7 +141,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
 
     # ---- disco.Muon
     cdtype = getattr(torch, cfg["compute_dtype"])
-    opt = disco.Muon(params, lr=lr, weight_decay=wd, momentum=beta, compute_dtype=cdtype)
+    opt = disco.Muon(params, lr=lr, weight_decay=wd, momentum=beta, compute_dtype=cdtype, commit=cfg["commit"])
     set_grads(params)
     before = [p.to_local().clone() for p in params]
     opt.step()
@@ -150,7 +155,14 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
     }
     row.update(_timed(opt.step, cfg["steps"], cfg["warmup"], functools.partial(_compute_s, opt)))
     assert isinstance(opt.engine, PlanEngine)  # DTensor parameters: the plan executor
-    row.update(plan=opt.engine.plan.stats(), n_matrices=len(shapes))
+    # fp32 pieces in; results back in the compute dtype when narrower (exact: they are its values)
+    result_size = min(cdtype.itemsize, 4)
+    row.update(plan=opt.engine.plan.stats(4, result_size), n_matrices=len(shapes))
+    if cfg["memory"]:
+        from disco.bench.step import peak_extra_mib
+
+        row["peak_mib"] = peak_extra_mib(opt.step)
+        row["param_mib"] = sum(p.to_local().numel() * p.element_size() for p in params) / 2**20
     out["rows"]["disco"] = row
     del opt
 
@@ -266,6 +278,9 @@ def summarize(world: int, per_rank: list[dict]) -> tuple[list[dict], list[str]]:
             row["bytes_vs_lb"] = row["bytes_total"] / lb if lb else (1.0 if row["bytes_total"] == 0 else None)
         if "max_diff" in rs[0]:
             row["max_diff"] = max(x["max_diff"] for x in rs)
+        if "peak_mib" in rs[0]:
+            row["peak_mib"] = max(x["peak_mib"] for x in rs)
+            row["param_mib"] = max(x["param_mib"] for x in rs)
         rows.append(row)
     return rows, notes
 
@@ -284,6 +299,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--torch-muon", choices=("on", "off"), default="on", help="also time torch.optim.Muon")
     ap.add_argument("--torch-muon-max-s", type=float, default=20.0, help="skip torch Muon if a step is slower")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per rank count before giving up")
+    ap.add_argument("--commit", choices=("atomic", "streaming"), default="atomic", help="disco.Muon's commit")
+    ap.add_argument("--memory", action="store_true", help="also disco's peak extra memory of a step (max over ranks)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     return ap
 
@@ -309,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         "compute_dtype": args.compute_dtype,
         "torch_muon": args.torch_muon == "on",
         "torch_muon_max_s": args.torch_muon_max_s,
+        "commit": args.commit,
+        "memory": args.memory,
     }
     rows: list[dict] = []
     notes: list[str] = []

@@ -230,12 +230,14 @@ class Plan:
         received = [element_size * a + rs * b for a, b in zip(g_received, r_received)]
         return sent, received
 
-    def bytes_lower_bound(self, element_size: int = 4) -> int:
-        """Fewest bytes any owner choice must move: every contributor's piece but the owner's in, results out."""
-        return self._lower_bound(_Tables(self.layouts), element_size)
+    def bytes_lower_bound(self, element_size: int = 4, result_size: int | None = None) -> int:
+        """Fewest bytes any owner choice must move: every contributor's piece but the owner's in, results out
+        (at ``result_size`` bytes an element; default ``element_size``)."""
+        return self._lower_bound(_Tables(self.layouts), element_size, result_size)
 
-    def _lower_bound(self, tables: _Tables, element_size: int) -> int:
+    def _lower_bound(self, tables: _Tables, element_size: int, result_size: int | None = None) -> int:
         # The best owner holds the biggest piece: it need not receive it, nor (results in place) send it back.
+        rs = element_size if result_size is None else result_size
         total = 0
         for i, o in enumerate(self.owners):
             if o < 0:
@@ -243,10 +245,10 @@ class Plan:
             lay, info = self.layouts[i], tables.info(i)
             pieces_in = lay.numel * lay.partial_count  # one copy's pieces cover the tensor once per summand
             if self.out == "replicated":
-                best = pieces_in - info.biggest + (len(info.numels) - 1) * self._result_numel(i)
+                back = (len(info.numels) - 1) * self._result_numel(i)
             else:
-                best = pieces_in - info.biggest + info.total - info.biggest
-            total += best * element_size
+                back = info.total - info.biggest
+            total += (pieces_in - info.biggest) * element_size + back * rs
         return total
 
     def collectives_per_step(self) -> int:
@@ -266,19 +268,21 @@ class Plan:
 
         return sum(any(map(gathers, b)) + any(map(returns, b)) for b in self.buckets)
 
-    def stats(self, element_size: int = 4) -> dict[str, float]:
+    def stats(self, element_size: int = 4, result_size: int | None = None) -> dict[str, float]:
+        """The plan's figures; bytes with pieces at ``element_size`` bytes an element, results at ``result_size``
+        (default the same)."""
         loads = list(map(self.load.get, self.ranks, itertools.repeat(0.0)))
         mean = sum(loads) / len(loads) if loads else 0.0
         total = sum(self.costs)
         tables = _Tables(self.layouts)
-        sent, received = self._traffic(tables, element_size)
+        sent, received = self._traffic(tables, element_size, result_size)
         return {
             "world_size": self.world_size,
             "tensors": len(self.layouts),
             "imbalance": (max(loads) / mean) if mean > 0 else 1.0,
             "redundancy": (sum(loads) / total) if total > 0 else 1.0,
             "bytes_total": sum(received),
-            "bytes_lower_bound": self._lower_bound(tables, element_size),
+            "bytes_lower_bound": self._lower_bound(tables, element_size, result_size),
             "bytes_per_rank_max": max(map(operator.add, sent, received), default=0),
             "collectives_per_step": self._collectives(tables),
             "buckets": len(self.buckets),
