@@ -425,25 +425,42 @@ class PlanEngine:
             for k, t in got:
                 res_out[k] = put(k, t, not poisoned.get(k, False))
 
-        def receive(g: tuple[Any, Tensor, list[int]], ex: Exchange, fulls: dict[int, Tensor]) -> None:
-            """The owner's received pieces written (or, ``Partial``, added) into its whole tensors."""
+        def received(g: tuple[Any, Tensor, list[int]], ex: Exchange) -> dict[int, list[tuple[int, Tensor]]]:
+            """The owner's received pieces, by job: (source rank, a view into the bucket's buffer)."""
             work, buf, splits = g
             work.wait()
             offsets = [0]
             for s in splits:
                 offsets.append(offsets[-1] + s)
+            pieces: dict[int, list[tuple[int, Tensor]]] = {}
             for src, ks in ex.recv.items():
                 off = offsets[src]
                 r = self.group_ranks[src]
                 for k in ks:
                     lay = plan.layouts[k]
                     n = lay.local_numel(r)
-                    piece = buf[off : off + n].view(lay.local_shape(r))
-                    if lay.partial_count > 1:
-                        fulls[k][prog.region(k, r)] += piece
-                    else:
-                        fulls[k][prog.region(k, r)] = piece
+                    pieces.setdefault(k, []).append((r, buf[off : off + n].view(lay.local_shape(r))))
                     off += n
+            return pieces
+
+        def whole(ks: list[int], wire: torch.dtype, pieces: dict[int, list[tuple[int, Tensor]]]) -> Tensor:
+            """The stack of ``ks``' whole tensors, built just before its spec call: this rank's piece and the
+            received ones written in place (``Partial``: summed, or averaged)."""
+            lays = [plan.layouts[k] for k in ks]
+            partial = any(lay.partial_count > 1 for lay in lays)
+            stack = (torch.zeros if partial else torch.empty)((len(ks), *lays[0].shape), dtype=wire, device=device)
+            for m, (k, lay) in enumerate(zip(ks, lays)):
+                row = stack[m]  # not iteration: unbind's views refuse in-place writes under grad mode
+                if like[k].numel():
+                    row[prog.region(k, me)] = make(k)
+                for r, got in pieces.pop(k, ()):
+                    if lay.partial_count > 1:
+                        row[prog.region(k, r)] += got
+                    else:
+                        row[prog.region(k, r)] = got
+                if lay.partial_count > 1 and lay.partial_op == "avg":
+                    row /= lay.partial_count
+            return stack
 
         prefetch = max(0, self.config.prefetch_count)
         issued = 0
@@ -453,46 +470,30 @@ class PlanEngine:
                 issued += 1
             g = gathers.popleft()
             wire = wires[b]
-            # The owner's whole tensors are rows of the stacks its spec calls read (no stacking copy later): per
-            # spec, cut to at most stack_bytes each (one shape and dtype per bucket).
-            stacks: list[tuple[Spec, list[int], Tensor]] = []
-            fulls: dict[int, Tensor] = {}
+            # Per spec, the owner's whole tensors in stacks of at most stack_bytes (one shape and dtype per bucket),
+            # each built, computed and dropped in turn; results kept only to be returned.
+            pieces = received(g, ex) if g is not None else {}
+            g = None
             by_spec: dict[Any, list[int]] = {}
             for k in ex.owned:
                 by_spec.setdefault(prog.specs[k], []).append(k)
-            for s, owned in by_spec.items():
-                shape = plan.layouts[owned[0]].shape
-                for ks in cut_stacks(owned, _numel(shape) * wire.itemsize, self.config.stack_bytes, device):
-                    partial = any(plan.layouts[k].partial_count > 1 for k in ks)
-                    stack = (torch.zeros if partial else torch.empty)((len(ks), *shape), dtype=wire, device=device)
-                    stacks.append((s, ks, stack))
-                    for m, k in enumerate(ks):
-                        fulls[k] = stack[m]
-            for k in ex.owned:
-                if like[k].numel():
-                    fulls[k][prog.region(k, me)] = make(k)
-            if g is not None:
-                receive(g, ex, fulls)
-                g = None  # the received pieces now live in the stacks
-            for k in ex.owned:
-                lay = plan.layouts[k]
-                if lay.partial_count > 1 and lay.partial_op == "avg":
-                    fulls[k] /= lay.partial_count
-            fulls.clear()
             results: dict[int, Tensor] = {}
-            while stacks:  # each stack dropped once computed
-                s, ks, stack = stacks.pop(0)
-                res = compute(s, stack, ks).to(rets[b])
-                del stack
-                for m, k in enumerate(ks):
-                    results[k] = res[m]
-                    if out == "replicated":
-                        res_out[k] = put(k, res[m], True)
-                    elif like[k].numel():
-                        mine = res[m][prog.region(k, me)]
-                        if mine.numel() < res[m].numel() and not consuming[k]:
-                            mine = mine.clone()  # kept until the commit: not the whole result
-                        res_out[k] = put(k, mine, True)
+            for s, owned in by_spec.items():
+                item_bytes = _numel(plan.layouts[owned[0]].shape) * wire.itemsize
+                for ks in cut_stacks(owned, item_bytes, self.config.stack_bytes, device):
+                    res = compute(s, whole(ks, wire, pieces), ks).to(rets[b])
+                    for m, k in enumerate(ks):
+                        if ex.returns:
+                            results[k] = res[m]
+                        if out == "replicated":
+                            res_out[k] = put(k, res[m], True)
+                        elif like[k].numel():
+                            mine = res[m][prog.region(k, me)]
+                            if mine.numel() < res[m].numel() and not consuming[k]:
+                                mine = mine.clone()  # kept until the commit: not the whole result
+                            res_out[k] = put(k, mine, True)
+                    del res
+            del pieces
             # Return: owners send each receiver its piece (or the whole result); receivers take theirs.
             if ex.returns:
                 chunks: dict[int, list[Tensor]] = {}
