@@ -27,13 +27,13 @@ def _full(seed: int, shapes=SHAPES) -> list[torch.Tensor]:
     return [torch.randn(s, generator=g) for s in shapes]
 
 
-def _break_backend(monkeypatch_or_none, how: str):
-    """Make the default backend fail (``how``: ``"raise"`` or ``"nan"``) for ``FAILING`` matrices only; without
+def _break_backend(monkeypatch_or_none, how: str, failing=FAILING):
+    """Make the default backend fail (``how``: ``"raise"`` or ``"nan"``) for ``failing`` matrices only; without
     a monkeypatch, returns a function that puts the real one back."""
     real = ops.BACKENDS["gram_newtonschulz5"]
 
     def broken(G, **kw):
-        if tuple(G.shape[-2:]) == FAILING:
+        if tuple(G.shape[-2:]) == failing:
             if how == "raise":
                 raise RuntimeError("backend exploded")
             return torch.full_like(real(G, **kw), float("nan"))
@@ -206,17 +206,24 @@ def test_streaming_is_refused_where_it_cannot_hold(build, words):
 LAYOUTS = ["fsdp", "tp", "replicated", "experts"]
 
 
+ONE_ROW = (1, 16)  # "fsdp_empty": the failing matrix has one row, so rank 1's piece of it is empty
+
+
 def _dist_shapes(layout: str) -> list[tuple[int, ...]]:
-    return [(4, *s) for s in SHAPES] if layout == "experts" else SHAPES
+    if layout == "experts":
+        return [(4, *s) for s in SHAPES]
+    return [*SHAPES[:4], ONE_ROW] if layout == "fsdp_empty" else SHAPES
 
 
-def _body(rank, world_size, layout, fail):
+def _body(rank, world_size, layout, fail, only_rank=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world_size,))
-    place = {"fsdp": [Shard(0)], "tp": [Shard(1)], "replicated": [Replicate()], "experts": [Shard(0)]}[layout]
+    place = {"tp": [Shard(1)], "replicated": [Replicate()]}.get(layout, [Shard(0)])
     shapes = _dist_shapes(layout)
+    failing = ONE_ROW if layout == "fsdp_empty" else FAILING
+    fail = fail if only_rank in (None, rank) else None
     out = {}
 
     def snapshot(params, opt):
@@ -227,9 +234,10 @@ def _body(rank, world_size, layout, fail):
         opt = _muon([(f"w{i}", p) for i, p in enumerate(params)], commit)
         error, restore, first = None, None, None
         for k in range(2):
-            if fail and k == 1:
+            if k == 1:
                 first = snapshot(params, opt)
-                restore = _break_backend(None, fail)
+                if fail:
+                    restore = _break_backend(None, fail, failing)
             for p, g in zip(params, _full(10 + k, shapes)):
                 p.grad = distribute_tensor(g, mesh, place, src_data_rank=None)
             try:
@@ -253,20 +261,33 @@ def test_streaming_equals_atomic_on_two_ranks(layout):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize(("layout", "how"), [("fsdp", "raise"), ("tp", "nan"), ("replicated", "nan")])
-def test_failure_on_the_owner_is_never_committed_by_a_holder(layout, how):
-    """The failing matrix's owner sends it all-NaN: no holder commits it, every rank raises the same error, and
-    the good matrices take the step as they do without the failure."""
+@pytest.mark.parametrize(
+    ("layout", "how", "only_rank"),
+    [
+        ("fsdp", "raise", None),
+        ("tp", "nan", None),
+        ("replicated", "nan", None),
+        ("fsdp_empty", "raise", None),  # rank 1 holds an empty piece of the failing matrix
+        ("experts", "nan", 1),  # computed in place, and failing on rank 1 only
+    ],
+)
+def test_failure_on_the_owner_is_never_committed_by_a_holder(layout, how, only_rank):
+    """The failing matrix's owner sends it all-NaN: no holder commits it (pieces computed in place wait for every
+    rank's verdict), every rank raises the same error, and the good matrices take the step as they do without the
+    failure."""
     ref = run_ranks(_body, 2, layout, None, timeout=90)[0]["atomic"]
-    out = run_ranks(_body, 2, layout, how, timeout=90, pg_timeout=60)
+    out = run_ranks(_body, 2, layout, how, only_rank, timeout=90, pg_timeout=60)
     for got in out:
         (pa, ma, ea, (pa1, ma1)), (ps, ms, es, (ps1, ms1)) = got["atomic"], got["streaming"]
         assert ea is not None and "partially" not in ea[0] and ea[1] == []
         assert all(torch.equal(a, b) for a, b in zip(pa + ma, pa1 + ma1))  # atomic: nothing changed
-        assert es is not None and "partially applied" in es[0] and "'w4'" in es[0] and es[1] == [0, 1, 2, 3]
+        # Expert stacks computed in place are all held until the map's verdict: none was written.
+        applied = [] if layout == "experts" else [0, 1, 2, 3]
+        assert es is not None and "partially applied" in es[0] and "'w4'" in es[0] and es[1] == applied
         assert torch.equal(ps[4], ps1[4]) and torch.equal(ms[4], ms1[4])  # the failed one: still after step 1
         for k in range(4):
-            assert torch.equal(ps[k], ref[0][k]) and torch.equal(ms[k], ref[1][k])
+            want = (ref[0][k], ref[1][k]) if applied else (ps1[k], ms1[k])
+            assert torch.equal(ps[k], want[0]) and torch.equal(ms[k], want[1])
     assert out[0]["streaming"][2][0] == out[1]["streaming"][2][0]
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..ops.specs import Spec
 from .agreement import Outcomes, check_step, digest, first_difference, settle
 from .config import DistributedConfig
-from .engine import EngineStats, Job, Out, Over, ReduceOp, n_matrices, run_spec, spec_of
+from .engine import EngineStats, Job, Out, Over, ReduceOp, consumed, n_matrices, run_spec, spec_of
 from .layout import Layout
 
 
@@ -148,8 +148,4 @@ class CallbackEngine:
         self._mapped = sorted(j.index for j in jobs)
         settle(outcomes, None, list(range(dist.get_world_size())), [j.index for j in jobs], self.names)
         # User functions move the pieces: results are handed to ``consume`` only once every rank agreed.
-        for k, job in enumerate(jobs):
-            if job.consume is not None:
-                job.consume(results[k])
-                results[k] = results[k].new_empty(0)
-        return [results[k] for k in range(len(jobs))]
+        return [consumed(job, results[k]) for k, job in enumerate(jobs)]

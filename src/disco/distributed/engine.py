@@ -21,7 +21,8 @@ An optimizer registers its parameters once (the engine reads their layouts) and 
 * ``stats``, ``assignments``, ``current_rank``, ``layout(index)``.
 
 The engine never names an algorithm: it calls ``spec(stack)``, ``spec.cost(shape)``, ``spec.batch_ndim(shape)``,
-``spec.result_shape(shape)`` and ``spec.needs_whole``. ``LocalEngine`` is the single-process twin (the oracle);
+``spec.result_shape(shape)``, ``spec.needs_whole`` and, if the spec has it, ``spec.result_dtype(dtype, device)``
+(results narrower than the wire travel back as they are). ``LocalEngine`` is the single-process twin (the oracle);
 ``disco.distributed.executor.PlanEngine`` runs a plan over a process group; ``disco.distributed.callbacks``
 drives user functions. ``build_engine`` picks one.
 """
@@ -183,6 +184,12 @@ def run_spec(
     return out
 
 
+def result_dtype_of(spec: Spec, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """``spec.result_dtype(dtype, device)``; a spec without one is taken to return its input's dtype."""
+    f = getattr(spec, "result_dtype", None)
+    return dtype if f is None else f(dtype, device)
+
+
 def handed(job: Job, result: Tensor, ok: bool, outcomes: Outcomes, position: int) -> Tensor:
     """What ``map`` returns for ``job``: ``result``, or, when the job has ``consume`` and the result is ``ok``,
     an empty tensor once ``consume(result)`` ran (an exception there is recorded under ``position``: the rank
@@ -190,9 +197,17 @@ def handed(job: Job, result: Tensor, ok: bool, outcomes: Outcomes, position: int
     if job.consume is None or not ok:
         return result
     try:
-        job.consume(result)
+        return consumed(job, result)
     except Exception as e:
         outcomes.fail([position], e)
+        return result
+
+
+def consumed(job: Job, result: Tensor) -> Tensor:
+    """``job.consume(result)`` if it has one; what ``map`` returns in its place (an empty tensor)."""
+    if job.consume is None:
+        return result
+    job.consume(result)
     return result.new_empty(0)
 
 

@@ -9,6 +9,7 @@ every rank instead of exchanging mismatched pieces.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,9 +27,11 @@ from .engine import (
     Out,
     Over,
     ReduceOp,
+    consumed,
     cut_stacks,
     handed,
     n_matrices,
+    result_dtype_of,
     run_spec,
     run_stacked,
     spec_of,
@@ -265,7 +268,7 @@ class PlanEngine:
             items.append((job.index, s, lay, job.tensor.dtype))
         # The results' dtypes size the return buffers: ranks must agree on them (a spec may read the device).
         results = tuple(
-            str(s.result_dtype(comm_dtype_for(j.tensor, self.config), j.tensor.device)) for j, s in zip(jobs, specs)
+            str(result_dtype_of(s, comm_dtype_for(j.tensor, self.config), j.tensor.device)) for j, s in zip(jobs, specs)
         )
         return (*items, (out, results))
 
@@ -323,25 +326,31 @@ class PlanEngine:
         assert signature is not None
         outcomes = Outcomes()
         exchanged = set(mapped)
+        held: list[int] = []  # jobs whose results are consumed after settle
         for k, (job, s) in enumerate(zip(jobs, specs)):
             if k not in exchanged:  # element-wise: the local piece is all it needs
-                r = run_spec(s, job.values().unsqueeze(0), self.stats, outcomes, [k])[0]
-                results[k] = handed(job, r, outcomes.ok(k), outcomes, k)
+                results[k] = run_spec(s, job.values().unsqueeze(0), self.stats, outcomes, [k])[0]
+                held.append(k)
         prog = self._program(signature, [specs[k] for k in mapped], out)
         self._current = prog
         self._job_index = [jobs[k].index for k in mapped]
 
         def put(k: int, r: Tensor, ok: bool) -> Tensor:
-            p = mapped[k]
-            return handed(jobs[p], r, ok and outcomes.ok(p), outcomes, p)
+            p = mapped[k]  # an empty piece has nothing to commit, and no owner's verdict reached it: not handed
+            return handed(jobs[p], r, ok and outcomes.ok(p) and r.numel() > 0, outcomes, p)
 
         consuming = [jobs[k].consume is not None for k in mapped]
         like = [jobs[k].tensor for k in mapped]
-        mres = self._run(prog, like, lambda k: jobs[mapped[k]].values(), out, outcomes, mapped, put, consuming)
+        local: list[int] = []
+        mres = self._run(prog, like, lambda k: jobs[mapped[k]].values(), out, outcomes, mapped, put, consuming, local)
         for k, r in zip(mapped, mres):
             results[k] = r
+        held.extend(mapped[k] for k in local)
         self.stats.checks += 1
         settle(outcomes, self.group, self.group_ranks, [j.index for j in jobs], self.names)
+        # Results computed in place (each rank its own pieces, no owner to vouch for them): consumed only now.
+        for k in held:
+            results[k] = consumed(jobs[k], results[k])  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
     def _run(
@@ -354,14 +363,25 @@ class PlanEngine:
         positions: list[int],
         put: Callable[[int, Tensor, bool], Tensor],
         consuming: list[bool],
+        local: list[int],
     ) -> list[Tensor]:
         """Execute ``prog`` on this rank's pieces: ``make(k)`` makes piece ``k`` (shaped, typed and placed like
         ``like[k]``) when its bucket sends or stacks it, once. Failures go to ``outcomes`` under ``positions``.
 
         Each result goes through ``put(k, result, ok)`` as soon as it is final here (``ok``: not received as
-        all-NaN, checked for the ``consuming`` jobs only) and what it returns is kept."""
+        all-NaN, checked for the ``consuming`` jobs only) and what it returns is kept, except for the jobs
+        computed in place (sharded on batch dims only), which are kept as they are and listed in ``local``."""
         plan = prog.plan
         res_out: list[Tensor | None] = [None] * len(like)
+
+        def made(k: int) -> Tensor:
+            # Between collectives: a failure is recorded (raised everywhere by ``settle``), the piece sent as NaN.
+            try:
+                return make(k)
+            except Exception as e:
+                outcomes.fail([positions[k]], e)
+                return torch.full(like[k].shape, math.nan, dtype=like[k].dtype, device=like[k].device)
+
         me = self.rank
 
         def compute(spec: Spec, stack: Tensor, ks: list[int]) -> Tensor:
@@ -379,15 +399,17 @@ class PlanEngine:
                 if like[k].numel():
                     by.setdefault(tuple(like[k].shape), []).append(k)
                 else:
-                    res_out[k] = put(k, like[k].new_empty(like[k].shape), True)
+                    res_out[k] = like[k].new_empty(like[k].shape)
+                    local.append(k)
 
             def put_local(k: int, r: Tensor) -> None:
-                res_out[k] = put(k, r, True)
+                res_out[k] = r
+                local.append(k)
 
             for members in by.values():
                 spec, first = prog.specs[members[0]], like[members[0]]
                 run_stacked(
-                    spec, members, make, first, self.config.stack_bytes, self.stats, outcomes, positions.__getitem__,
+                    spec, members, made, first, self.config.stack_bytes, self.stats, outcomes, positions.__getitem__,
                     put_local,
                 )  # fmt: skip
 
@@ -397,13 +419,15 @@ class PlanEngine:
         device = like[0].device if like else torch.device("cpu")
         # Results travel back in their own dtype when it is narrower than the wire (a bf16 result of fp32 pieces:
         # exact, half the bytes); every rank knows it from the spec (agreed in the map's digest).
-        rets = [_narrower(prog.specs[ex.members[0]].result_dtype(w, device), w) for ex, w in zip(prog.exchanges, wires)]
+        rets = [
+            _narrower(result_dtype_of(prog.specs[ex.members[0]], w, device), w) for ex, w in zip(prog.exchanges, wires)
+        ]
 
         def issue_gather(b: int) -> tuple[Any, Tensor, list[int]] | None:
             ex, wire = prog.exchanges[b], wires[b]
             if not ex.gathers:
                 return None
-            chunks = {g: [make(k).to(wire) for k in ks] for g, ks in ex.send.items()}
+            chunks = {g: [made(k).to(wire) for k in ks] for g, ks in ex.send.items()}
             sizes = {g: sum(plan.layouts[k].local_numel(self.group_ranks[g]) for k in ks) for g, ks in ex.recv.items()}
             return self._a2a(chunks, sizes, torch.empty(0, dtype=wire, device=device))
 
@@ -452,7 +476,7 @@ class PlanEngine:
             for m, (k, lay) in enumerate(zip(ks, lays)):
                 row = stack[m]  # not iteration: unbind's views refuse in-place writes under grad mode
                 if like[k].numel():
-                    row[prog.region(k, me)] = make(k)
+                    row[prog.region(k, me)] = made(k)
                 for r, got in pieces.pop(k, ()):
                     if lay.partial_count > 1:
                         row[prog.region(k, r)] += got
@@ -461,6 +485,26 @@ class PlanEngine:
                 if lay.partial_count > 1 and lay.partial_op == "avg":
                     row /= lay.partial_count
             return stack
+
+        def own_piece(k: int, result: Tensor) -> Tensor:
+            """This owner's piece of its ``result``; a copy when it is kept until the commit and smaller than the
+            whole (a view would keep the whole result alive)."""
+            mine = result[prog.region(k, me)]
+            return mine.clone() if mine.numel() < result.numel() and not consuming[k] else mine
+
+        def send_results(ex: Exchange, results: dict[int, Tensor], ret: torch.dtype) -> tuple[Any, Tensor, Exchange]:
+            """Owners send each receiver its piece (or the whole result); receivers take theirs in ``finish_return``.
+            Only the packed send buffer outlives this call."""
+            chunks: dict[int, list[Tensor]] = {}
+            for k in ex.owned:
+                for r in plan.receivers(k):
+                    piece = results[k] if out == "replicated" else results[k][prog.region(k, r)]
+                    chunks.setdefault(self._grank[r], []).append(piece)
+            sizes = {g2: sum(plan.returned_numel(k, me) for k in ks) for g2, ks in ex.back_from}
+            work, buf, _ = self._a2a(chunks, sizes, torch.empty(0, dtype=ret, device=device))
+            if not self.config.async_gpu_parallelism:
+                work.wait()
+            return work, buf, ex
 
         prefetch = max(0, self.config.prefetch_count)
         issued = 0
@@ -488,24 +532,12 @@ class PlanEngine:
                         if out == "replicated":
                             res_out[k] = put(k, res[m], True)
                         elif like[k].numel():
-                            mine = res[m][prog.region(k, me)]
-                            if mine.numel() < res[m].numel() and not consuming[k]:
-                                mine = mine.clone()  # kept until the commit: not the whole result
-                            res_out[k] = put(k, mine, True)
+                            res_out[k] = put(k, own_piece(k, res[m]), True)
                     del res
             del pieces
-            # Return: owners send each receiver its piece (or the whole result); receivers take theirs.
             if ex.returns:
-                chunks: dict[int, list[Tensor]] = {}
-                for k in ex.owned:
-                    for r in plan.receivers(k):
-                        piece = results[k] if out == "replicated" else results[k][prog.region(k, r)]
-                        chunks.setdefault(self._grank[r], []).append(piece)
-                sizes = {g2: sum(plan.returned_numel(k, me) for k in ks) for g2, ks in ex.back_from}
-                work, buf, _ = self._a2a(chunks, sizes, torch.empty(0, dtype=rets[b], device=device))
-                if not self.config.async_gpu_parallelism:
-                    work.wait()
-                returns.append((work, buf, ex))
+                returns.append(send_results(ex, results, rets[b]))
+            results = {}
             while len(returns) > max(1, prefetch + 1):
                 finish_return(returns.popleft())
         while returns:

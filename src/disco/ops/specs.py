@@ -155,7 +155,8 @@ class LMOSpec:
         return tuple(shape)
 
     def result_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-        if self.result_in_compute_dtype and self.backend in ITERATIVE_BACKENDS:
+        # only matrix norms hand ``out_dtype`` to the backend; row and element-wise norms return the input's
+        if self.result_in_compute_dtype and self.backend in ITERATIVE_BACKENDS and get_norm(self.norm).kind == "matrix":
             compute = self.compute_dtype or default_compute_dtype(torch.empty(0, dtype=dtype, device=device))
             if compute.itemsize < dtype.itemsize:
                 return compute

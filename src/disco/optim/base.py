@@ -25,7 +25,7 @@ from ..distributed.config import DistributedConfig
 from ..distributed.engine import Engine, Job, build_engine, local_piece
 from . import checkpoint, tracking, validation
 from .overlap import Overlap, OverlapConfig
-from .rules import RULES, Commit, Group, Item, LMORule, UpdateRule
+from .rules import RULES, Commit, Group, Item, LMORule, Streamed, UpdateRule
 
 ALGORITHMS = tuple(RULES)
 
@@ -49,7 +49,7 @@ class SpectralOptimizer(Optimizer):
         self._tracked: dict[str, Tensor] = {}
         self._overlap: Overlap | None = None  # overlap_with_backward()
         self._overlap_assignments: dict[int, list[int]] | None = None
-        self._streamed: list[int] | None = None  # during a step: what streaming groups committed so far
+        self._streamed: Streamed | None = None  # during a step: what streaming groups committed so far
         self._tracking = False
         self._init_state()
         self._engine = self._build_engine()
@@ -126,7 +126,7 @@ class SpectralOptimizer(Optimizer):
         return local_piece(g)
 
     @property
-    def streamed(self) -> list[int] | None:
+    def streamed(self) -> Streamed | None:
         return self._streamed
 
     @property
@@ -287,7 +287,7 @@ class SpectralOptimizer(Optimizer):
             if ov is not None:
                 ov.build()  # new buckets and hooks (collective too); what backward computed is void
         # Streaming groups commit inside their rule's compute, unless the updates are read after (tracking).
-        self._streamed, self._tracking = ([] if armed is False else None), armed is not False
+        self._streamed, self._tracking = (Streamed() if armed is False else None), armed is not False
         try:
             return self._step(items, armed, loss, ov)
         finally:
@@ -348,7 +348,7 @@ class SpectralOptimizer(Optimizer):
                 if mine:
                     commits.append((mine, rule.compute(mine, self)))
         except Exception as e:
-            if self._streamed:
+            if self._streamed is not None and self._streamed.started:  # the same on every rank
                 raise self._partially_applied(e, stepping) from e
             if not isinstance(e, StepError) or e.failed or not e.nonfinite:
                 raise
@@ -407,7 +407,7 @@ class SpectralOptimizer(Optimizer):
 
     def _partially_applied(self, e: Exception, stepping: list[Item]) -> StepError:
         """A failure after streaming groups committed some parameters: no policy can undo that, so it raises."""
-        done = set(self._streamed or ())
+        done = set(self._streamed.applied if self._streamed is not None else ())
         rest = [repr(it.name) for it in stepping if it.index not in done]
         shown = ", ".join(rest[:8]) + (", ..." if len(rest) > 8 else "")
         nonfinite, failed = (e.nonfinite, e.failed) if isinstance(e, StepError) else ([], [])

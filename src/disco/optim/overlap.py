@@ -62,7 +62,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..distributed.engine import Engine, local_piece
 from . import validation
-from .rules import Commit, Item, LMORule, UpdateRule
+from .rules import Commit, Item, LMORule, Streamed, UpdateRule
 
 if TYPE_CHECKING:
     from .base import SpectralOptimizer
@@ -111,7 +111,7 @@ class _BucketContext:
         return self._opt.state_of(p)
 
     @property
-    def streamed(self) -> list[int] | None:
+    def streamed(self) -> Streamed | None:
         return None  # work done ahead is held until step() validates it
 
     @property

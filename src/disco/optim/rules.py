@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -42,6 +42,16 @@ class Item:
     index: int
 
 
+@dataclass
+class Streamed:
+    """A step's commits made inside ``compute``. ``started``: a rule mapped jobs that may commit as they come (the
+    same on every rank: it follows from agreed settings and gradient presence); ``applied``: the indices this rank
+    wrote (may differ across ranks: a rank holding an empty piece writes nothing that shows)."""
+
+    started: bool = False
+    applied: list[int] = field(default_factory=list)
+
+
 class StepContext(Protocol):
     """What a rule may use of its optimizer during a step."""
 
@@ -53,10 +63,9 @@ class StepContext(Protocol):
     def grad_of(self, p: Tensor) -> Tensor: ...
 
     @property
-    def streamed(self) -> list[int] | None:
-        """Where a rule lists the parameters it committed inside ``compute`` (groups with
-        ``commit="streaming"``); ``None``: this step holds every update until the commit (norm tracking armed,
-        or work done ahead in backward)."""
+    def streamed(self) -> Streamed | None:
+        """Where a rule records its commits inside ``compute`` (groups with ``commit="streaming"``); ``None``:
+        this step holds every update until the commit (norm tracking armed, or work done ahead in backward)."""
         ...
 
     @property
@@ -254,6 +263,7 @@ class LMORule:
             consume = None
             if streamed is not None and it.group.get("commit", "atomic") == "streaming":
                 consume = functools.partial(self._commit_now, it, ctx, momentum, streamed)
+                streamed.started = True
             jobs.append(Job(it.index, like, self.spec(it.group, it.param), make=make, consume=consume))
         if torch.compiler.is_compiling():
             # Inductor's CPU backend crashes (KeyError: 'bufN', pytorch#196570) when the momentum lerp, a
@@ -271,11 +281,11 @@ class LMORule:
         return commit
 
     def _commit_now(
-        self, it: Item, ctx: StepContext, momentum: MomentumWrite | None, streamed: list[int], O: Tensor
+        self, it: Item, ctx: StepContext, momentum: MomentumWrite | None, streamed: Streamed, O: Tensor
     ) -> None:
         """A streaming group's commit, from inside ``map`` as soon as ``O`` is known good."""
         self.finish(it, ctx, O, momentum)
-        streamed.append(it.index)
+        streamed.applied.append(it.index)
 
     # ---- light mode: the momentum lives in p.grad, so the user must not zero it -------------------------------
     def _watch_light(self, p: Tensor) -> None:
