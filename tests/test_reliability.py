@@ -246,13 +246,13 @@ def _timed(fn):
     return None, "", time.monotonic() - t0
 
 
-def _body_agreement(rank, world_size, case):
+def _body_agreement(rank, world_size, case, commit="atomic"):
     params, groups, cfg, (lo, hi) = _setup(rank, world_size, swap=(case == "swapped" and rank == 1))
     opt = None
 
     def build():
         nonlocal opt
-        opt = Disco(groups, lr=0.05, distributed_config=cfg)
+        opt = Disco(groups, lr=0.05, distributed_config=cfg, commit=commit)
 
     err = _timed(build)
     if err[0]:
@@ -307,6 +307,28 @@ def test_ranks_fail_alike_and_fast(case, words):
             assert w in o[1], (w, o[1])
         if len(o) > 3:
             assert o[3], "a failed step changed parameters or state"
+
+
+@pytest.mark.parametrize(
+    ("case", "words", "changed"),
+    [
+        ("lr", ["lr=0.05", "lr=0.07"], False),
+        ("missing_tracked", ["bias", "1/2 ranks"], False),
+        ("nan_one_rank", ["non-finite", "'a'"], False),  # gradients are checked before anything is written
+        ("math_raises", ["backend exploded on rank 1", "partially applied", "Load a checkpoint"], True),
+    ],
+)
+def test_streaming_ranks_fail_alike_and_fast(case, words, changed):
+    """``commit="streaming"``: the same cases fail alike and fast; only a failure inside the math leaves a step
+    partially applied, and every rank says so."""
+    out = run_ranks(_body_agreement, 2, case, "streaming", timeout=40, pg_timeout=60)
+    kinds = {o[0] for o in out}
+    assert len(kinds) == 1 and None not in kinds, out
+    for o in out:
+        assert o[2] < 10, f"took {o[2]:.1f} s"
+        for w in words:
+            assert w in o[1], (w, o[1])
+        assert o[3] is not changed, o
 
 
 def _body_unnamed_swap(rank, world_size):

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from ..distributed.agreement import StepError
 from ..distributed.engine import Engine, Job, local_piece
 from ..ops.specs import LMOSpec
 from . import constraints, elementwise, validation
@@ -44,9 +45,10 @@ class Item:
 
 @dataclass
 class Streamed:
-    """A step's commits made inside ``compute``. ``started``: a rule mapped jobs that may commit as they come (the
-    same on every rank: it follows from agreed settings and gradient presence); ``applied``: the indices this rank
-    wrote (may differ across ranks: a rank holding an empty piece writes nothing that shows)."""
+    """A step's commits made inside ``compute``. ``started``: a rule's map of jobs that commit as they come has
+    computed (returned, or raised ``StepError`` after the computation: the same on every rank, as it follows from
+    agreed settings, gradient presence and ``settle``); ``applied``: the indices this rank wrote (may differ across
+    ranks: a rank holding an empty piece writes nothing)."""
 
     started: bool = False
     applied: list[int] = field(default_factory=list)
@@ -263,13 +265,20 @@ class LMORule:
             consume = None
             if streamed is not None and it.group.get("commit", "atomic") == "streaming":
                 consume = functools.partial(self._commit_now, it, ctx, momentum, streamed)
-                streamed.started = True
             jobs.append(Job(it.index, like, self.spec(it.group, it.param), make=make, consume=consume))
         if torch.compiler.is_compiling():
             # Inductor's CPU backend crashes (KeyError: 'bufN', pytorch#196570) when the momentum lerp, a
             # row-norm LMO and the parameter add share one graph: keep them apart under torch.compile.
             torch._dynamo.graph_break()
-        results = ctx.engine.map(jobs) if jobs else []
+        streaming = any(job.consume is not None for job in jobs)
+        try:
+            results = ctx.engine.map(jobs) if jobs else []
+        except StepError:  # raised by every rank after the computation: commits may have happened
+            if streamed is not None and streaming:
+                streamed.started = True
+            raise
+        if streamed is not None and streaming:
+            streamed.started = True
         weights = self.constrain(items, ctx, results)  # streaming groups have no constraint (validation)
 
         def commit() -> list[Tensor]:
