@@ -16,8 +16,9 @@ An optimizer registers its parameters once (the engine reads their layouts) and 
 * ``Job.consume``: a job's result is handed to a function as soon as it is final on this rank and good on its
   owner, and not kept (``map`` returns an empty tensor in its place), so that a caller committing from
   ``consume`` holds one stack's results at a time. A failed or non-finite result is never handed: its owner
-  sends it as all-NaN, which each holder tells from a good result (always finite) by its first entry. Failures
-  are still raised at the end of ``map``; what was consumed before stays consumed.
+  sends it as all-NaN, which each holder tells from a good result (always finite) by its first entry; results
+  with no owner to vouch for them (pieces computed in place on each rank, user callbacks) wait for every rank's
+  verdict. Failures are still raised at the end of ``map``; what was consumed before stays consumed.
 * ``stats``, ``assignments``, ``current_rank``, ``layout(index)``.
 
 The engine never names an algorithm: it calls ``spec(stack)``, ``spec.cost(shape)``, ``spec.batch_ndim(shape)``,
