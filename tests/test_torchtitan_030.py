@@ -161,6 +161,26 @@ def _stages(model: nn.Module) -> list[nn.Module]:
     return [first, second]
 
 
+def test_streaming_commit_through_the_container_equals_atomic():
+    """``commit="streaming"`` set in a TorchTitan config reaches every LMO group and changes no result."""
+    got = {}
+    for commit in ("atomic", "streaming"):
+        model = build_model(0)
+        kw = {} if commit == "atomic" else {"commit": commit}
+        container = disco_optimizer_config(lr=0.02, vector_algorithm="adamw", **kw).build(model_parts=[model])
+        (opt,) = container.optimizers
+        lmo = [g for g in opt.param_groups if g["algorithm"] == "disco"]
+        assert lmo and all(g.get("commit", "atomic") == commit for g in lmo)
+        for step in range(2):
+            x = _tokens(step, 0, 1)
+            nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+            container.step()
+            container.zero_grad()
+        got[commit] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in got["atomic"].items():
+        assert torch.equal(p, got["streaming"][n]), n
+
+
 def test_container_mixes_disco_and_adamw_by_pattern_with_flat_state_dict():
     model = build_model(0)
     parts = _stages(model)

@@ -57,6 +57,8 @@ key                                default               note
 ``name_of_output``                 unset                 forwarded only when set (a routing key)
 ``coefficients``                   unset                 forwarded only when set (a Newton-Schulz table)
 ``compute_dtype``                  unset                 forwarded only when set (a dtype or its name)
+``commit``                         unset                 forwarded only when set (``"streaming"``: one update
+                                                         held at a time; see ``disco.Disco``)
 =================================  ====================  ====================================================
 """
 
@@ -94,7 +96,7 @@ DISCO_DEFAULTS: dict[str, Any] = {
 #: ``ParamGroupConfig.optimizer_name`` values that :class:`DiscoOptimizersContainer` builds as Disco.
 DISCO_OPTIMIZER_NAMES = ("Disco",)
 
-_OPTIONAL = ("vector_algorithm", "name_of_output", "coefficients", "compute_dtype")
+_OPTIONAL = ("vector_algorithm", "name_of_output", "coefficients", "compute_dtype", "commit")
 _KNOWN = frozenset({"lr", "extra_param_group_split_rules", *DISCO_DEFAULTS, *_OPTIONAL})
 # Keys of the kwargs that are group hyperparameters (what differs between two "Disco" groups of one part).
 _GROUP_KEYS = (
@@ -109,6 +111,7 @@ _GROUP_KEYS = (
     "is_light",
     "coefficients",
     "compute_dtype",
+    "commit",
 )
 _ELEMENTWISE_KEYS = ("lr", "weight_decay")  # what an AdamW / Lion group routed inside Disco takes from them
 
