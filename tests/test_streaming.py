@@ -157,6 +157,20 @@ def test_failure_mid_step_commits_the_others_and_names_it(monkeypatch, how):
         assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[r]["momentum_buffer"])
 
 
+def test_streaming_failure_before_any_commit_follows_the_nonfinite_policy(monkeypatch):
+    """Nothing was handed over yet (the only matrix failed): the step is as untouched as an atomic one, so
+    ``nonfinite="skip"`` skips it."""
+    params = [nn.Parameter(torch.randn(FAILING))]
+    opt = _muon(params, "streaming", nonfinite="skip")
+    params[0].grad = torch.randn(FAILING)
+    before, moments = _snapshot(params, opt)
+    _break_backend(monkeypatch, "nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    after, moments_after = _snapshot(params, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before + moments, after + moments_after))
+
+
 def test_atomic_failure_still_changes_nothing(monkeypatch):
     params = [nn.Parameter(t) for t in _full(0)]
     opt = _muon(params, "atomic")
@@ -281,9 +295,11 @@ def test_failure_on_the_owner_is_never_committed_by_a_holder(layout, how, only_r
         (pa, ma, ea, (pa1, ma1)), (ps, ms, es, (ps1, ms1)) = got["atomic"], got["streaming"]
         assert ea is not None and "partially" not in ea[0] and ea[1] == []
         assert all(torch.equal(a, b) for a, b in zip(pa + ma, pa1 + ma1))  # atomic: nothing changed
-        # Expert stacks computed in place are all held until the map's verdict: none was written.
+        # Expert stacks computed in place are all held until the map's verdict: none was written, so the step
+        # fails as an atomic one does (nothing changed, the nonfinite policy applies).
         applied = [] if layout == "experts" else [0, 1, 2, 3]
-        assert es is not None and "partially applied" in es[0] and "'w4'" in es[0] and es[1] == applied
+        assert es is not None and "w4" in es[0] and es[1] == applied
+        assert ("partially applied" in es[0]) is bool(applied) and ("nothing was changed" in es[0]) is not applied
         assert torch.equal(ps[4], ps1[4]) and torch.equal(ms[4], ms1[4])  # the failed one: still after step 1
         for k in range(4):
             want = (ref[0][k], ref[1][k]) if applied else (ps1[k], ms1[k])

@@ -6,8 +6,9 @@ wait in it: the error reaches every rank at once, not at the process-group timeo
 
 * ``check_step``: before anything moves — gradient presence, non-finite gradients, a digest of the settings,
   local errors (one ``all_reduce`` of ``2n + 5`` integers);
-* ``settle``: after a ``map`` — which tensors failed (an exception or a non-finite result) on their owner (one
-  ``all_reduce`` of one integer per tensor); the error text travels only when something failed.
+* ``settle``: after a ``map`` — which tensors failed (an exception or a non-finite result) on their owner, and
+  whether any rank already handed results over (one ``all_reduce`` of one integer per tensor, plus one); the
+  error text travels only when something failed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class StepError(RuntimeError):
     ``nonfinite``: indices of the tensors whose gradient or result is not finite (on some rank); ``failed``:
     indices whose computation raised. A step with only ``nonfinite`` tensors may be skipped (``nonfinite="skip"``).
     ``applied``: with ``commit="streaming"`` groups, the indices this rank had already committed when the
-    failure came (empty otherwise: nothing changed).
+    failure came (empty otherwise: nothing changed). ``consumed``: raised by ``settle`` after some rank had
+    handed results to ``Job.consume`` (the same on every rank).
     """
 
     def __init__(
@@ -38,11 +40,13 @@ class StepError(RuntimeError):
         nonfinite: Sequence[int] = (),
         failed: Sequence[int] = (),
         applied: Sequence[int] = (),
+        consumed: bool = False,
     ) -> None:
         super().__init__(message)
         self.nonfinite = list(nonfinite)
         self.failed = list(failed)
         self.applied = list(applied)
+        self.consumed = consumed
 
 
 def digest(obj: Any) -> int:
@@ -117,6 +121,7 @@ class Outcomes:
     def __init__(self) -> None:
         self.failed: dict[int, str] = {}
         self.nonfinite: set[int] = set()
+        self.consumed = False  # a result was handed to ``Job.consume`` (``engine.handed``)
 
     def record(self, positions: Sequence[int], result: Tensor) -> None:
         """Flag the members of a result stack that hold a NaN or an infinity.
@@ -150,10 +155,12 @@ def settle(
 ) -> None:
     """Raise ``StepError`` on every rank if any rank's ``map`` had a failure (``indices``: job -> tensor index)."""
     codes = [2 if k in outcomes.failed else 1 if k in outcomes.nonfinite else 0 for k in range(len(indices))]
-    if collective:
-        vec = torch.tensor(codes or [0], dtype=torch.int64)
+    consumed = outcomes.consumed
+    if collective:  # the last entry: whether any rank handed a result to ``Job.consume`` already
+        vec = torch.tensor([*codes, int(consumed)], dtype=torch.int64)
         dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=group)
-        codes = vec.tolist()[: len(indices)]
+        *codes, flag = vec.tolist()
+        consumed = bool(flag)
     if not any(codes):
         return
     failed = [indices[k] for k, c in enumerate(codes) if c == 2]
@@ -168,4 +175,4 @@ def settle(
     if nonfinite:
         listed = ", ".join(names[i] for i in nonfinite[:8])
         text += ("; " if text else "") + f"non-finite (NaN / inf) results for {listed}"
-    raise StepError(text, nonfinite=nonfinite, failed=failed)
+    raise StepError(text, nonfinite=nonfinite, failed=failed, consumed=consumed)

@@ -197,6 +197,7 @@ def handed(job: Job, result: Tensor, ok: bool, outcomes: Outcomes, position: int
     stays in the collectives that follow and ``settle`` raises it everywhere)."""
     if job.consume is None or not ok:
         return result
+    outcomes.consumed = True  # from here on a failure leaves the step partially applied
     try:
         return consumed(job, result)
     except Exception as e:

@@ -329,7 +329,7 @@ class PlanEngine:
         held: list[int] = []  # jobs whose results are consumed after settle
         for k, (job, s) in enumerate(zip(jobs, specs)):
             if k not in exchanged:  # element-wise: the local piece is all it needs
-                results[k] = run_spec(s, job.values().unsqueeze(0), self.stats, outcomes, [k])[0]
+                results[k] = run_spec(s, _made(job, k, outcomes).unsqueeze(0), self.stats, outcomes, [k])[0]
                 held.append(k)
         prog = self._program(signature, [specs[k] for k in mapped], out)
         self._current = prog
@@ -348,9 +348,11 @@ class PlanEngine:
         held.extend(mapped[k] for k in local)
         self.stats.checks += 1
         settle(outcomes, self.group, self.group_ranks, [j.index for j in jobs], self.names)
-        # Results computed in place (each rank its own pieces, no owner to vouch for them): consumed only now.
+        # Results computed in place (each rank its own pieces, no owner to vouch for them): consumed only now;
+        # an empty piece has nothing to write.
         for k in held:
-            results[k] = consumed(jobs[k], results[k])  # type: ignore[arg-type]
+            if results[k].numel():  # type: ignore[union-attr]
+                results[k] = consumed(jobs[k], results[k])  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
     def _run(
@@ -375,12 +377,10 @@ class PlanEngine:
         res_out: list[Tensor | None] = [None] * len(like)
 
         def made(k: int) -> Tensor:
-            # Between collectives: a failure is recorded (raised everywhere by ``settle``), the piece sent as NaN.
             try:
                 return make(k)
             except Exception as e:
-                outcomes.fail([positions[k]], e)
-                return torch.full(like[k].shape, math.nan, dtype=like[k].dtype, device=like[k].device)
+                return _failed_piece(like[k], positions[k], outcomes, e)
 
         me = self.rank
 
@@ -546,6 +546,20 @@ class PlanEngine:
             if r_k is None:  # a holder of an empty piece
                 res_out[k] = put(k, like[k].new_empty(like[k].shape), True)
         return res_out  # type: ignore[return-value]
+
+
+def _made(job: Job, position: int, outcomes: Outcomes) -> Tensor:
+    """``job.values()``; a failure is recorded instead of raised (this rank keeps to the collectives that follow,
+    ``settle`` raises it everywhere) and the piece is NaN."""
+    try:
+        return job.values()
+    except Exception as e:
+        return _failed_piece(job.tensor, position, outcomes, e)
+
+
+def _failed_piece(like: Tensor, position: int, outcomes: Outcomes, e: Exception) -> Tensor:
+    outcomes.fail([position], e)
+    return torch.full(like.shape, math.nan, dtype=like.dtype, device=like.device)
 
 
 def _narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:

@@ -348,7 +348,8 @@ class SpectralOptimizer(Optimizer):
                 if mine:
                     commits.append((mine, rule.compute(mine, self)))
         except Exception as e:
-            if self._streamed is not None and self._streamed.started:  # the same on every rank
+            # ``started`` is the same on every rank; ``applied`` also catches a local failure after local commits
+            if self._streamed is not None and (self._streamed.started or self._streamed.applied):
                 raise self._partially_applied(e, stepping) from e
             if not isinstance(e, StepError) or e.failed or not e.nonfinite:
                 raise

@@ -45,9 +45,9 @@ class Item:
 
 @dataclass
 class Streamed:
-    """A step's commits made inside ``compute``. ``started``: a rule's map of jobs that commit as they come has
-    computed (returned, or raised ``StepError`` after the computation: the same on every rank, as it follows from
-    agreed settings, gradient presence and ``settle``); ``applied``: the indices this rank wrote (may differ across
+    """A step's commits made inside ``compute``. ``started``: a rule's map of jobs that commit as they come
+    returned, or raised ``StepError`` after some rank committed (the same on every rank: it follows from agreed
+    settings, gradient presence and ``settle``); ``applied``: the indices this rank wrote (may differ across
     ranks: a rank holding an empty piece writes nothing)."""
 
     started: bool = False
@@ -273,8 +273,8 @@ class LMORule:
         streaming = any(job.consume is not None for job in jobs)
         try:
             results = ctx.engine.map(jobs) if jobs else []
-        except StepError:  # raised by every rank after the computation: commits may have happened
-            if streamed is not None and streaming:
+        except StepError as e:  # raised alike by every rank; ``consumed``: some rank committed already
+            if streamed is not None and streaming and e.consumed:
                 streamed.started = True
             raise
         if streamed is not None and streaming:
