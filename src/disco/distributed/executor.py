@@ -341,11 +341,11 @@ class PlanEngine:
 
         consuming = [jobs[k].consume is not None for k in mapped]
         like = [jobs[k].tensor for k in mapped]
-        local: list[int] = []
-        mres = self._run(prog, like, lambda k: jobs[mapped[k]].values(), out, outcomes, mapped, put, consuming, local)
+        make = lambda k: _made(jobs[mapped[k]], mapped[k], outcomes)  # noqa: E731
+        mres = self._run(prog, like, make, out, outcomes, mapped, put, consuming)
         for k, r in zip(mapped, mres):
             results[k] = r
-        held.extend(mapped[k] for k in local)
+        held.extend(mapped[k] for bucket in prog.plan.local_buckets for k in bucket)
         self.stats.checks += 1
         settle(outcomes, self.group, self.group_ranks, [j.index for j in jobs], self.names)
         # Results computed in place (each rank its own pieces, no owner to vouch for them): consumed only now;
@@ -365,23 +365,16 @@ class PlanEngine:
         positions: list[int],
         put: Callable[[int, Tensor, bool], Tensor],
         consuming: list[bool],
-        local: list[int],
     ) -> list[Tensor]:
         """Execute ``prog`` on this rank's pieces: ``make(k)`` makes piece ``k`` (shaped, typed and placed like
-        ``like[k]``) when its bucket sends or stacks it, once. Failures go to ``outcomes`` under ``positions``.
+        ``like[k]``) when its bucket sends or stacks it, once (it records a failure instead of raising: ``_made``).
+        Failures go to ``outcomes`` under ``positions``.
 
         Each result goes through ``put(k, result, ok)`` as soon as it is final here (``ok``: not received as
-        all-NaN, checked for the ``consuming`` jobs only) and what it returns is kept, except for the jobs
-        computed in place (sharded on batch dims only), which are kept as they are and listed in ``local``."""
+        all-NaN, checked for the ``consuming`` jobs only) and what it returns is kept, except for the jobs of
+        ``plan.local_buckets`` (computed in place, sharded on batch dims only), which are kept as they are."""
         plan = prog.plan
         res_out: list[Tensor | None] = [None] * len(like)
-
-        def made(k: int) -> Tensor:
-            try:
-                return make(k)
-            except Exception as e:
-                return _failed_piece(like[k], positions[k], outcomes, e)
-
         me = self.rank
 
         def compute(spec: Spec, stack: Tensor, ks: list[int]) -> Tensor:
@@ -400,17 +393,11 @@ class PlanEngine:
                     by.setdefault(tuple(like[k].shape), []).append(k)
                 else:
                     res_out[k] = like[k].new_empty(like[k].shape)
-                    local.append(k)
-
-            def put_local(k: int, r: Tensor) -> None:
-                res_out[k] = r
-                local.append(k)
-
             for members in by.values():
                 spec, first = prog.specs[members[0]], like[members[0]]
                 run_stacked(
-                    spec, members, made, first, self.config.stack_bytes, self.stats, outcomes, positions.__getitem__,
-                    put_local,
+                    spec, members, make, first, self.config.stack_bytes, self.stats, outcomes, positions.__getitem__,
+                    res_out.__setitem__,
                 )  # fmt: skip
 
         gathers: deque[tuple[Any, Tensor, list[int]] | None] = deque()
@@ -427,7 +414,7 @@ class PlanEngine:
             ex, wire = prog.exchanges[b], wires[b]
             if not ex.gathers:
                 return None
-            chunks = {g: [made(k).to(wire) for k in ks] for g, ks in ex.send.items()}
+            chunks = {g: [make(k).to(wire) for k in ks] for g, ks in ex.send.items()}
             sizes = {g: sum(plan.layouts[k].local_numel(self.group_ranks[g]) for k in ks) for g, ks in ex.recv.items()}
             return self._a2a(chunks, sizes, torch.empty(0, dtype=wire, device=device))
 
@@ -443,9 +430,9 @@ class PlanEngine:
                     got.append((k, buf[offset : offset + n].view(shape)))
                     offset += n
             # A failed result comes back all-NaN (``run_spec``); a good one is finite: its first entry tells.
-            checked = [k for k, t in got if consuming[k] and t.numel()]
-            firsts = [t.reshape(-1)[:1] for k, t in got if consuming[k] and t.numel()]
-            poisoned = dict(zip(checked, torch.cat(firsts).isnan().tolist())) if firsts else {}
+            checked = [(k, t.reshape(-1)[:1]) for k, t in got if consuming[k] and t.numel()]
+            firsts = torch.cat([f for _, f in checked]).isnan().tolist() if checked else []
+            poisoned = {k: bad for (k, _), bad in zip(checked, firsts)}
             for k, t in got:
                 res_out[k] = put(k, t, not poisoned.get(k, False))
 
@@ -476,7 +463,7 @@ class PlanEngine:
             for m, (k, lay) in enumerate(zip(ks, lays)):
                 row = stack[m]  # not iteration: unbind's views refuse in-place writes under grad mode
                 if like[k].numel():
-                    row[prog.region(k, me)] = made(k)
+                    row[prog.region(k, me)] = make(k)
                 for r, got in pieces.pop(k, ()):
                     if lay.partial_count > 1:
                         row[prog.region(k, r)] += got
@@ -554,12 +541,9 @@ def _made(job: Job, position: int, outcomes: Outcomes) -> Tensor:
     try:
         return job.values()
     except Exception as e:
-        return _failed_piece(job.tensor, position, outcomes, e)
-
-
-def _failed_piece(like: Tensor, position: int, outcomes: Outcomes, e: Exception) -> Tensor:
-    outcomes.fail([position], e)
-    return torch.full(like.shape, math.nan, dtype=like.dtype, device=like.device)
+        outcomes.fail([position], e)
+        like = job.tensor
+        return torch.full(like.shape, math.nan, dtype=like.dtype, device=like.device)
 
 
 def _narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:
