@@ -16,9 +16,10 @@ An optimizer registers its parameters once (the engine reads their layouts) and 
 * ``Job.consume``: a job's result is handed to a function as soon as it is final on this rank and good on its
   owner, and not kept (``map`` returns an empty tensor in its place), so that a caller committing from
   ``consume`` holds one stack's results at a time. A failed or non-finite result is never handed: its owner
-  sends it as all-NaN, which each holder tells from a good result (always finite) by its first entry; results
-  with no owner to vouch for them (pieces computed in place on each rank, user callbacks) wait for every rank's
-  verdict. Failures are still raised at the end of ``map``; what was consumed before stays consumed.
+  sends each result with its status (ok, non-finite, failed: ``disco.distributed.bucket``), which each holder
+  reads before handing; results with no owner to vouch for them (pieces computed in place on each rank, user
+  callbacks) wait for every rank's verdict. Failures are still raised at the end of ``map``; what was consumed
+  before stays consumed.
 * ``stats``, ``assignments``, ``current_rank``, ``layout(index)``.
 
 The engine never names an algorithm: it calls ``spec(stack)``, ``spec.cost(shape)``, ``spec.batch_ndim(shape)``,
@@ -86,6 +87,10 @@ class EngineStats:
     tensors_computed: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    # One status element per returned result (``disco.distributed.bucket``), apart from the payload above, which
+    # is what the planner's lower bound counts.
+    status_bytes_sent: int = 0
+    status_bytes_received: int = 0
     collectives: int = 0  # collectives that move data (all-to-alls, all-reduces)
     checks: int = 0  # agreement collectives (a few bytes per rank)
     compute_s: float = 0.0  # seconds inside ``spec(stack)`` calls
@@ -96,6 +101,7 @@ class EngineStats:
     def reset(self) -> None:
         self.matrices_computed = self.tensors_computed = 0
         self.bytes_sent = self.bytes_received = self.collectives = self.checks = 0
+        self.status_bytes_sent = self.status_bytes_received = 0
         self.compute_s = 0.0
         self.batches = []
 
@@ -160,9 +166,9 @@ def run_spec(
     """``spec(stack)``, timed into ``stats.compute_s`` and recorded in ``stats.batches``.
 
     With ``outcomes``, an exception or a non-finite result is recorded for the job ``positions`` instead of
-    raised (the result is then all-NaN: a holder that consumes results as they come must tell it from a good
-    one by any entry), so the rank keeps taking part in the collectives that follow and every rank learns of it
-    in ``settle``.
+    raised (an exception's result is an all-NaN stand-in of the result's shape), so the rank keeps taking part in
+    the collectives that follow and every rank learns of it in ``settle``; a holder learns it from the status its
+    owner sends with the result, not from the values.
     """
     for observe in stats.observers:
         observe(spec, stack)
@@ -179,9 +185,6 @@ def run_spec(
     stats.compute_s += time.perf_counter() - t0
     if outcomes is not None:
         outcomes.record(positions, out)
-        for m, k in enumerate(positions):
-            if k in outcomes.nonfinite:
-                out[m].fill_(math.nan)
     return out
 
 

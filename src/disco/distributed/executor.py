@@ -9,9 +9,7 @@ every rank instead of exchanging mismatched pieces.
 
 from __future__ import annotations
 
-import math
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,26 +17,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..ops.specs import Spec
-from .agreement import Outcomes, check_step, digest, first_difference, settle
+from .agreement import check_step, digest, first_difference
+from .bucket import BucketRun, Comm
 from .config import DistributedConfig
-from .engine import (
-    EngineStats,
-    Job,
-    Out,
-    Over,
-    ReduceOp,
-    consumed,
-    cut_stacks,
-    handed,
-    n_matrices,
-    result_dtype_of,
-    run_spec,
-    run_stacked,
-    spec_of,
-)
+from .engine import EngineStats, Job, Out, Over, ReduceOp, result_dtype_of, spec_of
 from .layout import REPLICATE, Layout
 from .planner import Plan, make_plan
-from .program import Exchange, Program, make_exchange
+from .program import Program, make_exchange
 from .resolve import comm_dtype_for, group_for, resolve_layouts
 
 
@@ -66,6 +51,7 @@ class PlanEngine:
             self.group = group_for(ranks)
         self.group_ranks = ranks
         self._grank = {r: i for i, r in enumerate(ranks)}
+        self._comm = Comm(self.group, ranks, self.rank, self._grank)
         self.layouts = layouts
         self._programs: dict[tuple[Any, ...], Program] = {}
         self._digests: dict[tuple[Any, ...], int] = {}
@@ -294,28 +280,11 @@ class PlanEngine:
         )
 
     # ---- execution ---------------------------------------------------------------------------------------
-    def _a2a(
-        self, chunks: dict[int, list[Tensor]], recv_sizes: dict[int, int], like: Tensor
-    ) -> tuple[Any, Tensor, list[int]]:
-        n = len(self.group_ranks)
-        in_splits = [sum(t.numel() for t in chunks.get(g, [])) for g in range(n)]
-        out_splits = [recv_sizes.get(g, 0) for g in range(n)]
-        flat = [t.reshape(-1) for g in range(n) for t in chunks.get(g, [])]
-        send = torch.cat(flat) if flat else like.new_empty(0)
-        buf = like.new_empty(sum(out_splits))
-        es = like.element_size()
-        self.stats.bytes_sent += send.numel() * es
-        self.stats.bytes_received += buf.numel() * es
-        self.stats.collectives += 1
-        work = dist.all_to_all_single(buf, send, out_splits, in_splits, group=self.group, async_op=True)
-        return work, buf, out_splits
-
     def map(self, jobs: Sequence[Job], spec: Spec | None = None, *, out: Out = "input") -> list[Tensor]:
         """Run each job's spec on its whole tensor, once, on one owner; see the module docstring of ``engine``."""
         if out not in ("input", "replicated"):
             raise ValueError(f"map: out must be 'input' or 'replicated', got {out!r}")
         specs = [spec_of(j, spec) for j in jobs]
-        results: list[Tensor | None] = [None] * len(jobs)
         mapped = [k for k, (job, s) in enumerate(zip(jobs, specs)) if self._exchanged(s, job, out)]
         signature: tuple[Any, ...] | None = None
         try:
@@ -324,232 +293,10 @@ class PlanEngine:
             self._agree_on(None, str(e))  # raises on every rank, with this rank's reason
         self._agree_on(signature)
         assert signature is not None
-        outcomes = Outcomes()
-        exchanged = set(mapped)
-        held: list[int] = []  # jobs whose results are consumed after settle
-        for k, (job, s) in enumerate(zip(jobs, specs)):
-            if k not in exchanged:  # element-wise: the local piece is all it needs
-                results[k] = run_spec(s, _made(job, k, outcomes).unsqueeze(0), self.stats, outcomes, [k])[0]
-                held.append(k)
         prog = self._program(signature, [specs[k] for k in mapped], out)
         self._current = prog
         self._job_index = [jobs[k].index for k in mapped]
-
-        def put(k: int, r: Tensor, ok: bool) -> Tensor:
-            p = mapped[k]  # an empty piece has nothing to commit, and no owner's verdict reached it: not handed
-            return handed(jobs[p], r, ok and outcomes.ok(p) and r.numel() > 0, outcomes, p)
-
-        consuming = [jobs[k].consume is not None for k in mapped]
-        like = [jobs[k].tensor for k in mapped]
-        make = lambda k: _made(jobs[mapped[k]], mapped[k], outcomes)  # noqa: E731
-        mres = self._run(prog, like, make, out, outcomes, mapped, put, consuming)
-        for k, r in zip(mapped, mres):
-            results[k] = r
-        held.extend(mapped[k] for bucket in prog.plan.local_buckets for k in bucket)
-        self.stats.checks += 1
-        settle(outcomes, self.group, self.group_ranks, [j.index for j in jobs], self.names)
-        # Results computed in place (each rank its own pieces, no owner to vouch for them): consumed only now;
-        # an empty piece has nothing to write.
-        for k in held:
-            if results[k].numel():  # type: ignore[union-attr]
-                results[k] = consumed(jobs[k], results[k])  # type: ignore[arg-type]
-        return results  # type: ignore[return-value]
-
-    def _run(
-        self,
-        prog: Program,
-        like: list[Tensor],
-        make: Callable[[int], Tensor],
-        out: Out,
-        outcomes: Outcomes,
-        positions: list[int],
-        put: Callable[[int, Tensor, bool], Tensor],
-        consuming: list[bool],
-    ) -> list[Tensor]:
-        """Execute ``prog`` on this rank's pieces: ``make(k)`` makes piece ``k`` (shaped, typed and placed like
-        ``like[k]``) when its bucket sends or stacks it, once (it records a failure instead of raising: ``_made``).
-        Failures go to ``outcomes`` under ``positions``.
-
-        Each result goes through ``put(k, result, ok)`` as soon as it is final here (``ok``: not received as
-        all-NaN, checked for the ``consuming`` jobs only) and what it returns is kept, except for the jobs of
-        ``plan.local_buckets`` (computed in place, sharded on batch dims only), which are kept as they are."""
-        plan = prog.plan
-        res_out: list[Tensor | None] = [None] * len(like)
-        me = self.rank
-
-        def compute(spec: Spec, stack: Tensor, ks: list[int]) -> Tensor:
-            res = run_spec(spec, stack, self.stats, outcomes, [positions[k] for k in ks])
-            for k in ks:
-                self.stats.matrices_computed += n_matrices(
-                    plan.layouts[k].shape, spec.batch_ndim(plan.layouts[k].shape)
-                )
-                self.stats.tensors_computed += 1
-            return res
-
-        for bucket in plan.local_buckets:  # sharded on batch dims only: each rank computes its own pieces
-            by: dict[tuple[int, ...], list[int]] = {}
-            for k in bucket:
-                if like[k].numel():
-                    by.setdefault(tuple(like[k].shape), []).append(k)
-                else:
-                    res_out[k] = like[k].new_empty(like[k].shape)
-            for members in by.values():
-                spec, first = prog.specs[members[0]], like[members[0]]
-                run_stacked(
-                    spec, members, make, first, self.config.stack_bytes, self.stats, outcomes, positions.__getitem__,
-                    res_out.__setitem__,
-                )  # fmt: skip
-
-        gathers: deque[tuple[Any, Tensor, list[int]] | None] = deque()
-        returns: deque[tuple[Any, Tensor, Exchange]] = deque()
-        wires = [comm_dtype_for(like[ex.members[0]], self.config) for ex in prog.exchanges]
-        device = like[0].device if like else torch.device("cpu")
-        # Results travel back in their own dtype when it is narrower than the wire (a bf16 result of fp32 pieces:
-        # exact, half the bytes); every rank knows it from the spec (agreed in the map's digest).
-        rets = [
-            _narrower(result_dtype_of(prog.specs[ex.members[0]], w, device), w) for ex, w in zip(prog.exchanges, wires)
-        ]
-
-        def issue_gather(b: int) -> tuple[Any, Tensor, list[int]] | None:
-            ex, wire = prog.exchanges[b], wires[b]
-            if not ex.gathers:
-                return None
-            chunks = {g: [make(k).to(wire) for k in ks] for g, ks in ex.send.items()}
-            sizes = {g: sum(plan.layouts[k].local_numel(self.group_ranks[g]) for k in ks) for g, ks in ex.recv.items()}
-            return self._a2a(chunks, sizes, torch.empty(0, dtype=wire, device=device))
-
-        def finish_return(item: tuple[Any, Tensor, Exchange]) -> None:
-            work, buf, ex = item
-            work.wait()
-            offset = 0
-            got: list[tuple[int, Tensor]] = []
-            for _, ks in ex.back_from:
-                for k in ks:
-                    n = plan.returned_numel(k, me)
-                    shape = prog.result_shapes[k] if out == "replicated" else plan.layouts[k].local_shape(me)
-                    got.append((k, buf[offset : offset + n].view(shape)))
-                    offset += n
-            # A failed result comes back all-NaN (``run_spec``); a good one is finite: its first entry tells.
-            checked = [(k, t.reshape(-1)[:1]) for k, t in got if consuming[k] and t.numel()]
-            firsts = torch.cat([f for _, f in checked]).isnan().tolist() if checked else []
-            poisoned = {k: bad for (k, _), bad in zip(checked, firsts)}
-            for k, t in got:
-                res_out[k] = put(k, t, not poisoned.get(k, False))
-
-        def received(g: tuple[Any, Tensor, list[int]], ex: Exchange) -> dict[int, list[tuple[int, Tensor]]]:
-            """The owner's received pieces, by job: (source rank, a view into the bucket's buffer)."""
-            work, buf, splits = g
-            work.wait()
-            offsets = [0]
-            for s in splits:
-                offsets.append(offsets[-1] + s)
-            pieces: dict[int, list[tuple[int, Tensor]]] = {}
-            for src, ks in ex.recv.items():
-                off = offsets[src]
-                r = self.group_ranks[src]
-                for k in ks:
-                    lay = plan.layouts[k]
-                    n = lay.local_numel(r)
-                    pieces.setdefault(k, []).append((r, buf[off : off + n].view(lay.local_shape(r))))
-                    off += n
-            return pieces
-
-        def whole(ks: list[int], wire: torch.dtype, pieces: dict[int, list[tuple[int, Tensor]]]) -> Tensor:
-            """The stack of ``ks``' whole tensors, built just before its spec call: this rank's piece and the
-            received ones written in place (``Partial``: summed, or averaged)."""
-            lays = [plan.layouts[k] for k in ks]
-            partial = any(lay.partial_count > 1 for lay in lays)
-            stack = (torch.zeros if partial else torch.empty)((len(ks), *lays[0].shape), dtype=wire, device=device)
-            for m, (k, lay) in enumerate(zip(ks, lays)):
-                row = stack[m]  # not iteration: unbind's views refuse in-place writes under grad mode
-                if like[k].numel():
-                    row[prog.region(k, me)] = make(k)
-                for r, got in pieces.pop(k, ()):
-                    if lay.partial_count > 1:
-                        row[prog.region(k, r)] += got
-                    else:
-                        row[prog.region(k, r)] = got
-                if lay.partial_count > 1 and lay.partial_op == "avg":
-                    row /= lay.partial_count
-            return stack
-
-        def own_piece(k: int, result: Tensor) -> Tensor:
-            """This owner's piece of its ``result``; a copy when it is kept until the commit and smaller than the
-            whole (a view would keep the whole result alive)."""
-            mine = result[prog.region(k, me)]
-            return mine.clone() if mine.numel() < result.numel() and not consuming[k] else mine
-
-        def send_results(ex: Exchange, results: dict[int, Tensor], ret: torch.dtype) -> tuple[Any, Tensor, Exchange]:
-            """Owners send each receiver its piece (or the whole result); receivers take theirs in ``finish_return``.
-            Only the packed send buffer outlives this call."""
-            chunks: dict[int, list[Tensor]] = {}
-            for k in ex.owned:
-                for r in plan.receivers(k):
-                    piece = results[k] if out == "replicated" else results[k][prog.region(k, r)]
-                    chunks.setdefault(self._grank[r], []).append(piece)
-            sizes = {g2: sum(plan.returned_numel(k, me) for k in ks) for g2, ks in ex.back_from}
-            work, buf, _ = self._a2a(chunks, sizes, torch.empty(0, dtype=ret, device=device))
-            if not self.config.async_gpu_parallelism:
-                work.wait()
-            return work, buf, ex
-
-        prefetch = max(0, self.config.prefetch_count)
-        issued = 0
-        for b, ex in enumerate(prog.exchanges):
-            while issued < len(prog.exchanges) and issued <= b + prefetch:
-                gathers.append(issue_gather(issued))
-                issued += 1
-            g = gathers.popleft()
-            wire = wires[b]
-            # Per spec, the owner's whole tensors in stacks of at most stack_bytes (one shape and dtype per bucket),
-            # each built, computed and dropped in turn; results kept only to be returned.
-            pieces = received(g, ex) if g is not None else {}
-            g = None
-            by_spec: dict[Any, list[int]] = {}
-            for k in ex.owned:
-                by_spec.setdefault(prog.specs[k], []).append(k)
-            results: dict[int, Tensor] = {}
-            for s, owned in by_spec.items():
-                item_bytes = _numel(plan.layouts[owned[0]].shape) * wire.itemsize
-                for ks in cut_stacks(owned, item_bytes, self.config.stack_bytes, device):
-                    res = compute(s, whole(ks, wire, pieces), ks).to(rets[b])
-                    for m, k in enumerate(ks):
-                        if ex.returns:
-                            results[k] = res[m]
-                        if out == "replicated":
-                            res_out[k] = put(k, res[m], True)
-                        elif like[k].numel():
-                            res_out[k] = put(k, own_piece(k, res[m]), True)
-                    del res
-            del pieces
-            if ex.returns:
-                returns.append(send_results(ex, results, rets[b]))
-            results = {}
-            while len(returns) > max(1, prefetch + 1):
-                finish_return(returns.popleft())
-        while returns:
-            finish_return(returns.popleft())
-        for k, r_k in enumerate(res_out):
-            if r_k is None:  # a holder of an empty piece
-                res_out[k] = put(k, like[k].new_empty(like[k].shape), True)
-        return res_out  # type: ignore[return-value]
-
-
-def _made(job: Job, position: int, outcomes: Outcomes) -> Tensor:
-    """``job.values()``; a failure is recorded instead of raised (this rank keeps to the collectives that follow,
-    ``settle`` raises it everywhere) and the piece is NaN."""
-    try:
-        return job.values()
-    except Exception as e:
-        outcomes.fail([position], e)
-        like = job.tensor
-        return torch.full(like.shape, math.nan, dtype=like.dtype, device=like.device)
-
-
-def _narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """The one with fewer bytes (``b`` on a tie): a float widened to a wider float is exact, so a result may travel
-    in the narrower of its own dtype and the wire's without loss."""
-    return a if a.itemsize < b.itemsize else b
+        return BucketRun(self._comm, self.config, self.stats, self.names, prog, jobs, specs, mapped, out).run()
 
 
 def _numel(shape: Sequence[int]) -> int:
