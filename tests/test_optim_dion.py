@@ -112,7 +112,7 @@ def test_groups_choose_algorithms_and_state():
         ],
         lr=0.01,
     )
-    assert set(opt.state[mats]) == {"momentum_buffer", "Q"}
+    assert set(opt.state[mats]) == {"momentum_buffer", "Q", "step"}
     assert set(opt.state[emb]) == {"exp_avg"} and "exp_avg_sq" in opt.state[head]
     before = [p.detach().clone() for p in (mats, emb, head, bias)]
     for p in (mats, emb, head, bias):

@@ -59,28 +59,26 @@ def test_constrained_stays_in_the_ball():
     assert 0.8 * radius < norm < 1.25 * radius
 
 
-@pytest.mark.parametrize("prec", ["highest", "high"])
-def test_fp32_matmul_precision_restored(prec):
+@pytest.mark.parametrize("prec", ["highest", "high", "medium"])
+def test_fp32_matmul_prec_is_a_compute_dtype(prec):
+    """``fp32_matmul_prec`` picks the LMO's dtype for that call only: the process-wide precision is never touched."""
     W = torch.nn.Parameter(torch.randn(16, 16))
     opt = Scion([W], lr=0.01, fp32_matmul_prec="medium")
     seen = []
-    opt.engine.stats.observers.append(lambda spec, X: seen.append(torch.get_float32_matmul_precision()))
+    opt.engine.stats.observers.append(lambda spec, X: seen.append((torch.get_float32_matmul_precision(), spec.compute_dtype)))
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision(prec)
         W.grad = torch.randn(16, 16)
         opt.step()
-        assert seen == ["medium"]
+        assert seen == [(prec, torch.bfloat16)]  # bf16 compute, the global setting as the user left it
         assert torch.get_float32_matmul_precision() == prec
-
-        def closure():
-            raise KeyError("boom")
-
-        with pytest.raises(KeyError):
-            opt.step(closure)
-        assert torch.get_float32_matmul_precision() == prec  # restored on errors too
     finally:
         torch.set_float32_matmul_precision(previous)
+    exact = Scion([torch.nn.Parameter(torch.randn(4, 4))], fp32_matmul_prec="highest")
+    assert exact.param_groups[0]["compute_dtype"] == torch.float32
+    with pytest.raises(ValueError, match="fp32_matmul_prec='medium' means compute_dtype=torch.bfloat16"):
+        Scion([torch.nn.Parameter(torch.randn(4, 4))], fp32_matmul_prec="medium", compute_dtype=torch.float64)
 
 
 def test_invalid_precision():

@@ -220,8 +220,8 @@ def _check_group(
     merged["params"] = ids
     trial = {**merged, "params": params}
     try:
-        opt._rule(trial).validate(trial, at)
-    except ValueError as e:
+        opt._parse(trial, at, None)
+    except (ValueError, TypeError) as e:
         raise ValueError(f"the state dict's settings are invalid: {e}") from None
     return merged
 

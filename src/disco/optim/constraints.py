@@ -1,6 +1,6 @@
 """Per-group weight constraints, applied to the updated weight of an LMO group (Muon, Scion, Disco, NorMuon).
 
-Group keys: ``weight_constraint`` (``None``, ``"spectral_clip"``, ``"stiefel"``, ``"hyperball"``),
+Settings (``disco.optim.contract.Settings``): ``weight_constraint`` (``None``, ``"spectral_clip"``, ``"stiefel"``, ``"hyperball"``),
 ``sigma_min`` (default 0), ``sigma_max`` and ``radius`` (default ``None``: the norm factor
 ``sqrt(fan_out / fan_in)`` of the matrix view, ``transposed`` groups' fans swapped). A rule computes the updated
 weight ``W' = (1 - lr wd) W - lr s O`` out of place (local pieces), ``constrained_weights`` constrains it, and
@@ -25,21 +25,19 @@ from ..distributed.engine import Engine, Job, local_piece
 from ..ops.constraints import ConstraintSpec
 
 if TYPE_CHECKING:
+    from .contract import Settings
     from .rules import Item, StepContext
 
-Group = dict[str, Any]
-
-CONSTRAINTS = (None, "spectral_clip", "stiefel", "hyperball")
+CONSTRAINTS = ("spectral_clip", "stiefel", "hyperball")
 MATRIX_CONSTRAINTS = ("spectral_clip", "stiefel")
 
 
-def kind(group: Group) -> str | None:
-    value = group.get("weight_constraint")
-    return None if value is None else str(value)
+def kind(it: Item) -> str | None:
+    return it.settings.weight_constraint
 
 
-def init_state(group: Group, p: Tensor) -> dict[str, Any]:
-    if kind(group) == "hyperball":
+def init_state(settings: Settings, p: Tensor) -> dict[str, Any]:
+    if settings.weight_constraint == "hyperball":
         return {"init_norm": torch.full((), math.nan, dtype=torch.float64, device=p.device)}
     return {}
 
@@ -59,7 +57,7 @@ def _sum_squares(engine: Engine, items: Sequence[Item], pieces: Sequence[Tensor]
 def bind(engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
     """Measure the initial Frobenius norm of every hyperball weight that has none yet (collective)."""
     todo = [
-        it for it in items if kind(it.group) == "hyperball" and math.isnan(float(ctx.state_of(it.param)["init_norm"]))
+        it for it in items if kind(it) == "hyperball" and math.isnan(float(ctx.state_of(it.param)["init_norm"]))
     ]
     if not todo:
         return
@@ -69,19 +67,18 @@ def bind(engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
         ctx.state_of(it.param)["init_norm"].fill_(float(s.sqrt()))
 
 
-def spec(group: Group, shape: Sequence[int]) -> ConstraintSpec:
+def spec(s: Settings, shape: Sequence[int]) -> ConstraintSpec:
     """The whole-matrix constraint of a group for a parameter of global ``shape``."""
     rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 4 else (shape[-2], shape[-1])
-    if group.get("transposed") and len(shape) in (2, 3):
+    if s.transposed and len(shape) in (2, 3):
         rows, cols = cols, rows  # stored fan_in x fan_out
     default = math.sqrt(rows / cols)
-    radius = group.get("radius")
-    sigma_max = group.get("sigma_max")
+    assert s.weight_constraint is not None
     return ConstraintSpec(
-        str(group["weight_constraint"]),
-        radius=default if radius is None else float(radius),
-        sigma_min=float(group.get("sigma_min") or 0.0),
-        sigma_max=default if sigma_max is None else float(sigma_max),
+        s.weight_constraint,
+        radius=default if s.radius is None else s.radius,
+        sigma_min=s.sigma_min or 0.0,
+        sigma_max=default if s.sigma_max is None else s.sigma_max,
         view="flatten" if len(shape) >= 4 else "native",
     )
 
@@ -96,16 +93,16 @@ def constrained_weights(
     """
     engine = ctx.engine
     out: list[Tensor | None] = [None] * len(items)
-    whole = [k for k, it in enumerate(items) if kind(it.group) in MATRIX_CONSTRAINTS]
+    whole = [k for k, it in enumerate(items) if kind(it) in MATRIX_CONSTRAINTS]
     if whole:
         jobs = []
         for k in whole:
             w = weights[k]
             assert w is not None
-            jobs.append(Job(items[k].index, w, spec(items[k].group, _global_shape(engine, items[k]))))
+            jobs.append(Job(items[k].index, w, spec(items[k].settings, _global_shape(engine, items[k]))))
         for k, res in zip(whole, engine.map(jobs)):
             out[k] = res
-    ball = [k for k, it in enumerate(items) if kind(it.group) == "hyperball"]
+    ball = [k for k, it in enumerate(items) if kind(it) == "hyperball"]
     if ball:
         pieces = [weights[k] for k in ball]
         sums = _sum_squares(engine, [items[k] for k in ball], [w for w in pieces if w is not None])

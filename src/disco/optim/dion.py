@@ -36,7 +36,8 @@ from ..distributed.state import derived_zeros
 from ..ops.dion import QR_METHODS, OrthonormalizeSpec, column_normalize, dion_rank
 from . import validation
 from .base import SpectralOptimizer
-from .rules import RULES, Commit, Group, Item, StepContext
+from .contract import Group, Rule, Settings, check_choice, check_range, register_rule
+from .rules import Commit, Item, StepContext
 
 
 @dataclass(frozen=True)
@@ -75,54 +76,82 @@ def p_layout(lay: Layout, r: int, md: int, nd: int) -> Layout:
     return lay.with_placements(placements, shape=shape)
 
 
-class DionRule:
-    """The ``dion`` algorithm (see the module docstring). Group keys: ``lr``, ``mu``, ``weight_decay``,
-    ``rank_fraction``, ``rank_multiple_of``, ``power_iters``, ``qr_method``, ``cqr_warmup_steps``,
-    ``rcqr_oversample``, ``epsilon``, ``replicate_mesh_grad_sync``, ``dion_step`` (steps taken)."""
+@dataclass(frozen=True)
+class DionSettings(Settings):
+    """The settings of a ``dion`` group (module docstring; ``Dion``'s docstring has the defaults' meaning).
+
+    Attributes:
+        mu: momentum in ``[0, 1)``. Default ``0.95``.
+        rank_fraction: ``r / min(m, n)`` in ``(0, 1]``. Default ``1.0``.
+        rank_multiple_of: round ``r`` up to this, an int ``>= 1``. Default ``1``.
+        power_iters: power iterations per step, an int ``>= 1``. Default ``1``.
+        qr_method: ``"rcqr"`` (default), ``"cqr"`` or ``"qr"``.
+        cqr_warmup_steps: ``"cqr"`` uses Householder QR for this parameter's first steps, an int ``>= 0``.
+            Default ``150``.
+        rcqr_oversample: sketch rows per column, ``>= 1``. Default ``1.25``.
+        epsilon: added to the column norms of ``R``, ``>= 0``. Default ``1e-8``.
+        replicate_mesh_grad_sync: average ``P`` and ``R`` over the replicas. Default ``True``.
+        momentum_dtype, Q_dtype: state dtypes (``None``: the parameter's). Default ``None``.
+    """
+
+    mu: float = 0.95
+    rank_fraction: float = 1.0
+    rank_multiple_of: int = 1
+    power_iters: int = 1
+    qr_method: str = "rcqr"
+    cqr_warmup_steps: int = 150
+    rcqr_oversample: float = 1.25
+    epsilon: float = 1e-8
+    replicate_mesh_grad_sync: bool = True
+    momentum_dtype: torch.dtype | None = None
+    Q_dtype: torch.dtype | None = None
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        check_range(self, "mu", at, lo=0.0, hi=1.0, hi_open=True)
+        check_range(self, "rank_fraction", at, lo=1e-9, hi=1.0)
+        check_range(self, "epsilon", at, lo=0.0)
+        check_range(self, "rcqr_oversample", at, lo=1.0)
+        for key in ("power_iters", "rank_multiple_of"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{at}: {key}={getattr(self, key)!r} must be an int >= 1")
+        if self.cqr_warmup_steps < 0:
+            raise ValueError(f"{at}: cqr_warmup_steps={self.cqr_warmup_steps!r} must be an int >= 0")
+        check_choice(self, "qr_method", at, QR_METHODS)
+
+
+@register_rule
+class DionRule(Rule):
+    """The ``dion`` algorithm (see the module docstring). Settings: :class:`DionSettings`. State per parameter:
+    ``momentum_buffer``, ``Q`` and ``step`` (the steps it took: ``cqr``'s warm-up counts them)."""
+
+    algorithms = ("dion",)
+    settings = DionSettings
+    runs_ahead = True
 
     def __init__(self) -> None:
         self._filled: set[int] = set()
 
-    def validate(self, group: Group, where: str) -> None:
-        validation.check_common(group, where)
-        validation.refuse_streaming(group, where, "Dion")
-        validation.check_range(group, "mu", where, lo=0.0, hi=1.0, hi_open=True)
-        validation.check_range(group, "rank_fraction", where, lo=1e-9, hi=1.0)
-        validation.check_range(group, "epsilon", where, lo=0.0)
-        validation.check_range(group, "rcqr_oversample", where, lo=1.0)
-        for key in ("power_iters", "rank_multiple_of"):
-            v = group.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{where}: {key}={v!r} must be an int >= 1")
-        if group.get("qr_method") not in QR_METHODS:
-            raise ValueError(f"{where}: qr_method={group.get('qr_method')!r}; valid: {list(QR_METHODS)}")
-        if group.get("transposed"):
-            raise ValueError(
-                f"{where}: Dion computes on the stored (fan_out x fan_in) layout; weights stored fan_in x fan_out "
-                "(transposed=True, e.g. GPT-2's Conv1D) are not supported yet: route them to 'muon'"
-            )
-        for p, n in zip(group["params"], group["param_names"]):
-            if p.dim() < 2:
-                raise ValueError(
-                    f"{where}: parameter {validation.describe(n, p)} is not a matrix; Dion needs 2-D weights "
-                    "(3-D expert stacks, conv weights): route vectors to 'lion' or 'adamw'"
-                )
+    def check_group(self, group: Group, settings: Settings, at: str) -> None:
+        validation.check_matrices(group, at, "Dion")
 
-    def rank(self, group: Group, p: Tensor) -> int:
+    @staticmethod
+    def rank(s: DionSettings, p: Tensor) -> int:
         m, n = _mn(p)
-        return dion_rank(m, n, float(group["rank_fraction"]), int(group["rank_multiple_of"]))
+        return dion_rank(m, n, s.rank_fraction, s.rank_multiple_of)
 
-    def init_state(self, group: Group, p: Tensor) -> dict[str, Any]:
-        n, r = _mn(p)[1], self.rank(group, p)
+    def init_state(self, settings: Settings, p: Tensor) -> dict[str, Any]:
+        assert isinstance(settings, DionSettings)
+        n, r = _mn(p)[1], self.rank(settings, p)
         q_shape = (*p.shape[:-2], n, r) if p.dim() == 3 else (n, r)
         nd = _dims(p)[1]
-        q_dtype = group.get("Q_dtype") or p.dtype
+        q_dtype = settings.Q_dtype or p.dtype
         if p.dim() <= 3:
             Q = derived_zeros(p, q_shape, {len(q_shape) - 2: nd, **({0: 0} if p.dim() == 3 else {})}, dtype=q_dtype)
         else:  # conv: the columns are the flattened input dims, never sharded (checked in bind)
             Q = torch.zeros(q_shape, dtype=q_dtype, device=p.device)
-        M = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=group.get("momentum_dtype") or p.dtype)
-        return {"momentum_buffer": M, "Q": Q}
+        M = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=settings.momentum_dtype or p.dtype)
+        return {"momentum_buffer": M, "Q": Q, "step": torch.zeros((), dtype=torch.float32)}
 
     def bind(self, engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
         """Fill each new ``Q`` with the seeded start (the same full matrix on every rank, this rank's piece)."""
@@ -150,11 +179,9 @@ class DionRule:
                 local_piece(Q).copy_(full)
             self._filled.add(id(it.param))
 
-    def check(self, items: Sequence[Item]) -> str | None:
-        return None
-
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         engine = ctx.engine
+        settings = [dion_settings(it) for it in items]
         lays = [engine.layout(it.index) for it in items]
         dims = [_dims(it.param) for it in items]
         B = []
@@ -162,11 +189,11 @@ class DionRule:
             M = local_piece(ctx.state_of(it.param)["momentum_buffer"])
             B.append(_matrix(M + ctx.grad_of(it.param).to(M.dtype)))
         Q = [local_piece(ctx.state_of(it.param)["Q"]).to(b.dtype) for it, b in zip(items, B)]
-        sync = [bool(it.group.get("replicate_mesh_grad_sync", True)) for it in items]
-        specs = [self._spec(it.group) for it in items]
+        sync = [s.replicate_mesh_grad_sync for s in settings]
+        specs = [self._spec(s, ctx.state_of(it.param)) for it, s in zip(items, settings)]
         p_lays = [p_layout(lay, q.shape[-1], md, nd) for lay, q, (md, nd) in zip(lays, Q, dims)]
         P = [b @ q for b, q in zip(B, Q)]  # P: (m/outer, r), Partial over the axes sharding n
-        iters = [int(it.group["power_iters"]) for it in items]
+        iters = [s.power_iters for s in settings]
         for it_round in range(max(iters)):
             # each parameter runs its own group's count (the same subset on every rank: items are agreed)
             on = [k for k, n in enumerate(iters) if n > it_round]
@@ -185,35 +212,34 @@ class DionRule:
         self._replica_mean(R, lays, sync, engine)
         sq = [r.pow(2).sum(dim=-2, keepdim=True) for r in R]  # column norms: partial sums over the rows of R
         self._reduce_cols(sq, lays, dims, engine)
-        eps = [float(it.group["epsilon"]) for it in items]
+        eps = [s.epsilon for s in settings]
         Q_new = [r / (s.sqrt() + e) for r, s, e in zip(R, sq, eps)]
 
         def commit() -> list[Tensor]:
             updates = []
-            for it, b, p, r, q, (m, n) in zip(items, B, P, R, Q_new, [_mn(it.param) for it in items]):
+            for it, s, b, p, r, q in zip(items, settings, B, P, R, Q_new):
+                m, n = _mn(it.param)
                 state = ctx.state_of(it.param)
-                mu = float(it.group["mu"])
                 M = local_piece(state["momentum_buffer"])
-                M.copy_((b - (1 - mu) * (p @ r.mT)).reshape(M.shape))  # error feedback
+                M.copy_((b - (1 - s.mu) * (p @ r.mT)).reshape(M.shape))  # error feedback
                 local_piece(state["Q"]).copy_(q)
                 X = local_piece(it.param)
                 update = (math.sqrt(m / n) * (p @ q.mT)).reshape(X.shape)
-                lr, wd = float(it.group["lr"]), float(it.group["weight_decay"])
-                if wd:
-                    X.mul_(1 - lr * wd)
-                X.add_(update.to(X.dtype), alpha=-lr)
-                it.group["dion_step"] = int(it.group.get("dion_step", 0)) + 1
+                if s.weight_decay:
+                    X.mul_(1 - s.lr * s.weight_decay)
+                X.add_(update.to(X.dtype), alpha=-s.lr)
+                state["step"] += 1
                 updates.append(update)
             return updates
 
         return commit
 
     @staticmethod
-    def _spec(group: Group) -> OrthonormalizeSpec:
-        method = str(group["qr_method"])
-        if method == "cqr" and int(group.get("dion_step", 0)) < int(group["cqr_warmup_steps"]):
+    def _spec(s: DionSettings, state: dict[str, Any]) -> OrthonormalizeSpec:
+        method = s.qr_method
+        if method == "cqr" and float(state["step"]) < s.cqr_warmup_steps:
             method = "qr"  # early P are ill-conditioned: Householder until the warmup ends
-        return OrthonormalizeSpec(method, float(group["rcqr_oversample"]))
+        return OrthonormalizeSpec(method, s.rcqr_oversample)
 
     @staticmethod
     def _reduce_rows(
@@ -241,8 +267,10 @@ class DionRule:
         if ks:
             engine.all_reduce([parts[k] for k in ks], [lays[k] for k in ks], over="replicas", op="avg")
 
-    def end_step(self, groups: Sequence[Group], all_groups: Sequence[Group]) -> None:
-        return None
+def dion_settings(it: Item) -> DionSettings:
+    s = it.settings
+    assert isinstance(s, DionSettings), type(s)
+    return s
 
 
 def _q_start(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -250,8 +278,6 @@ def _q_start(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     gen = torch.Generator().manual_seed(20250407)
     return column_normalize(torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
 
-
-RULES["dion"] = DionRule
 
 
 def _ranks_of(mesh: Any) -> list[int]:
@@ -348,7 +374,6 @@ class Dion(SpectralOptimizer):
             replicate_mesh_grad_sync=replicate_mesh_grad_sync,
             momentum_dtype=mp.momentum_dtype,
             Q_dtype=mp.Q_dtype,
-            dion_step=0,
             # for "muon" groups (disco's LMO rule)
             momentum=mu,
             nesterov=False,
@@ -388,7 +413,7 @@ class Dion(SpectralOptimizer):
             return
         me = engine.current_rank
         for it in self._items():
-            if it.group["algorithm"] != "dion":
+            if not isinstance(it.settings, DionSettings):
                 continue
             lay = engine.layout(it.index)
             md, nd = _dims(it.param)
@@ -408,7 +433,7 @@ class Dion(SpectralOptimizer):
     def synchronize_for_checkpoint(self) -> None:
         """Average the Dion momenta over the replicas (compressed sync lets them drift apart by design)."""
         engine = self.engine
-        items = [it for it in self._items() if it.group["algorithm"] == "dion"]
+        items = [it for it in self._items() if isinstance(it.settings, DionSettings)]
         if not items or not engine.has_layouts:
             return
         bufs = [local_piece(self.state[it.param]["momentum_buffer"]) for it in items]

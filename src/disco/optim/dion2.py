@@ -33,18 +33,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import ops
 from ..distributed.engine import Engine, Job, local_piece
 from ..distributed.layout import PARTIAL, REPLICATE, Layout, Placement
 from ..ops.specs import LMOSpec
 from . import validation
 from .base import SpectralOptimizer
-from .rules import RULES, Commit, Group, Item, StepContext
+from .contract import Group, Rule, Settings, check_choice, check_range, register_rule
+from .rules import Commit, Item, StepContext
 
 SCOPES = ("global", "local")
 
@@ -92,54 +93,60 @@ def _local_plan(lay: Layout, rank: int, sq: Tensor, fraction: float) -> tuple[in
     return per_shard, local, torch.arange(mine), sub
 
 
-class Dion2Rule:
-    """The ``dion2`` algorithm (module docstring). Group keys: ``lr``, ``weight_decay``, ``fraction``,
-    ``ef_decay``, ``selection_scope``, ``norm_factor``, ``backend``, ``backend_steps``, ``coefficients``, ``eps``,
-    ``compute_dtype``."""
+@dataclass(frozen=True)
+class Dion2Settings(Settings):
+    """The settings of a ``dion2`` group (module docstring).
 
-    def validate(self, group: Group, where: str) -> None:
-        validation.check_common(group, where)
-        validation.refuse_streaming(group, where, "Dion2")
-        validation.check_range(group, "fraction", where, lo=1e-9, hi=1.0)
-        validation.check_range(group, "ef_decay", where, lo=0.0, hi=1.0)
-        validation.check_range(group, "eps", where, lo=0.0)
-        if group.get("selection_scope") not in SCOPES:
-            raise ValueError(f"{where}: selection_scope={group.get('selection_scope')!r}; valid: {list(SCOPES)}")
-        try:
-            ops.get_norm(group["norm_factor"])
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        if group["backend"] not in ops.BACKENDS:
-            raise ValueError(f"{where}: unknown backend {group['backend']!r}; valid: {ops.backend_names()}")
-        for p, n in zip(group["params"], group["param_names"]):
-            if p.dim() != 2 or group.get("transposed"):
-                raise ValueError(
-                    f"{where}: parameter {validation.describe(n, p)}: Dion2 selects rows of 2-D out x in weights; "
-                    "route other parameters to 'muon' or 'adamw'"
-                )
+    Attributes:
+        fraction: rows selected per step, in ``(0, 1]``. Default ``0.25``.
+        ef_decay: the selected rows' momentum decay, in ``[0, 1]``. Default ``0.95``.
+        selection_scope: ``"global"`` (default, layout-invariant) or ``"local"`` (per row shard).
+        norm_factor, backend, backend_steps, coefficients, eps, compute_dtype: the LMO of the ``k x n``
+            submatrix, as in ``LMOSettings`` (``norm_factor`` default ``"original"``, Muon's).
+    """
 
-    def init_state(self, group: Group, p: Tensor) -> dict[str, Any]:
+    fraction: float = 0.25
+    ef_decay: float = 0.95
+    selection_scope: str = "global"
+    norm_factor: str = "original"
+    backend: str = "gram_newtonschulz5"
+    backend_steps: int = 5
+    coefficients: Any = None
+    eps: float = 1e-7
+    compute_dtype: torch.dtype | None = None
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        check_range(self, "fraction", at, lo=1e-9, hi=1.0)
+        check_range(self, "ef_decay", at, lo=0.0, hi=1.0)
+        check_choice(self, "selection_scope", at, SCOPES)
+        validation.check_orthogonalization(self, at)
+
+
+@register_rule
+class Dion2Rule(Rule):
+    """The ``dion2`` algorithm (module docstring). Settings: :class:`Dion2Settings`."""
+
+    algorithms = ("dion2",)
+    settings = Dion2Settings
+    runs_ahead = True
+
+    def check_group(self, group: Group, settings: Settings, at: str) -> None:
+        validation.check_matrices(group, at, "Dion2 (it selects rows of 2-D out x in weights)", exactly_2d=True)
+
+    def init_state(self, settings: Settings, p: Tensor) -> dict[str, Any]:
         return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
-    def check(self, items: Sequence[Item]) -> str | None:
-        return None
-
-    def bind(self, engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
-        return None
-
-    def end_step(self, groups: Sequence[Group], all_groups: Sequence[Group]) -> None:
-        return None
-
     @staticmethod
-    def _spec(group: Group, k: int, n: int) -> LMOSpec:
+    def _spec(s: Dion2Settings, k: int, n: int) -> LMOSpec:
         return LMOSpec.for_param(
             (k, n),
-            norm=group["norm_factor"],
-            backend=group["backend"],
-            steps=int(group["backend_steps"]),
-            coefficients=group.get("coefficients"),
-            eps=group.get("eps"),
-            compute_dtype=group.get("compute_dtype"),
+            norm=s.norm_factor,
+            backend=s.backend,
+            steps=s.backend_steps,
+            coefficients=s.coefficients,
+            eps=s.eps,
+            compute_dtype=s.compute_dtype,
         )
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
@@ -152,7 +159,8 @@ class Dion2Rule:
         sq = [b.double().pow(2).sum(dim=1) for b in B]
         engine.all_reduce(sq, lays, over=1, op="sum")  # whole row norms of this rank's rows
         rows = [torch.tensor(lay.index_lists(rank)[0], dtype=torch.long) for lay in lays]
-        glob = [k for k, it in enumerate(items) if it.group["selection_scope"] == "global"]
+        settings = [dion2_settings(it) for it in items]
+        glob = [k for k, s in enumerate(settings) if s.selection_scope == "global"]
         norms = []
         for k in glob:
             full = sq[k].new_zeros(lays[k].shape[0])
@@ -163,8 +171,8 @@ class Dion2Rule:
         full_of = dict(zip(glob, norms))
         # (rows of this rank's piece of the submatrix, local rows selected, their positions there, its layout)
         plans: list[tuple[int, Tensor, Tensor, Layout]] = []
-        for j, (it, lay) in enumerate(zip(items, lays)):
-            fraction = float(it.group["fraction"])
+        for j, (s, lay) in enumerate(zip(settings, lays)):
+            fraction = s.fraction
             if j in full_of:
                 k = selected_rows(fraction, lay.shape[0])
                 order = torch.sort(full_of[j], descending=True, stable=True).indices[:k]
@@ -177,17 +185,17 @@ class Dion2Rule:
             else:
                 plans.append(_local_plan(lay, rank, sq[j], fraction))
         jobs = []
-        for it, lay, b, (piece, local, pos, sub) in zip(items, lays, B, plans):
+        for it, s, lay, b, (piece, local, pos, sub) in zip(items, settings, lays, B, plans):
             Z = b.new_zeros(piece, b.shape[1])
             Z[pos] = b[local]
-            jobs.append(Job(it.index, Z, self._spec(it.group, sub.shape[0], lay.shape[1]), sub))
+            jobs.append(Job(it.index, Z, self._spec(s, sub.shape[0], lay.shape[1]), sub))
         O = engine.map(jobs, out="input") if jobs else []
 
         def commit() -> list[Tensor]:
             updates = []
-            for it, b, o, (_, local, pos, _) in zip(items, B, O, plans):
-                decay, lr, wd = float(it.group["ef_decay"]), float(it.group["lr"]), float(it.group["weight_decay"])
-                b[local] *= decay
+            for it, s, b, o, (_, local, pos, _) in zip(items, settings, B, O, plans):
+                lr, wd = s.lr, s.weight_decay
+                b[local] *= s.ef_decay
                 local_piece(ctx.state_of(it.param)["momentum_buffer"]).copy_(b)
                 X = local_piece(it.param)
                 update = torch.zeros_like(X)
@@ -199,7 +207,10 @@ class Dion2Rule:
         return commit
 
 
-RULES["dion2"] = Dion2Rule
+def dion2_settings(it: Item) -> Dion2Settings:
+    s = it.settings
+    assert isinstance(s, Dion2Settings), type(s)
+    return s
 
 
 class Dion2(SpectralOptimizer):

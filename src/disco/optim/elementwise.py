@@ -25,11 +25,11 @@ def init_state(algorithm: str, p: Tensor) -> dict[str, Tensor]:
     return {"momentum_buffer": z()}
 
 
-def adamw(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+def adamw(p: Tensor, g: Tensor, state: dict[str, Tensor], s: Any) -> None:
     r"""AdamW (Loshchilov & Hutter): ``m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g^2;
     p <- (1 - lr wd) p - lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)``."""
-    b1, b2 = group.get("betas", (0.9, 0.95))
-    lr, wd, eps = group["lr"], group.get("weight_decay", 0.0), group.get("adam_eps", 1e-8)
+    b1, b2 = s.betas
+    lr, wd, eps = s.lr, s.weight_decay, s.adam_eps
     state["step"] += 1
     t = float(state["step"])
     m, v = local_piece(state["exp_avg"]), local_piece(state["exp_avg_sq"])
@@ -41,10 +41,10 @@ def adamw(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any])
     p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
 
 
-def lion(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+def lion(p: Tensor, g: Tensor, state: dict[str, Tensor], s: Any) -> None:
     r"""Lion (Chen et al., 2023): ``p <- (1 - lr wd) p - lr sign(lerp(m, g, 1-b1)); m <- lerp(m, g, 1-b2)``."""
-    b1, b2 = group.get("betas", (0.9, 0.99))
-    lr, wd = group["lr"], group.get("weight_decay", 0.0)
+    b1, b2 = s.betas
+    lr, wd = s.lr, s.weight_decay
     m = local_piece(state["exp_avg"])
     if wd:
         p.mul_(1 - lr * wd)
@@ -52,9 +52,9 @@ def lion(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) 
     m.lerp_(g, 1 - b2)
 
 
-def sign(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+def sign(p: Tensor, g: Tensor, state: dict[str, Tensor], s: Any) -> None:
     r"""signSGD with EMA momentum: ``m <- lerp(m, g, 1-beta); p <- (1 - lr wd) p - lr sign(m)``."""
-    lr, wd, beta = group["lr"], group.get("weight_decay", 0.0), group.get("momentum", 0.9)
+    lr, wd, beta = s.lr, s.weight_decay, s.momentum
     m = local_piece(state["momentum_buffer"])
     m.lerp_(g, 1 - beta)
     if wd:
@@ -62,13 +62,13 @@ def sign(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) 
     p.add_(torch.sign(m), alpha=-lr)
 
 
-#: ``step(local param, local grad, state, group)``: one update, in place.
-Step = Callable[[Tensor, Tensor, dict[str, Tensor], dict[str, Any]], None]
+#: ``step(local param, local grad, state, settings)``: one update, in place (settings: the rule's dataclass).
+Step = Callable[[Tensor, Tensor, dict[str, Tensor], Any], None]
 
 STEPS: dict[str, Step] = {"adamw": adamw, "lion": lion, "sign": sign}
 
 
 @torch.no_grad()
-def step(algorithm: str, p: Tensor, grad: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+def step(algorithm: str, p: Tensor, grad: Tensor, state: dict[str, Tensor], settings: Any) -> None:
     """Update ``p`` in place; ``grad`` is the local gradient, already laid out like ``p``."""
-    STEPS[algorithm](local_piece(p), grad, state, group)
+    STEPS[algorithm](local_piece(p), grad, state, settings)

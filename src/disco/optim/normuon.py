@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,23 +40,40 @@ from ..distributed.state import derived_zeros
 from . import validation
 from .base import SpectralOptimizer
 from .muon import muon_group_defaults
-from .rules import RULES, Commit, Group, Item, LMORule, StepContext
+from .contract import Group, Settings, check_range, register_rule
+from .rules import Commit, Item, LMORule, LMOSettings, StepContext
 
 DEFAULT_BETA2 = 0.95
 DEFAULT_EPS = 1e-8
 
 
-def row_dims(group: Group, p: Tensor) -> tuple[int, ...]:
+@dataclass(frozen=True)
+class NorMuonSettings(LMOSettings):
+    """:class:`LMOSettings` plus ``beta2`` (the second moment's EMA factor in ``[0, 1)``, default ``0.95``) and
+    ``normuon_eps`` (added to its square root, ``>= 0``, default ``1e-8``; ``eps`` stays the LMO's)."""
+
+    beta2: float = DEFAULT_BETA2
+    normuon_eps: float = DEFAULT_EPS
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        check_range(self, "beta2", at, lo=0.0, hi=1.0, hi_open=True)
+        check_range(self, "normuon_eps", at, lo=0.0)
+        if self.update_rule != "decoupled":
+            raise ValueError(f"{at}: NorMuon takes update_rule='decoupled' only")
+
+
+def row_dims(s: Settings, p: Tensor) -> tuple[int, ...]:
     """Dims that index one output neuron: ``(expert, row)`` for a 3-D stack, ``(row,)`` otherwise; the last dim
     instead of the row dim for a ``transposed`` group (2-D / 3-D weights stored ``fan_in x fan_out``)."""
-    if group.get("transposed") and p.dim() in (2, 3):
+    if s.transposed and p.dim() in (2, 3):
         return (0, 2) if p.dim() == 3 else (1,)
     return (0, 1) if p.dim() == 3 else (0,)
 
 
-def col_dims(group: Group, p: Tensor) -> tuple[int, ...]:
+def col_dims(s: Settings, p: Tensor) -> tuple[int, ...]:
     """Dims a neuron's mean runs over (the fan-in)."""
-    rd = row_dims(group, p)
+    rd = row_dims(s, p)
     return tuple(d for d in range(p.dim()) if d not in rd)
 
 
@@ -74,32 +92,22 @@ def _stat_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
+@register_rule
 class NorMuonRule(LMORule):
     """``algorithm="normuon"``: ``LMORule``'s momentum and LMO, then the row normalization (module docstring).
+    Settings: :class:`NorMuonSettings`. Its commit reads every parameter's normalized result: no streaming."""
 
-    Group keys beyond ``LMORule``'s: ``beta2`` (default 0.95) and ``normuon_eps`` (default 1e-8; ``eps`` stays
-    the Newton-Schulz epsilon of the LMO).
-    """
+    algorithms = ("normuon",)
+    settings = NorMuonSettings
+    streams = False
 
-    def validate(self, group: Group, where: str) -> None:
-        group.setdefault("beta2", DEFAULT_BETA2)
-        group.setdefault("normuon_eps", DEFAULT_EPS)
-        super().validate(group, where)
-        validation.refuse_streaming(group, where, "NorMuon")
-        validation.check_range(group, "beta2", where, lo=0.0, hi=1.0, hi_open=True)
-        validation.check_range(group, "normuon_eps", where, lo=0.0)
-        if group.get("update_rule", "decoupled") != "decoupled":
-            raise ValueError(f"{where}: NorMuon takes update_rule='decoupled' only")
-        for p, n in zip(group["params"], group["param_names"]):
-            if p.dim() < 2:
-                raise ValueError(
-                    f"{where}: parameter {validation.describe(n, p)} is not a matrix; NorMuon normalizes the rows "
-                    "of matrices: route vectors to 'adamw' or 'lion'"
-                )
+    def check_group(self, group: Group, settings: Settings, at: str) -> None:
+        super().check_group(group, settings, at)
+        validation.check_matrices(group, at, "NorMuon (it normalizes the rows of matrices)")
 
-    def init_state(self, group: Group, p: Tensor) -> dict[str, Any]:
-        state = super().init_state(group, p)
-        rd = row_dims(group, p)
+    def init_state(self, settings: Settings, p: Tensor) -> dict[str, Any]:
+        state = super().init_state(settings, p)
+        rd = row_dims(settings, p)
         shape = tuple(p.shape[d] for d in rd)
         state["row_var"] = derived_zeros(p, shape, {k: d for k, d in enumerate(rd)}, dtype=_stat_dtype(p))
         return state
@@ -108,20 +116,20 @@ class NorMuonRule(LMORule):
         engine = ctx.engine
         prepared = [self.prepare(it, ctx) for it in items]
         jobs = [
-            Job(it.index, like, self.spec(it.group, it.param), make=make)
+            Job(it.index, like, self.spec(normuon_settings(it), it.param), make=make)
             for it, (like, make, _) in zip(items, prepared)
         ]
         results = engine.map(jobs) if jobs else []
         lays = [engine.layout(it.index) for it in items]
-        rdims = [row_dims(it.group, it.param) for it in items]
-        cdims = [col_dims(it.group, it.param) for it in items]
+        rdims = [row_dims(it.settings, it.param) for it in items]
+        cdims = [col_dims(it.settings, it.param) for it in items]
         # Row sums of O^2 (float32 at least), local over this rank's columns, then summed over the column shards.
         rows = [o.to(torch.promote_types(o.dtype, torch.float32)).pow(2).sum(dim=cd) for o, cd in zip(results, cdims)]
         _reduce(rows, lays, cdims, engine)
         new_v, norms = [], []
         for it, lay, s, cd in zip(items, lays, rows, cdims):
             n = math.prod(lay.shape[d] for d in cd)
-            beta2, eps = float(it.group["beta2"]), float(it.group["normuon_eps"])
+            beta2, eps = normuon_settings(it).beta2, normuon_settings(it).normuon_eps
             v = local_piece(ctx.state_of(it.param)["row_var"])
             v_new = v.to(s.dtype).lerp(s / n, 1 - beta2)
             inv = 1.0 / (v_new.sqrt() + eps)
@@ -150,7 +158,10 @@ class NorMuonRule(LMORule):
         return commit
 
 
-RULES["normuon"] = NorMuonRule
+def normuon_settings(it: Item) -> NorMuonSettings:
+    s = it.settings
+    assert isinstance(s, NorMuonSettings), type(s)
+    return s
 
 
 class NorMuon(SpectralOptimizer):

@@ -61,8 +61,9 @@ from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from ..distributed.engine import Engine, local_piece
-from . import validation
-from .rules import Commit, Item, LMORule, Streamed, UpdateRule
+from . import phases, validation
+from .contract import RULES
+from .rules import Commit, Item, Streamed
 
 if TYPE_CHECKING:
     from .base import SpectralOptimizer
@@ -130,21 +131,23 @@ class _BucketContext:
 
 
 def overlappable(opt: SpectralOptimizer, items: Sequence[Item]) -> list[Item]:
-    """The items whose rule computes each parameter on its own, so that a bucket computes what a step would."""
-    from .dion import DionRule
-    from .normuon import NorMuonRule
-
-    rules: dict[UpdateRule, list[Item]] = {}
-    for it in items:
-        rules.setdefault(opt._rule(it.group), []).append(it)
+    """The items whose rule declares it can run ahead (it computes each parameter on its own, so a bucket computes
+    what a step would). Element-wise rules stay in ``step()``: their work is local, nothing to overlap. Any other
+    rule is refused, naming the group: overlap is never silently skipped."""
     out = []
-    for rule, mine in rules.items():
-        if type(rule) is DionRule:
-            out.extend(mine)
-        elif type(rule) in (LMORule, NorMuonRule):
-            out.extend(it for it in mine if not it.group.get("is_light"))
-    keep = {it.index for it in out}
-    return [it for it in items if it.index in keep and it.param.requires_grad]
+    for it in items:
+        rule = type(opt._rule(it.group))
+        if rule.can_run_ahead(it.settings):
+            out.append(it)
+        elif rule.exchanges:
+            ahead = sorted(name for name, c in RULES.items() if c.runs_ahead)
+            raise ValueError(
+                f"overlap_with_backward: parameter {validation.describe(it.name, it.param)} in a group of algorithm "
+                f"{it.group['algorithm']!r} cannot compute ahead in backward"
+                + (" (is_light=True keeps the momentum in p.grad, which backward writes)" if rule.runs_ahead else "")
+                + f"; algorithms that can: {ahead}"
+            )
+    return [it for it in out if it.param.requires_grad]
 
 
 def make_buckets(engine: Engine, items: Sequence[Item], bucket_bytes: int) -> list[list[Item]]:
@@ -269,24 +272,17 @@ class Overlap:
             self._error = e
 
     def _compute(self, k: int) -> None:
-        from .base import _nonfinite
-
+        """Bucket ``k``: admitted (``phases.agree`` with the phase ``"bucket k"``) and computed as ``step()`` would,
+        on averaged copies of the gradients; the commits are kept, nothing is written."""
         opt, engine = self.opt, self.opt.engine
         if not self.started:
             self.started = True
             engine.stats.reset()
         items = [it for it in self.buckets[k] if it.param.grad is not None]
-        present = [False] * self._n
-        for it in items:
-            present[it.index] = True
         error = next((r for r in (validation.check_grad(it.name, it.param) for it in items) if r), None)
-        flags = [False] * (self._n + 1)
-        if error is None:
-            for it, bad in zip(items, _nonfinite([local_piece(it.param.grad) for it in items])):  # type: ignore[arg-type]
-                flags[it.index] = bad
         settings = opt._settings()
         phase = [*settings, f"overlap phase: bucket {k} of {len(self.buckets)}"]
-        anywhere = engine.check_step(present, flags, phase, error)
+        anywhere, _ = phases.agree(engine, self._n, items, items, error, phase)
         fired = _Fired(k, items, tuple(settings), [_seen(opt, it) for it in items], anywhere)
         self._fired.append(fired)
         if anywhere:
@@ -294,17 +290,14 @@ class Overlap:
         grads: dict[int, Tensor] = {}
         config = opt.distributed_config
         if config is not None and config.average_gradients and items:
-            copies = [local_piece(it.param.grad).clone() for it in items]  # type: ignore[arg-type]
-            engine.all_reduce(copies, [engine.layout(it.index) for it in items], op="avg")
+            copies = phases.average_gradients(engine, items, copies=True)  # backward must not change p.grad
             grads = {id(it.param): c for it, c in zip(items, copies)}
-            fired.averaged = [(local_piece(it.param.grad), c) for it, c in zip(items, copies)]  # type: ignore[arg-type]
+            fired.averaged = [(local_piece(it.param.grad), c) for it, c in zip(items, copies)]  # type: ignore[arg-type]  # items have a gradient
         ctx = _BucketContext(opt, grads)
-        for rule in opt._rules.values():
-            mine = [it for it in items if opt._rule(it.group) is rule]
-            if mine:
-                fired.commits.append((mine, rule.compute(mine, ctx)))
-                for r, ks in engine.assignments.items():
-                    fired.assignments.setdefault(r, []).extend(ks)
+        for rule, mine in opt.by_rule(items):
+            fired.commits.append((mine, rule.compute(mine, ctx)))
+            for r, ks in engine.assignments.items():
+                fired.assignments.setdefault(r, []).extend(ks)
 
     # ---- step -------------------------------------------------------------------------------------------------
     def error(self) -> Exception | None:

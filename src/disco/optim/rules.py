@@ -8,18 +8,20 @@ A rule owns the per-parameter state of its groups and one step over the paramete
                                                                  # (commit="streaming": inside map, per o_i)
 
 ``ElementwiseRule`` (AdamW, Lion, signSGD) has no map: every op is element-wise on local pieces. ``LMORule``
-serves Muon, Scion and Disco, which differ only in data (norm, backend, momentum form, update form). A new
-algorithm adds a spec in ``disco.ops`` and a rule here (registered in ``RULES``), and nothing in
+serves Muon, Scion and Disco, which differ only in data (norm, backend, momentum form, update form). Each rule
+declares its settings and capabilities (``disco.optim.contract``); a new algorithm is one module with a
+``@register_rule`` class (and a spec in ``disco.ops`` if it needs a new whole-tensor computation), nothing in
 ``disco.distributed``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -29,18 +31,19 @@ from ..distributed.agreement import StepError
 from ..distributed.engine import Engine, Job, local_piece
 from ..ops.specs import LMOSpec
 from . import constraints, elementwise, validation
-
-Group = dict[str, Any]
+from .contract import Group, Rule, Settings, check_choice, check_range, register_rule
 
 
 @dataclass(frozen=True)
 class Item:
-    """A parameter that takes part in this step: its group, its index over all groups (``state_dict()``'s)."""
+    """A parameter that takes part in this step: its group, its index over all groups (``state_dict()``'s) and
+    its group's parsed settings (what rules read)."""
 
     group: Group
     param: Tensor
     name: str
     index: int
+    settings: Settings
 
 
 @dataclass
@@ -82,49 +85,68 @@ Commit = Callable[[], list[Tensor]]
 MomentumWrite = Callable[[], object]
 
 
-class UpdateRule(Protocol):
-    """One family of algorithms (see the module docstring).
+@dataclass(frozen=True)
+class ElementwiseSettings(Settings):
+    """AdamW's settings. betas: ``(beta1, beta2)``, each in ``[0, 1)``, default ``(0.9, 0.95)``; adam_eps:
+    added to the denominator, default ``1e-8`` (``eps`` given in the group itself is taken as ``adam_eps``)."""
 
-    A step is split so that it is atomic: ``compute`` may communicate and may raise but changes nothing;
-    ``commit`` (what ``compute`` returns) only writes local pieces. The optimizer commits every rule only after
-    every rule computed, so a failure anywhere leaves every parameter and all state as they were. The one
-    exception is opt-in: a rule may commit the parameters of ``commit="streaming"`` groups inside ``compute``,
-    each as soon as its result is known good, listing them in ``ctx.streamed`` (when not ``None``).
-    """
+    aliases: ClassVar[Mapping[str, str]] = {"eps": "adam_eps"}
 
-    def validate(self, group: Group, where: str) -> None: ...
+    betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
 
-    def init_state(self, group: Group, p: Tensor) -> dict[str, Any]: ...
-
-    def check(self, items: Sequence[Item]) -> str | None:
-        """This rank's reason not to step (misuse seen locally), or None; voted on by every rank."""
-        ...
-
-    def bind(self, engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
-        """Once the engine knows the layouts: finish state that depends on them (e.g. a piece of a seeded start)."""
-        ...
-
-    def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit: ...
-
-    def end_step(self, groups: Sequence[Group], all_groups: Sequence[Group]) -> None:
-        """After every rule committed: ``groups`` are this rule's, ``all_groups`` the optimizer's."""
-        ...
+    def check(self, at: str) -> None:
+        super().check(at)
+        check_range(self, "adam_eps", at, lo=0.0)
+        for k, b in enumerate(self.betas):
+            if not (math.isfinite(b) and 0.0 <= b < 1.0):
+                raise ValueError(f"{at}: betas[{k}]={b!r} is invalid; it must be a finite number in [0, 1)")
 
 
-class ElementwiseRule:
+@dataclass(frozen=True)
+class LionSettings(ElementwiseSettings):
+    """Lion's settings: ``betas`` default ``(0.9, 0.99)`` (interpolation, then momentum)."""
+
+    aliases: ClassVar[Mapping[str, str]] = {}
+
+    betas: tuple[float, float] = (0.9, 0.99)
+
+
+@dataclass(frozen=True)
+class SignSettings(Settings):
+    """signSGD's settings: momentum, the EMA factor in ``[0, 1)``, default ``0.9``."""
+
+    momentum: float = 0.9
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        check_range(self, "momentum", at, lo=0.0, hi=1.0, hi_open=True)
+
+
+@register_rule
+class ElementwiseRule(Rule):
     """AdamW, Lion and signSGD: local pieces only, no communication (``disco.optim.elementwise``)."""
 
-    def validate(self, group: Group, where: str) -> None:
-        validation.check_elementwise(group, where)
+    algorithms = tuple(elementwise.STEPS)
+    exchanges = False
+    views = frozenset({"transposed"})  # element-wise: the storage order does not matter
+    weight_constraints = frozenset()
+    _SETTINGS: ClassVar[dict[str, type[Settings]]] = {
+        "adamw": ElementwiseSettings,
+        "lion": LionSettings,
+        "sign": SignSettings,
+    }
 
-    def init_state(self, group: Group, p: Tensor) -> dict[str, Any]:
-        return elementwise.init_state(str(group["algorithm"]), p)
+    @classmethod
+    def settings_for(cls, algorithm: str) -> type[Settings]:
+        return cls._SETTINGS[algorithm]
 
-    def check(self, items: Sequence[Item]) -> str | None:
-        return None
+    @classmethod
+    def _algorithm(cls, settings: Settings) -> str:
+        return next(name for name, c in cls._SETTINGS.items() if type(settings) is c)
 
-    def bind(self, engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
-        return None
+    def init_state(self, settings: Settings, p: Tensor) -> dict[str, Any]:
+        return elementwise.init_state(self._algorithm(settings), p)
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         def commit() -> list[Tensor]:
@@ -132,21 +154,65 @@ class ElementwiseRule:
             for it in items:
                 local = local_piece(it.param)
                 before = local.clone() if ctx.wants_updates else None  # a parameter's copy only when norms are read
-                algo = str(it.group["algorithm"])
-                elementwise.step(algo, it.param, ctx.grad_of(it.param), ctx.state_of(it.param), it.group)
+                algorithm = self._algorithm(it.settings)
+                elementwise.step(algorithm, it.param, ctx.grad_of(it.param), ctx.state_of(it.param), it.settings)
                 if before is None:
                     updates.append(local.new_empty(0))
                 else:
-                    updates.append((before - local) / max(float(it.group["lr"]), 1e-30))
+                    updates.append((before - local) / max(it.settings.lr, 1e-30))
             return updates
 
         return commit
 
-    def end_step(self, groups: Sequence[Group], all_groups: Sequence[Group]) -> None:
-        return None
+
+@dataclass(frozen=True)
+class LMOSettings(Settings):
+    """The settings of an LMO group (Disco, Muon, Scion); ``LMORule``'s docstring has the math.
+
+    Attributes:
+        momentum: EMA factor ``beta`` in ``[0, 1)``. Default ``0.95``.
+        nesterov: Nesterov direction. Default ``True``.
+        norm_factor: a name of ``disco.ops.NORMS``. Default ``"spectral"``.
+        backend: a name of ``disco.ops.BACKENDS``. Default ``"gram_newtonschulz5"``.
+        backend_steps: iterations of an iterative backend, an int in ``[1, 100)``. Default ``5``.
+        coefficients: a Newton-Schulz table: a name, an ``(a, b, c)`` triple or a list of them; ``None``: the
+            backend's. Default ``None``.
+        eps: added to the Frobenius norm before Newton-Schulz, ``>= 0``. Default ``1e-7``.
+        compute_dtype: the dtype of the LMO (``None``: bf16 where matmuls are native, else fp32). Default ``None``.
+        update_rule: ``"decoupled"`` (default) or ``"frank_wolfe"`` (Scion's constrained form).
+        scale: multiplies the LMO, ``>= 0``. Default ``1.0``.
+        is_light: the momentum lives in ``p.grad``. Default ``False``.
+    """
+
+    momentum: float = 0.95
+    nesterov: bool = True
+    norm_factor: str = "spectral"
+    backend: str = "gram_newtonschulz5"
+    backend_steps: int = 5
+    coefficients: Any = None
+    eps: float = 1e-7
+    compute_dtype: torch.dtype | None = None
+    update_rule: str = "decoupled"
+    scale: float = 1.0
+    is_light: bool = False
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        check_range(self, "momentum", at, lo=0.0, hi=1.0, hi_open=True)
+        check_range(self, "scale", at, lo=0.0)
+        check_choice(self, "update_rule", at, ("decoupled", "frank_wolfe"))
+        validation.check_orthogonalization(self, at)
+        if self.is_light and self.nesterov:
+            raise ValueError(f"{at}: is_light=True keeps no separate gradient, so nesterov must be False")
+        if self.is_light and self.nonfinite == "skip":
+            raise ValueError(
+                f"{at}: is_light=True keeps the momentum in p.grad, where a skipped non-finite gradient stays: "
+                "nonfinite='skip' needs is_light=False"
+            )
 
 
-class LMORule:
+@register_rule
+class LMORule(Rule):
     r"""Momentum, then the group's LMO of the whole matrix, then a decoupled or Frank-Wolfe update.
 
     .. math::
@@ -154,12 +220,16 @@ class LMORule:
         \qquad O = \mathrm{LMO}(U),\qquad
         W \leftarrow (1 - \eta\lambda) W - \eta s O\ \text{ or }\ W \leftarrow (1-\eta) W - \eta s O
 
-    Group keys: ``lr``, ``weight_decay``, ``momentum``, ``nesterov``, ``norm_factor``, ``backend``,
-    ``backend_steps``, ``coefficients``, ``eps``, ``compute_dtype``, ``update_rule`` (``"decoupled"`` or
-    ``"frank_wolfe"``), ``scale`` (multiplies the LMO), ``is_light`` (the momentum lives in ``p.grad``),
-    ``weight_constraint`` (with ``sigma_min``, ``sigma_max``, ``radius``: ``disco.optim.constraints``, applied to
-    the updated weight; without one the update is written in place as above).
+    Settings: :class:`LMOSettings`; a ``weight_constraint`` (``disco.optim.constraints``) is applied to the
+    updated weight; without one the update is written in place as above.
     """
+
+    algorithms = ("disco", "muon", "scion")
+    settings = LMOSettings
+    runs_ahead = True
+    streams = True
+    weight_constraints = frozenset(constraints.CONSTRAINTS)
+    views = frozenset({"transposed"})
 
     def __init__(self) -> None:
         self._light_stepped = False
@@ -170,27 +240,37 @@ class LMORule:
         self._light_tampered: dict[int, bool] = {}
         self._hooked: set[int] = set()
 
-    def validate(self, group: Group, where: str) -> None:
-        validation.check_lmo(group, where)
+    @classmethod
+    def can_run_ahead(cls, settings: Settings) -> bool:
+        # light mode keeps the momentum in p.grad, which backward is still writing
+        return cls.runs_ahead and not (isinstance(settings, LMOSettings) and settings.is_light)
 
-    def init_state(self, group: Group, p: Tensor) -> dict[str, Any]:
-        extra = constraints.init_state(group, p)
-        if group.get("is_light"):
+    def check_group(self, group: Group, settings: Settings, at: str) -> None:
+        assert isinstance(settings, LMOSettings)
+        validation.check_matrix_params(group, settings, at)
+
+    def init_state(self, settings: Settings, p: Tensor) -> dict[str, Any]:
+        assert isinstance(settings, LMOSettings)
+        extra = constraints.init_state(settings, p)
+        if settings.is_light:
             self._watch_light(p)
             return extra
         return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format), **extra}
 
+    def planned_jobs(self, items: Sequence[Item]) -> list[Job]:
+        return [Job(it.index, local_piece(it.param), self.spec(lmo_settings(it), it.param)) for it in items]
+
     @staticmethod
-    def spec(group: Group, p: Tensor) -> LMOSpec:
+    def spec(s: LMOSettings, p: Tensor) -> LMOSpec:
         return LMOSpec.for_param(
             tuple(p.shape),
-            transposed=bool(group.get("transposed", False)),
-            norm=group["norm_factor"],
-            backend=group["backend"],
-            steps=int(group["backend_steps"]),
-            coefficients=group.get("coefficients"),
-            eps=group.get("eps"),
-            compute_dtype=group.get("compute_dtype"),
+            transposed=s.transposed,
+            norm=s.norm_factor,
+            backend=s.backend,
+            steps=s.backend_steps,
+            coefficients=s.coefficients,
+            eps=s.eps,
+            compute_dtype=s.compute_dtype,
             result_in_compute_dtype=True,  # held until the commit: half the bytes in bf16
         )
 
@@ -202,9 +282,10 @@ class LMORule:
         Nesterov's ``lerp(G, M', beta)`` with ``M' = lerp(M, G, 1 - beta)`` is ``lerp(G, M, beta^2)``: one pass
         that leaves ``M`` untouched, so the commit updates it in place (``lerp_``) and no ``M'`` is kept.
         """
-        beta: float = it.group["momentum"]
+        s = lmo_settings(it)
+        beta = s.momentum
         g = ctx.grad_of(it.param)
-        if it.group.get("is_light"):
+        if s.is_light:
             # p.grad holds beta/(1-beta) * M_prev + G, so (1 - beta) * p.grad is the EMA momentum M.
             return g, lambda: g * (1 - beta), None
         buf = local_piece(ctx.state_of(it.param)["momentum_buffer"])
@@ -212,40 +293,38 @@ class LMORule:
         def write() -> Tensor:
             return buf.lerp_(g.to(buf.dtype), 1 - beta)
 
-        if it.group.get("nesterov"):
+        if s.nesterov:
             return g, lambda: g.lerp(buf.to(g.dtype), beta * beta), write
         return buf, lambda: buf.lerp(g.to(buf.dtype), 1 - beta), write
 
     @staticmethod
-    def finish(it: Item, ctx: StepContext, O: Tensor, momentum: MomentumWrite | None) -> None:
+    def _decay(s: LMOSettings) -> float:
+        """The factor on ``W`` before the update: ``1 - lr`` (Frank-Wolfe) or ``1 - lr wd`` (decoupled)."""
+        return 1 - s.lr if s.update_rule == "frank_wolfe" else 1 - s.lr * s.weight_decay
+
+    @classmethod
+    def finish(cls, it: Item, ctx: StepContext, O: Tensor, momentum: MomentumWrite | None) -> None:
         if momentum is not None:
             momentum()
-        lr, wd = it.group["lr"], it.group["weight_decay"]
+        s = lmo_settings(it)
         local = local_piece(it.param)
-        if it.group.get("update_rule", "decoupled") == "frank_wolfe":
-            local.mul_(1 - lr)
-        elif wd:
-            local.mul_(1 - lr * wd)
-        local.add_(O, alpha=-lr * it.group.get("scale", 1.0))  # a bf16 O is read as it is: no cast
+        decay = cls._decay(s)
+        if decay != 1:
+            local.mul_(decay)
+        local.add_(O, alpha=-s.lr * s.scale)  # a bf16 O is read as it is: no cast
 
-    @staticmethod
-    def updated(it: Item, O: Tensor) -> Tensor:
+    @classmethod
+    def updated(cls, it: Item, O: Tensor) -> Tensor:
         """``finish``'s new weight, out of place (the local piece), for a constraint to read."""
-        lr, wd = it.group["lr"], it.group["weight_decay"]
-        local = local_piece(it.param)
-        if it.group.get("update_rule", "decoupled") == "frank_wolfe":
-            W = local.mul(1 - lr)
-        elif wd:
-            W = local.mul(1 - lr * wd)
-        else:
-            W = local.clone()
-        return W.add_(O.to(W.dtype), alpha=-lr * it.group.get("scale", 1.0))
+        s = lmo_settings(it)
+        W = local_piece(it.param).mul(cls._decay(s))
+        return W.add_(O.to(W.dtype), alpha=-s.lr * s.scale)
 
     def constrain(self, items: Sequence[Item], ctx: StepContext, directions: Sequence[Tensor]) -> list[Tensor | None]:
         """The constrained new weights of the items whose group has a ``weight_constraint`` (else ``None``)."""
-        if not any(constraints.kind(it.group) for it in items):
+        if not any(it.settings.weight_constraint for it in items):
             return [None] * len(items)
-        weights = [self.updated(it, O) if constraints.kind(it.group) else None for it, O in zip(items, directions)]
+        weights = [self.updated(it, O) if it.settings.weight_constraint else None for it, O in zip(items, directions)]
         return constraints.constrained_weights(items, ctx, weights)
 
     def apply(self, it: Item, ctx: StepContext, O: Tensor, momentum: MomentumWrite | None, W: Tensor | None) -> None:
@@ -263,9 +342,9 @@ class LMORule:
         jobs = []
         for it, (like, make, momentum) in zip(items, prepared):
             consume = None
-            if streamed is not None and it.group.get("commit", "atomic") == "streaming":
+            if streamed is not None and it.settings.commit == "streaming":
                 consume = functools.partial(self._commit_now, it, ctx, momentum, streamed)
-            jobs.append(Job(it.index, like, self.spec(it.group, it.param), make=make, consume=consume))
+            jobs.append(Job(it.index, like, self.spec(lmo_settings(it), it.param), make=make, consume=consume))
         if torch.compiler.is_compiling():
             # Inductor's CPU backend crashes (KeyError: 'bufN', pytorch#196570) when the momentum lerp, a
             # row-norm LMO and the parameter add share one graph: keep them apart under torch.compile.
@@ -279,7 +358,7 @@ class LMORule:
             raise
         if streamed is not None and streaming:
             streamed.started = True
-        weights = self.constrain(items, ctx, results)  # streaming groups have no constraint (validation)
+        weights = self.constrain(items, ctx, results)  # streaming groups have no constraint (refused)
 
         def commit() -> list[Tensor]:
             for it, O, (_, _, momentum), W, job in zip(items, results, prepared, weights, jobs):
@@ -310,7 +389,7 @@ class LMORule:
                     self._light_tampered[key] = True
                 self._light_versions[key] = g._version
 
-        p.register_post_accumulate_grad_hook(accumulated)  # type: ignore[no-untyped-call]
+        p.register_post_accumulate_grad_hook(accumulated)  # type: ignore[no-untyped-call]  # torch leaves it untyped
 
     def bind(self, engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
         constraints.bind(engine, items, ctx)
@@ -320,7 +399,7 @@ class LMORule:
         if not self._light_stepped:
             return None
         for it in items:
-            if not it.group.get("is_light"):
+            if not lmo_settings(it).is_light:
                 continue
             key, g = id(it.param), it.param.grad
             shape = tuple(it.param.shape)
@@ -337,31 +416,29 @@ class LMORule:
                 return f"{at} was changed in place outside backward (zero_grad(set_to_none=False)?): {advice}"
         return None
 
-    def end_step(self, groups: Sequence[Group], all_groups: Sequence[Group]) -> None:
-        light = [g for g in groups if g.get("is_light")]
-        for group in light:
-            for p in group["params"]:
-                if p.grad is not None:
-                    # p.grad = M / (1 - beta) now; leave beta/(1-beta) * M so the next backward yields the EMA.
-                    local_piece(p.grad).mul_(group["momentum"])
-                    self._light_grads[id(p)] = weakref.ref(p.grad)
-                    if id(p) in self._hooked:
-                        self._light_versions[id(p)] = p.grad._version
-                        self._light_tampered[id(p)] = False
-                    self._light_stepped = True
+    def end_step(self, items: Sequence[Item], all_groups: Sequence[Group]) -> None:
+        light = [it for it in items if lmo_settings(it).is_light]
+        for it in light:
+            p = it.param
+            if p.grad is not None:
+                # p.grad = M / (1 - beta) now; leave beta/(1-beta) * M so the next backward yields the EMA.
+                local_piece(p.grad).mul_(lmo_settings(it).momentum)
+                self._light_grads[id(p)] = weakref.ref(p.grad)
+                if id(p) in self._hooked:
+                    self._light_versions[id(p)] = p.grad._version
+                    self._light_tampered[id(p)] = False
+                self._light_stepped = True
         if light:
             # The user does not zero gradients in light mode: clear those of the other groups (element-wise or
             # not light), which would otherwise accumulate over steps.
+            light_groups = {id(it.group) for it in light}
             for group in all_groups:
-                if not any(group is g for g in light):
+                if id(group) not in light_groups:
                     for p in group["params"]:
                         p.grad = None
 
 
-#: algorithm name -> the rule class that serves it (one instance per optimizer and class).
-RULES: dict[str, Callable[[], UpdateRule]] = {
-    "disco": LMORule,
-    "muon": LMORule,
-    "scion": LMORule,
-    **{name: ElementwiseRule for name in elementwise.STEPS},
-}
+def lmo_settings(it: Item) -> LMOSettings:
+    s = it.settings
+    assert isinstance(s, LMOSettings), type(s)
+    return s

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from .base import SpectralOptimizer
 
-_PRECISIONS = ("highest", "high", "medium")
+#: ``fp32_matmul_prec`` -> the compute dtype it stands for on every device: ``"medium"`` lets fp32 matmuls run
+#: in bf16 (what ``torch.set_float32_matmul_precision("medium")`` does on GPUs and AMX CPUs), so it is bf16.
+#: "high" (TF32 on GPUs) has no CPU or bf16 counterpart that is exact in fp32 terms: fp32.
+_PRECISIONS = {"highest": torch.float32, "high": torch.float32, "medium": torch.bfloat16}
 
 
 class Scion(SpectralOptimizer):
@@ -24,7 +27,10 @@ class Scion(SpectralOptimizer):
 
     Args:
         lr, momentum_beta, spectral_radius: as above.
-        fp32_matmul_prec: ``torch.set_float32_matmul_precision`` during the orthogonalization.
+        fp32_matmul_prec: ``None`` (default: ``compute_dtype`` decides) or the seed's name of the orthogonalization's
+            precision, taken as a compute dtype of that call only: ``"highest"`` / ``"high"`` -> fp32, ``"medium"``
+            -> bf16. Nothing changes torch's process-wide ``set_float32_matmul_precision``. Given together with a
+            different ``compute_dtype``, refused.
         coefficient_type: Newton-Schulz table (``quintic`` = ``you``, ``simple`` = ``keller``,
             ``polar_express``...).
         num_ns_steps: Newton-Schulz iterations.
@@ -44,7 +50,7 @@ class Scion(SpectralOptimizer):
         lr: float = 3e-4,
         momentum_beta: float = 0.95,
         *,
-        fp32_matmul_prec: str = "medium",
+        fp32_matmul_prec: str | None = None,
         coefficient_type: str = "quintic",
         num_ns_steps: int = 5,
         spectral_radius: float = 1.0,
@@ -58,10 +64,16 @@ class Scion(SpectralOptimizer):
         nonfinite: str = "raise",
         commit: str = "atomic",
     ) -> None:
-        if fp32_matmul_prec not in _PRECISIONS:
-            raise ValueError(f"fp32_matmul_prec must be one of {_PRECISIONS}, got {fp32_matmul_prec!r}")
-        if not 0 <= momentum_beta < 1 or lr < 0:
-            raise ValueError(f"invalid lr={lr} or momentum_beta={momentum_beta}")
+        if fp32_matmul_prec is not None:
+            if fp32_matmul_prec not in _PRECISIONS:
+                raise ValueError(f"fp32_matmul_prec must be one of {list(_PRECISIONS)}, got {fp32_matmul_prec!r}")
+            wanted = _PRECISIONS[fp32_matmul_prec]
+            if compute_dtype not in (wanted, torch.float32):  # float32 is the default, overridden here
+                raise ValueError(
+                    f"fp32_matmul_prec={fp32_matmul_prec!r} means compute_dtype={wanted}, but compute_dtype="
+                    f"{compute_dtype} was given: pass one of them"
+                )
+            compute_dtype = wanted
         defaults = dict(
             algorithm="scion",
             lr=lr,
@@ -81,12 +93,3 @@ class Scion(SpectralOptimizer):
         defaults["nonfinite"] = nonfinite
         defaults["commit"] = commit
         super().__init__(params, defaults, distributed_config=distributed_config)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(self.fp32_matmul_prec)
-        try:
-            return super().step(closure)
-        finally:
-            torch.set_float32_matmul_precision(previous)
