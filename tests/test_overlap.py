@@ -240,15 +240,13 @@ def test_error_in_backward_is_raised_by_step():
     assert opt.overlap.committed == 1
 
 
-def test_light_mode_stays_in_step():
-    def loop(model, opt, step):
-        model(batch(step)).square().mean().backward()
-        opt.step()  # light mode: the user does not zero gradients
-
-    want, _ = train(False, loop=loop, kind="disco", is_light=True, nesterov=False)
-    got, opt = train(True, loop=loop, kind="disco", is_light=True, nesterov=False)
-    assert_equal(got, want)
-    assert opt.overlap.buckets == []  # light groups keep their momentum in p.grad: computed in step()
+def test_light_mode_is_refused():
+    """Light groups keep their momentum in p.grad, which backward writes: they cannot run ahead, and overlap says
+    so instead of leaving them in step() unannounced."""
+    opt = make_opt(mlp(), "disco", is_light=True, nesterov=False)
+    with pytest.raises(ValueError, match=r"cannot compute ahead in backward \(is_light=True"):
+        opt.overlap_with_backward()
+    assert opt.overlap is None
 
 
 def test_groups_added_rebuild_the_buckets():

@@ -74,8 +74,6 @@ class Disco(SpectralOptimizer):
         nonfinite: str = "raise",
         commit: str = "atomic",
     ) -> None:
-        if lr < 0 or not 0 <= momentum < 1:
-            raise ValueError(f"invalid lr={lr} or momentum={momentum} (need lr >= 0, 0 <= momentum < 1)")
         if nesterov is None:
             nesterov = D.nesterov and not is_light
         defaults = dict(

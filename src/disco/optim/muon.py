@@ -51,10 +51,6 @@ class Muon(SpectralOptimizer):
         compute_dtype: torch.dtype | None = None,
         commit: str = "atomic",
     ) -> None:
-        if ns_steps >= 100:
-            raise ValueError(f"ns_steps must be < 100, got {ns_steps}")
-        if not 0 <= momentum < 1 or lr < 0:
-            raise ValueError(f"invalid lr={lr} or momentum={momentum}")
         defaults = muon_group_defaults(
             lr=lr,
             weight_decay=weight_decay,
@@ -70,6 +66,25 @@ class Muon(SpectralOptimizer):
         )
         defaults["commit"] = commit
         super().__init__(params, defaults, distributed_config=distributed_config)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's per-group names (``ns_steps``, ``ns_coefficients``, ``adjust_lr_fn``) are taken as the rule's
+        settings they stand for (``backend_steps``, ``coefficients``, ``norm_factor``)."""
+        super().add_param_group(torch_group_keys(param_group))
+
+
+def torch_group_keys(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with ``torch.optim.Muon``'s key names replaced by disco's (a given disco name wins)."""
+    out = dict(group)
+    for theirs, ours in (("ns_steps", "backend_steps"), ("ns_coefficients", "coefficients")):
+        if theirs in out:
+            value = out.pop(theirs)
+            out.setdefault(ours, tuple(value) if ours == "coefficients" and isinstance(value, list) else value)
+    if "adjust_lr_fn" in out:  # an alias of norm_factor (LMOSettings.aliases), None spelled out
+        if out["adjust_lr_fn"] not in _ADJUST:
+            raise ValueError(f"adjust_lr_fn must be one of {list(_ADJUST)}, got {out['adjust_lr_fn']!r}")
+        out["adjust_lr_fn"] = _ADJUST[out["adjust_lr_fn"]]
+    return out
 
 
 def muon_group_defaults(

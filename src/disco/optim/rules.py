@@ -182,7 +182,12 @@ class LMOSettings(Settings):
         update_rule: ``"decoupled"`` (default) or ``"frank_wolfe"`` (Scion's constrained form).
         scale: multiplies the LMO, ``>= 0``. Default ``1.0``.
         is_light: the momentum lives in ``p.grad``. Default ``False``.
+
+    ``adjust_lr_fn`` (``torch.optim.Muon``'s name: ``"original"`` or ``"match_rms_adamw"``) given in a group sets
+    ``norm_factor``.
     """
+
+    aliases: ClassVar[Mapping[str, str]] = {"adjust_lr_fn": "norm_factor"}
 
     momentum: float = 0.95
     nesterov: bool = True
