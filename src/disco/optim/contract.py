@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 
 Group = dict[str, Any]
 
-#: Keys every group has that are not settings: the optimizer's bookkeeping.
-STRUCTURE_KEYS = frozenset({"params", "param_names", "algorithm"})
+#: Keys of a group that are not settings: its parameters, their names and other names (tied weights), its rule.
+STRUCTURE_KEYS = frozenset({"params", "param_names", "algorithm", "tied_with"})
 NONFINITE = ("raise", "skip")
 #: ``commit``: ``"atomic"`` (hold every update until every rule computed) or ``"streaming"`` (commit each
 #: parameter as soon as its update is known good: one update held at a time).

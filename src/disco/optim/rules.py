@@ -129,6 +129,7 @@ class ElementwiseRule(Rule):
 
     algorithms = tuple(elementwise.STEPS)
     exchanges = False
+    streams = True  # each parameter's commit is local and holds no result: streaming changes nothing here
     views = frozenset({"transposed"})  # element-wise: the storage order does not matter
     weight_constraints = frozenset()
     _SETTINGS: ClassVar[dict[str, type[Settings]]] = {
