@@ -494,6 +494,6 @@ def test_init_follows_the_routed_orientation():
 def test_routing_knows_every_algorithm_the_optimizers_serve():
     import disco  # noqa: F401  (registers every rule)
     from disco.groups import ALGORITHMS
-    from disco.optim.rules import RULES
+    from disco.optim.contract import RULES
 
     assert set(ALGORITHMS) == set(RULES)

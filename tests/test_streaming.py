@@ -202,7 +202,10 @@ def test_nonfinite_gradient_skips_the_whole_streaming_step():
     ("build", "words"),
     [
         (lambda ps: disco.Muon(ps, commit="eventually"), "commit='eventually' is invalid"),
-        (lambda ps: disco.NorMuon([{"params": ps, "commit": "streaming"}], lr=0.02), "not available for algorithm 'normuon'"),
+        (
+            lambda ps: disco.NorMuon([{"params": ps, "commit": "streaming"}], lr=0.02),
+            "not available for algorithm 'normuon'",
+        ),
         (lambda ps: disco.Dion([{"params": ps, "commit": "streaming"}], lr=0.02), "not available for algorithm 'dion'"),
         (
             lambda ps: disco.Disco([{"params": ps, "weight_constraint": "stiefel"}], commit="streaming"),

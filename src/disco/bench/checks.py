@@ -29,7 +29,7 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, float]:
     from disco.distributed.agreement import Outcomes, check_step, settle
     from disco.distributed.executor import PlanEngine
     from disco.distributed.shapes import transformer
-    from disco.optim.base import _nonfinite
+    from disco.optim.phases import nonfinite_flags as _nonfinite
 
     torch.set_num_threads(cfg["threads"])
     mesh = init_device_mesh("cpu", (world,))
@@ -40,13 +40,16 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, float]:
         for s in shapes
     ]
     opt = disco.Muon(params, compute_dtype=torch.float32)
-    for p in params:
-        p.grad = distribute_tensor(torch.randn(p.shape, generator=gen), mesh, [Shard(0)], src_data_rank=None)
+    dgrads = [
+        distribute_tensor(torch.randn(p.shape, generator=gen), mesh, [Shard(0)], src_data_rank=None) for p in params
+    ]
+    for p, g in zip(params, dgrads):
+        p.grad = g
     engine = opt.engine
     assert isinstance(engine, PlanEngine)
     n = len(params)
     settings = opt._settings()
-    grads = [p.grad.to_local() for p in params]  # type: ignore[union-attr]
+    grads = [g.to_local() for g in dgrads]  # the tensors p.grad holds
 
     def checks() -> None:
         check_step(engine.group, engine.group_ranks, engine.names, [True] * n, [False] * n, settings, None)

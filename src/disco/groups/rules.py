@@ -46,7 +46,7 @@ GROUP_SETTINGS = frozenset(
         "update_rule", "scale", "radius", "weight_constraint", "sigma_min", "sigma_max",
         # Dion and Dion2
         "mu", "epsilon", "rank_fraction", "rank_multiple_of", "power_iters", "qr_method", "cqr_warmup_steps",
-        "rcqr_oversample", "replicate_mesh_grad_sync", "dion_step", "Q_dtype", "fraction", "ef_decay",
+        "rcqr_oversample", "replicate_mesh_grad_sync", "Q_dtype", "fraction", "ef_decay",
         "selection_scope",
         # the element-wise algorithms (AdamW, Lion, sign)
         "betas", "adam_eps",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -28,7 +28,6 @@ from ..distributed.engine import Engine, Job, build_engine, local_piece
 from . import checkpoint, phases, tracking, validation
 from .contract import RULES, STRUCTURE_KEYS, Group, Rule, Settings, check_capabilities, parse_settings, rule_class
 from .overlap import Overlap, OverlapConfig
-from .phases import nonfinite_flags as _nonfinite  # noqa: F401  (bench checks time it)
 from .rules import Item, Streamed
 
 

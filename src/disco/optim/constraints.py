@@ -1,7 +1,8 @@
 """Per-group weight constraints, applied to the updated weight of an LMO group (Muon, Scion, Disco, NorMuon).
 
-Settings (``disco.optim.contract.Settings``): ``weight_constraint`` (``None``, ``"spectral_clip"``, ``"stiefel"``, ``"hyperball"``),
-``sigma_min`` (default 0), ``sigma_max`` and ``radius`` (default ``None``: the norm factor
+Settings (``disco.optim.contract.Settings``): ``weight_constraint`` (``None``, ``"spectral_clip"``,
+``"stiefel"``, ``"hyperball"``), ``sigma_min`` (default 0), ``sigma_max`` and ``radius``
+(default ``None``: the norm factor
 ``sqrt(fan_out / fan_in)`` of the matrix view, ``transposed`` groups' fans swapped). A rule computes the updated
 weight ``W' = (1 - lr wd) W - lr s O`` out of place (local pieces), ``constrained_weights`` constrains it, and
 the rule's commit copies the result into the parameter:
@@ -56,9 +57,7 @@ def _sum_squares(engine: Engine, items: Sequence[Item], pieces: Sequence[Tensor]
 
 def bind(engine: Engine, items: Sequence[Item], ctx: StepContext) -> None:
     """Measure the initial Frobenius norm of every hyperball weight that has none yet (collective)."""
-    todo = [
-        it for it in items if kind(it) == "hyperball" and math.isnan(float(ctx.state_of(it.param)["init_norm"]))
-    ]
+    todo = [it for it in items if kind(it) == "hyperball" and math.isnan(float(ctx.state_of(it.param)["init_norm"]))]
     if not todo:
         return
     if not engine.has_layouts:

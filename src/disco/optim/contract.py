@@ -319,5 +319,3 @@ def check_capabilities(cls: type[Rule], settings: Settings, algorithm: str, at: 
             f"fan_in x fan_out (transposed=True, e.g. GPT-2's Conv1D) are supported by "
             f"{algorithms_where(lambda c: 'transposed' in c.views)}"
         )
-
-

@@ -267,6 +267,7 @@ class DionRule(Rule):
         if ks:
             engine.all_reduce([parts[k] for k in ks], [lays[k] for k in ks], over="replicas", op="avg")
 
+
 def dion_settings(it: Item) -> DionSettings:
     s = it.settings
     assert isinstance(s, DionSettings), type(s)
@@ -277,7 +278,6 @@ def _q_start(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """The seeded start of ``Q``: Gaussian, columns of unit norm; the same on every rank."""
     gen = torch.Generator().manual_seed(20250407)
     return column_normalize(torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
-
 
 
 def _ranks_of(mesh: Any) -> list[int]:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed.engine import Engine, Job, local_piece
+from ..distributed.engine import Job, local_piece
 from ..distributed.layout import PARTIAL, REPLICATE, Layout, Placement
 from ..ops.specs import LMOSpec
 from . import validation

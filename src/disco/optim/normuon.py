@@ -39,8 +39,8 @@ from ..distributed.layout import Layout
 from ..distributed.state import derived_zeros
 from . import validation
 from .base import SpectralOptimizer
-from .muon import muon_group_defaults
 from .contract import Group, Settings, check_range, register_rule
+from .muon import muon_group_defaults
 from .rules import Commit, Item, LMORule, LMOSettings, StepContext
 
 DEFAULT_BETA2 = 0.95

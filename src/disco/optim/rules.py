@@ -230,7 +230,7 @@ class LMORule(Rule):
     updated weight; without one the update is written in place as above.
     """
 
-    algorithms = ("disco", "muon", "scion")
+    algorithms: ClassVar[tuple[str, ...]] = ("disco", "muon", "scion")
     settings = LMOSettings
     runs_ahead = True
     streams = True
