@@ -22,8 +22,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples
 	$(PY) -m ruff format --check src tests examples
-	$(PY) -m mypy src/disco
-	$(PY) -m mypy --strict src/disco/distributed src/disco/optim
+	$(PY) -m mypy --strict src/disco
 
 test: lint
 	$(PY) -m pytest -q tests $(ARGS)
