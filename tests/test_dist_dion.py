@@ -226,7 +226,7 @@ def test_dcp_saves_at_4_ranks_and_resumes_at_2(tmp_path):
     want = _reference()
     path = str(tmp_path / "ckpt")
     keys = run_ranks(_body_save, 4, path, timeout=120)
-    assert keys[0] == ["Q", "momentum_buffer"]
+    assert keys[0] == ["Q", "momentum_buffer", "step"]
     for got in run_ranks(_body_load, 2, path, timeout=120):
         for n in SHAPES:
             torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=0)
