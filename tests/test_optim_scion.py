@@ -65,7 +65,9 @@ def test_fp32_matmul_prec_is_a_compute_dtype(prec):
     W = torch.nn.Parameter(torch.randn(16, 16))
     opt = Scion([W], lr=0.01, fp32_matmul_prec="medium")
     seen = []
-    opt.engine.stats.observers.append(lambda spec, X: seen.append((torch.get_float32_matmul_precision(), spec.compute_dtype)))
+    opt.engine.stats.observers.append(
+        lambda spec, X: seen.append((torch.get_float32_matmul_precision(), spec.compute_dtype))
+    )
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision(prec)
