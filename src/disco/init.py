@@ -35,7 +35,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -58,12 +58,12 @@ try:  # torch.distributed may be absent from some builds
 
     _SRC_DATA_RANK = "src_data_rank" in inspect.signature(distribute_tensor).parameters
 except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
-    distribute_tensor = None  # type: ignore[assignment]
+    DTensor = None  # type: ignore[assignment,misc]  # absent: _is_dtensor is then always False
+    distribute_tensor = None  # type: ignore[assignment]  # absent: only reached for a DTensor
     _SRC_DATA_RANK = False
 
 
-def _is_dtensor(t: Tensor) -> bool:
+def _is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(t, DTensor)
 
 
@@ -94,6 +94,8 @@ def _semi_orthogonal(lead: tuple[int, ...], rows: int, cols: int, gen: torch.Gen
         return X
     wide = rows < cols
     A = X.mT if wide else X
+    Q: Tensor
+    R: Tensor
     Q, R = torch.linalg.qr(A)  # reduced: Q is (max, min) with orthonormal columns
     d = torch.diagonal(R, dim1=-2, dim2=-1)
     Q = Q * torch.where(d < 0, -1.0, 1.0).to(Q.dtype).unsqueeze(-2)
@@ -126,14 +128,14 @@ def _write_(tensor: Tensor, make_full: MakeFull, generator: torch.Generator | No
     gen = _generator(generator)
     full = make_full(_swap(tensor.shape), gen).mT.contiguous() if transposed else make_full(tensor.shape, gen)
     if _is_dtensor(tensor):
-        tensor.to_local().copy_(_local_shard(full, tensor))  # type: ignore[attr-defined]
+        tensor.to_local().copy_(_local_shard(full, tensor))
     else:
         tensor.copy_(full)
     return tensor
 
 
-def _local_shard(full: Tensor, dt: Tensor) -> Tensor:
-    mesh, placements = dt.device_mesh, dt.placements  # type: ignore[attr-defined]
+def _local_shard(full: Tensor, dt: DTensor) -> Tensor:
+    mesh, placements = dt.device_mesh, dt.placements
     if _SRC_DATA_RANK:
         # src_data_rank=None: every rank holds ``full`` already and keeps its own shard (no communication)
         return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()

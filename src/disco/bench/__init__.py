@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TextIO
 
 BENCHMARKS = {
     "goals": ("disco.bench.goals", "Every performance goal against its peer, in one table (make bench)."),
@@ -21,7 +22,7 @@ BENCHMARKS = {
 }
 
 
-def _usage(file=None) -> None:
+def _usage(file: TextIO | None = None) -> None:
     print("usage: python -m disco bench {" + ",".join(BENCHMARKS) + "} [options]\n", file=file)
     for name, (_, doc) in BENCHMARKS.items():
         print(f"  {name:6s} {doc}", file=file)

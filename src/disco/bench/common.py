@@ -23,7 +23,7 @@ def _column(col: Column) -> tuple[str, str, str | None]:
         return col, col, None
     if len(col) == 2:
         return col[0], col[1], None
-    return col[0], col[1], col[2]  # type: ignore[misc]
+    return col[0], col[1], col[2]
 
 
 def format_value(value: Any, spec: str | None = None) -> str:
@@ -41,7 +41,9 @@ def format_value(value: Any, spec: str | None = None) -> str:
     return str(value)
 
 
-def print_table(rows: list[dict], columns: Sequence[Column] | None = None, file: TextIO | None = None) -> None:
+def print_table(
+    rows: list[dict[str, Any]], columns: Sequence[Column] | None = None, file: TextIO | None = None
+) -> None:
     """Print ``rows`` as a fixed-width table: text left-aligned, numbers right-aligned, one header line."""
     out = file or sys.stdout
     cols = [_column(c) for c in (columns if columns is not None else list(rows[0]) if rows else [])]
@@ -75,7 +77,7 @@ def environment() -> dict[str, Any]:
 
 
 def emit(
-    rows: list[dict],
+    rows: list[dict[str, Any]],
     json_flag: bool,
     columns: Sequence[Column] | None = None,
     meta: dict[str, Any] | None = None,
@@ -141,7 +143,7 @@ def parse_ints(text: str) -> list[int]:
 
 
 def launch_ranks(
-    fn: Callable[..., Any], world: int, cfg: dict, *, timeout_s: float, preload: Sequence[str], name: str
+    fn: Callable[..., Any], world: int, cfg: dict[str, Any], *, timeout_s: float, preload: Sequence[str], name: str
 ) -> list[Any]:
     """``fn(rank, world, cfg)`` on ``world`` gloo ranks (``disco.distributed.launch.run_ranks``); results by rank.
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from disco.bench.common import Column, emit, environment
+
+if TYPE_CHECKING:
+    from disco.optim.base import SpectralOptimizer
 
 
 def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -43,14 +46,14 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> list[dict[str, An
             p.grad = distribute_tensor(g, mesh, [Shard(0)], src_data_rank=None)
         return ps
 
-    def timed(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    def timed(opt: SpectralOptimizer) -> dict[str, Any]:
         opt.step()
         times, sent = [], []
         for _ in range(cfg["steps"]):
             dist.barrier()
             t0 = time.perf_counter()
             opt.step()
-            t = torch.tensor([time.perf_counter() - t0, float(opt.engine.stats.bytes_sent)], dtype=torch.float64)  # type: ignore[attr-defined]
+            t = torch.tensor([time.perf_counter() - t0, float(opt.engine.stats.bytes_sent)], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             times.append(float(t[0]))
             sent.append(float(t[1]))

@@ -35,12 +35,16 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from disco.bench.common import Column, emit, environment, launch_ranks, parse_ints
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
 
 _PRELOAD = ["disco", "disco.bench.dist"]  # on top of the launcher's torch modules
 
@@ -67,20 +71,23 @@ COLUMNS: list[Column] = [
 # ---------------------------------------------------------------------------------------------- rank side
 
 
-def _matrices(layers: int, width: int) -> list[tuple[int, int]]:
+def _matrices(layers: int, width: int) -> list[tuple[int, ...]]:
     from disco.distributed.shapes import transformer
 
-    return [s.shape for s in transformer(layers, width, 4 * width)]  # type: ignore[misc]
+    return [s.shape for s in transformer(layers, width, 4 * width)]
 
 
-def _timed(fn, steps: int, warmup: int, compute: Callable[[], float] | None = None) -> dict:
+def _timed(
+    fn: Callable[[], object], steps: int, warmup: int, compute: Callable[[], float] | None = None
+) -> dict[str, Any]:
     """Median ms of the slowest rank per step; with ``compute``, also the median of the slowest rank's
     ``compute()`` after each step (seconds that step spent orthogonalizing)."""
     import torch.distributed as dist
 
     for _ in range(warmup):
         fn()
-    times, computes = [], []
+    times: list[float] = []
+    computes: list[float] = []
     for _ in range(max(1, steps)):
         dist.barrier()
         t0 = time.perf_counter()
@@ -90,7 +97,7 @@ def _timed(fn, steps: int, warmup: int, compute: Callable[[], float] | None = No
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         times.append(float(t[0]) * 1e3)
         computes.append(float(t[1]) * 1e3)
-    out = {"ms": statistics.median(times), "times_ms": times}
+    out: dict[str, Any] = {"ms": statistics.median(times), "times_ms": times}
     if any(computes):
         out["compute_ms"] = statistics.median(computes)
     return out
@@ -101,7 +108,7 @@ def _compute_s(opt: Any) -> float:
     return float(getattr(opt.engine.stats, "compute_s", 0.0))
 
 
-def _make_params(shapes, mesh, seed: int, scale: bool = True):
+def _make_params(shapes: Sequence[tuple[int, ...]], mesh: DeviceMesh, seed: int, scale: bool = True) -> list[DTensor]:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     gen = torch.Generator().manual_seed(seed)
@@ -115,7 +122,7 @@ def _make_params(shapes, mesh, seed: int, scale: bool = True):
 
 
 @torch.no_grad()
-def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
+def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
@@ -135,7 +142,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
     coeffs = (3.4445, -4.7750, 2.0315)
     out: dict[str, Any] = {"rows": {}, "notes": []}
 
-    def set_grads(ps):
+    def set_grads(ps: Sequence[torch.Tensor]) -> None:
         for p, g in zip(ps, grads):
             p.grad = g
 
@@ -219,7 +226,7 @@ def _bench_rank(rank: int, world: int, cfg: dict) -> dict:
 
     # ---- torch.optim.Muon on the DTensors
     if cfg["torch_muon"]:
-        topt = torch.optim.Muon(params, lr=lr, weight_decay=wd, momentum=beta)
+        topt: torch.optim.Optimizer = torch.optim.Muon(params, lr=lr, weight_decay=wd, momentum=beta)
         t0 = time.perf_counter()
         try:
             topt.step()
@@ -248,7 +255,7 @@ def _mib(n: float | None) -> float | None:
     return None if n is None else n / 2**20
 
 
-def summarize(world: int, per_rank: list[dict]) -> tuple[list[dict], list[str]]:
+def summarize(world: int, per_rank: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     rows = []
     notes = sorted({n for r in per_rank for n in r["notes"]})
     for method in ("disco", "naive_full_tensor", "torch_muon"):
@@ -329,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": args.commit,
         "memory": args.memory,
     }
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     notes: list[str] = []
     for world in ranks:
         try:

@@ -26,6 +26,7 @@ prints the measured value, the peer's, their ratio, the target and whether it is
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -54,10 +55,13 @@ def _bench(name: str, *args: str, timeout: float = 1200) -> dict[str, Any]:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[2:])} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    result: dict[str, Any] = json.loads(out.stdout)  # one JSON object (emit)
+    return result
 
 
-def _row(goal: str, measure: str, ours: float, peer: float, target: str, ok: Callable[[float], bool] | None) -> dict:
+def _row(
+    goal: str, measure: str, ours: float, peer: float, target: str, ok: Callable[[float], bool] | None
+) -> dict[str, Any]:
     """One goal's row; ``ok=None``: shown for reference, no target (``met`` is ``-``)."""
     ratio = ours / peer if peer else float("nan")
     met = "-" if ok is None else "yes" if ok(ratio) else "no"
@@ -75,20 +79,20 @@ def _best_ms(fn: Callable[[], object], repeat: int) -> float:
     return min(times) * 1e3
 
 
-def gram_rows(m: int, n: int, repeat: int) -> list[dict]:
+def gram_rows(m: int, n: int, repeat: int) -> list[dict[str, Any]]:
     from disco.ops import gram_newton_schulz, newton_schulz
 
     G = torch.randn(m, n, generator=torch.Generator().manual_seed(0))
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
-        plain = _best_ms(lambda d=dtype: newton_schulz(G, compute_dtype=d), repeat)  # type: ignore[misc]
-        gram = _best_ms(lambda d=dtype: gram_newton_schulz(G, compute_dtype=d), repeat)  # type: ignore[misc]
+        plain = _best_ms(functools.partial(newton_schulz, G, compute_dtype=dtype), repeat)
+        gram = _best_ms(functools.partial(gram_newton_schulz, G, compute_dtype=dtype), repeat)
         name = "bf16" if dtype == torch.bfloat16 else "fp32"
         rows.append(_row("3 gram", f"NS / Gram NS ms, {m}x{n} {name}", plain, gram, ">= 1.3x", lambda r: r >= 1.3))
     return rows
 
 
-def _matmul_rank(rank: int, world: int, cfg: dict) -> float:
+def _matmul_rank(rank: int, world: int, cfg: dict[str, Any]) -> float:
     torch.set_num_threads(1)
     a = torch.randn(cfg["n"], cfg["n"], dtype=torch.bfloat16)
     a @ a
@@ -106,7 +110,7 @@ def parallel_capacity(n: int, reps: int) -> tuple[float, float]:
     return one, two
 
 
-def _paired_rank(rank: int, world: int, cfg: dict) -> list[tuple[float, float]]:
+def _paired_rank(rank: int, world: int, cfg: dict[str, Any]) -> list[tuple[float, float]]:
     """Alternately: rank 0 alone steps ``disco.Muon`` on the whole model (plain tensors, one process) while the
     other ranks wait at a barrier, then every rank steps it as FSDP2 ``Shard(0)`` DTensors. Returns (one, all)
     seconds per round: both sides measured in the same minutes, so a drift of the machine's load hits both."""
@@ -125,8 +129,8 @@ def _paired_rank(rank: int, world: int, cfg: dict) -> list[tuple[float, float]]:
     params = [nn.Parameter(t) for t in sharded]
     for p, g in zip(params, grads):
         p.grad = g
-    for p, g in zip(whole, wgrads):
-        p.grad = g
+    for wp, wg in zip(whole, wgrads):
+        wp.grad = wg
     dtype = torch.bfloat16
     many = disco.Muon(params, lr=0.02, weight_decay=0.1, compute_dtype=dtype)
     one = disco.Muon(whole, lr=0.02, weight_decay=0.1, compute_dtype=dtype) if rank == 0 else None
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     q = args.quick
     size = ["--layers", "1", "--width", "64", "--repeat", "1"] if q else ["--layers", "4", "--width", "512"]
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
 
     step = _bench("step", *size, "--threads", "1", "--memory", "--commit", "atomic,streaming")["rows"]
     by = {(r["case"], r["commit"]): r for r in step}

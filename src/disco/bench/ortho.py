@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+from typing import Any
 
 import torch
 
@@ -61,7 +62,7 @@ def measure(
     device: str = "cpu",
     seed: int = 0,
     compute_dtype: torch.dtype | None = None,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """One row per backend / table for a Gaussian input of ``shape``."""
     gen = torch.Generator().manual_seed(seed)
     G64 = torch.randn(*shape, generator=gen, dtype=torch.float64)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for shape in shapes_for(parse_ints(args.sizes)):
         compute = DTYPES[args.compute_dtype] if args.compute_dtype else None
         rows += measure(

@@ -16,6 +16,7 @@ import argparse
 import math
 import statistics
 import time
+from typing import Any
 
 from disco.bench.common import Column, emit, environment, parse_ints
 from disco.distributed import layout as layout_module
@@ -57,7 +58,7 @@ def _clear_caches() -> None:
         fn.cache_clear()
 
 
-def measure(world: int, kind: str, specs: list[ShapeSpec], repeat: int) -> dict:
+def measure(world: int, kind: str, specs: list[ShapeSpec], repeat: int) -> dict[str, Any]:
     """One row: median seconds over ``repeat`` cold runs of ``build_plan`` and of ``summarize``."""
     layout = mesh_layout(kind, world)
     plan_s, stats_s = [], []

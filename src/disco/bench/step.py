@@ -24,6 +24,7 @@ import argparse
 import math
 import statistics
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -131,7 +132,9 @@ def peak_extra_mib(fn: Callable[[], object]) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
         fn()
-    _, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline("cpu")
+    timeline = MemoryProfileTimeline(p._memory_profile())
+    sizes: list[list[int]]  # bytes by category, one row per timestamp
+    _, sizes = timeline._coalesce_timeline("cpu")  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     totals = [sum(row) for row in sizes] or [0]
     return (max(totals) - totals[0]) / 2**20
 
@@ -145,7 +148,7 @@ def compare(
     warmup: int,
     device: str,
     memory: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Time ``ours`` against ``peer`` (``(name, step, params)`` each), interleaved step by step so that a change
     of machine load hits both alike; with ``memory``, also each side's peak extra memory of one more step."""
     (ours_name, ours_step, ours_params), (peer_name, peer_step, peer_params) = ours, peer
@@ -186,7 +189,7 @@ def run_case(
     stack_bytes: int | str | None = "auto",
     commit: str = "atomic",
     lr: float = 0.02,
-) -> dict:
+) -> dict[str, Any]:
     """``disco.Muon`` (defaults but ``compute_dtype``) against ``torch.optim.Muon`` (bf16: it always runs bf16)
     or the per-parameter loop of the same algorithm (fp32)."""
     weights, grads = make_params(shapes, device=device)
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in dtypes:
         for sb in budgets:
             for commit in commits:
-                row = run_case(_short(dtype), shapes, dtype, stack_bytes=sb, commit=commit, **timing)  # type: ignore[arg-type]
+                row = run_case(_short(dtype), shapes, dtype, stack_bytes=sb, commit=commit, **timing)
                 rows.append({**row, "stack_bytes": sb, "commit": commit})
     meta = {
         "benchmark": "step",

@@ -57,6 +57,7 @@ _EMBED_TYPES = (nn.Embedding, nn.EmbeddingBag)
 def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None
+    name: str  # torch leaves named_modules' return type out
     for name, module in model.named_modules():
         if module is target:
             return name

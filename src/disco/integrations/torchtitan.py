@@ -353,15 +353,15 @@ def _container_class() -> Any:
 
     from ..optim.disco import Disco
 
-    OptimizersContainer = _torchtitan_optimizer_module().OptimizersContainer
+    OptimizersContainer: Any = _torchtitan_optimizer_module().OptimizersContainer
 
-    class DiscoOptimizersContainer(OptimizersContainer):  # type: ignore[misc,valid-type]
+    class DiscoOptimizersContainer(OptimizersContainer):  # type: ignore[misc]  # torchtitan, imported lazily: Any
         """TorchTitan's ``OptimizersContainer`` that also builds ``"Disco"`` param groups (module docstring of
         :mod:`disco.integrations.torchtitan`): one routed :class:`disco.Disco` per model part, TorchTitan's
         optimizers for the other names, TorchTitan's flat checkpoint format and LR schedulers."""
 
         @dataclass(kw_only=True, slots=True)
-        class Config(OptimizersContainer.Config):  # type: ignore[name-defined]
+        class Config(OptimizersContainer.Config):  # type: ignore[misc]  # torchtitan's class: Any here
             pass
 
         def __init__(self, config: Any, *, model_parts: list[nn.Module], parallel_dims: Any = None) -> None:

@@ -39,6 +39,10 @@ class CoefficientTable:
         return self.tuples[-1]
 
 
+#: What ``get_table`` accepts: a table name, a table, one ``(a, b, c)`` tuple or a list of them.
+CoefficientSpec = str | CoefficientTable | Sequence[float] | Sequence[Sequence[float]]
+
+
 def _with_safety(tuples: Sequence[Coefficients], safety: float, n_scaled: int) -> tuple[Coefficients, ...]:
     # Polar Express divides (a, b, c) by (s, s^3, s^5) so that the iteration stays stable after normalising
     # by s * ||X||_F.
@@ -100,9 +104,7 @@ def table_names() -> list[str]:
     return sorted([*TABLES, *ALIASES])
 
 
-def get_table(
-    spec: str | CoefficientTable | Sequence[float] | Sequence[Sequence[float]], *, mode: str | None = None
-) -> CoefficientTable:
+def get_table(spec: CoefficientSpec, *, mode: str | None = None) -> CoefficientTable:
     """Resolve a table by name, pass a ``CoefficientTable`` through, or wrap user tuples.
 
     ``mode``, when given with a table name, overrides the table's rule beyond its list.
@@ -119,13 +121,16 @@ def get_table(
             raise ValueError(f"unknown coefficient table {spec!r}; valid: {table_names()}")
         table = TABLES[key]
         return table if mode is None or mode == table.mode else replace(table, mode=mode)
-    items = list(spec)
-    if len(items) == 3 and all(isinstance(x, (int, float)) for x in items):
-        a, b, c = (float(x) for x in items)  # type: ignore[arg-type]
+    items: list[float | Sequence[float]] = list(spec)
+    scalars = [x for x in items if isinstance(x, (int, float))]
+    if len(items) == 3 and len(scalars) == 3:
+        a, b, c = (float(x) for x in scalars)
         return CoefficientTable("custom", ((a, b, c),), mode or "cycle")
     tuples: list[Coefficients] = []
     for t in items:
-        row = [float(x) for x in t]  # type: ignore[union-attr, attr-defined]
+        if isinstance(t, (int, float)):  # not a tuple: the TypeError that iterating it raised
+            raise TypeError(f"coefficient tuples must be (a, b, c), got the number {t!r}")
+        row = [float(x) for x in t]
         if len(row) != 3:
             raise ValueError(f"coefficient tuples must be (a, b, c), got {tuple(row)}")
         tuples.append((row[0], row[1], row[2]))

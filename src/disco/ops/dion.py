@@ -30,6 +30,8 @@ def _upcast(P: Tensor) -> Tensor:
 
 def householder(P: Tensor) -> Tensor:
     """The Q factor of ``P = Q R`` with ``diag(R) >= 0``."""
+    Q: Tensor
+    R: Tensor
     Q, R = torch.linalg.qr(P, mode="reduced")
     signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
@@ -40,7 +42,7 @@ def cholesky_qr(P: Tensor) -> Tensor:
     """``P R^{-1}`` with ``R^T R = P^T P``; matrices whose Cholesky fails fall back to ``householder``."""
     G = P.mT @ P
     L, info = torch.linalg.cholesky_ex(G)
-    out = torch.linalg.solve_triangular(L.mT, P, upper=True, left=False)
+    out: Tensor = torch.linalg.solve_triangular(L.mT, P, upper=True, left=False)
     bad = (info != 0) | ~torch.isfinite(out).flatten(-2).all(-1)
     if bool(bad.any()):
         fixed = householder(P[bad])
@@ -95,7 +97,8 @@ def orthonormalize(P: Tensor, method: str = "qr", *, oversample: float = 1.25) -
 
 def column_normalize(R: Tensor, eps: float = 1e-8) -> Tensor:
     """Each column of ``(..., n, r)`` ``R`` divided by its l2 norm plus ``eps`` (zero columns stay zero)."""
-    return R / (torch.linalg.vector_norm(R, dim=-2, keepdim=True) + eps)
+    norm: Tensor = torch.linalg.vector_norm(R, dim=-2, keepdim=True)
+    return R / (norm + eps)
 
 
 def dion_rank(m: int, n: int, rank_fraction: float, multiple_of: int = 1) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .coefficients import CoefficientSpec
 from .orthogonalize import orthogonalize
 
 
@@ -37,7 +38,8 @@ def _upcast(X: Tensor) -> Tensor:
 
 
 def _rows_unit(X: Tensor, eps: float) -> Tensor:
-    return X / torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min(eps)
+    norm: Tensor = torch.linalg.vector_norm(X, dim=-1, keepdim=True)
+    return X / norm.clamp_min(eps)
 
 
 NORMS: dict[str, NormSpec] = {
@@ -121,7 +123,7 @@ def lmo(
     norm: str = "spectral",
     backend: str = "newtonschulz5",
     steps: int = 5,
-    coefficients=None,
+    coefficients: CoefficientSpec | None = None,
     eps: float | None = None,
     compute_dtype: torch.dtype | None = None,
     param_ndim: int | None = None,

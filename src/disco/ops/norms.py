@@ -19,7 +19,8 @@ def _f(W: Tensor) -> Tensor:
 
 def _svdvals(W: Tensor) -> Tensor:
     # torch.linalg.svdvals runs on every device (no driver= argument, which is CUDA-only).
-    return torch.linalg.svdvals(_f(W))
+    s: Tensor = torch.linalg.svdvals(_f(W))
+    return s
 
 
 def spectral(W: Tensor) -> Tensor:
@@ -34,12 +35,14 @@ def rms_to_rms(W: Tensor) -> Tensor:
 
 def l1_to_rms(W: Tensor) -> Tensor:
     """Embedding ``[vocab, dim]`` read as one-hot (l1) -> rms: ``max row l2 / sqrt(dim)``."""
-    return torch.linalg.vector_norm(_f(W), dim=-1).amax(dim=-1) / math.sqrt(W.shape[-1])
+    row_max: Tensor = torch.linalg.vector_norm(_f(W), dim=-1).amax(dim=-1)
+    return row_max / math.sqrt(W.shape[-1])
 
 
 def rms_to_inf(W: Tensor) -> Tensor:
     """Head ``[vocab, dim]`` from rms inputs to max-abs logits: ``max row l2 * sqrt(dim)``."""
-    return torch.linalg.vector_norm(_f(W), dim=-1).amax(dim=-1) * math.sqrt(W.shape[-1])
+    row_max: Tensor = torch.linalg.vector_norm(_f(W), dim=-1).amax(dim=-1)
+    return row_max * math.sqrt(W.shape[-1])
 
 
 def supremum(W: Tensor) -> Tensor:

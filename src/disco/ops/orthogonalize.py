@@ -11,11 +11,12 @@ import functools
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .coefficients import CoefficientTable, get_table
+from .coefficients import CoefficientSpec, get_table
 
 #: iterative backends -> their default coefficient table (these read ``steps`` and ``coefficients``)
 DEFAULT_TABLE = {
@@ -111,7 +112,7 @@ def newton_schulz(
     G: Tensor,
     *,
     steps: int = 5,
-    coefficients: str | CoefficientTable | Sequence = "keller",
+    coefficients: CoefficientSpec = "keller",
     eps: float | None = None,
     compute_dtype: torch.dtype | None = None,
     scale: float = 1.0,
@@ -167,9 +168,7 @@ RESTART_GROWTH: dict[torch.dtype, tuple[float, float]] = {
 }
 
 
-def restart_points(
-    steps: int, dtype: torch.dtype, coefficients: str | CoefficientTable | Sequence = "keller"
-) -> tuple[int, ...]:
+def restart_points(steps: int, dtype: torch.dtype, coefficients: CoefficientSpec = "keller") -> tuple[int, ...]:
     """The default restarts of ``gram_newton_schulz``: the steps after which ``R`` is recomputed from ``X``, as
     late as ``RESTART_GROWTH`` allows for this table."""
     table = get_table(coefficients)
@@ -189,7 +188,7 @@ def gram_newton_schulz(
     G: Tensor,
     *,
     steps: int = 5,
-    coefficients: str | CoefficientTable | Sequence = "keller",
+    coefficients: CoefficientSpec = "keller",
     eps: float | None = None,
     compute_dtype: torch.dtype | None = None,
     scale: float = 1.0,
@@ -279,7 +278,8 @@ def svd_polar(G: Tensor, *, compute_dtype: torch.dtype | None = None, **_: objec
     m, n = G.shape[-2:]
     tol = S.amax(dim=-1, keepdim=True) * (2 * (math.sqrt(m) + math.sqrt(n)) * torch.finfo(dtype).eps)
     keep = (tol < S) & (S > 0)
-    return ((U * keep.unsqueeze(-2).to(dtype)) @ Vh).to(G.dtype)
+    polar: Tensor = (U * keep.unsqueeze(-2).to(dtype)) @ Vh
+    return polar.to(G.dtype)
 
 
 def identity(G: Tensor, **_: object) -> Tensor:
@@ -287,22 +287,22 @@ def identity(G: Tensor, **_: object) -> Tensor:
     return G.clone()
 
 
-def _newtonschulz5(G: Tensor, **kw) -> Tensor:
+def _newtonschulz5(G: Tensor, **kw: Any) -> Tensor:
     kw.setdefault("coefficients", DEFAULT_TABLE["newtonschulz5"])
     return newton_schulz(G, **kw)
 
 
-def _polar_express(G: Tensor, **kw) -> Tensor:
+def _polar_express(G: Tensor, **kw: Any) -> Tensor:
     kw.setdefault("coefficients", DEFAULT_TABLE["polar_express"])
     return newton_schulz(G, **kw)
 
 
-def _gram_newtonschulz5(G: Tensor, **kw) -> Tensor:
+def _gram_newtonschulz5(G: Tensor, **kw: Any) -> Tensor:
     kw.setdefault("coefficients", DEFAULT_TABLE["gram_newtonschulz5"])
     return gram_newton_schulz(G, **kw)
 
 
-def _gram_polar_express(G: Tensor, **kw) -> Tensor:
+def _gram_polar_express(G: Tensor, **kw: Any) -> Tensor:
     kw.setdefault("coefficients", DEFAULT_TABLE["gram_polar_express"])
     return gram_newton_schulz(G, **kw)
 
@@ -326,7 +326,7 @@ def orthogonalize(
     *,
     backend: str = "newtonschulz5",
     steps: int = 5,
-    coefficients: str | CoefficientTable | Sequence | None = None,
+    coefficients: CoefficientSpec | None = None,
     eps: float | None = None,
     compute_dtype: torch.dtype | None = None,
     scale: float = 1.0,
@@ -353,7 +353,7 @@ def orthogonalize(
         raise ValueError(f"orthogonalize needs a (..., m, n) tensor, got shape {tuple(G.shape)}")
     if G.numel() == 0:
         return G.to(out_dtype or G.dtype, copy=True)
-    kw: dict = {"compute_dtype": compute_dtype}
+    kw: dict[str, Any] = {"compute_dtype": compute_dtype}
     if backend in DEFAULT_TABLE:
         kw.update(steps=steps, eps=eps, scale=scale, out_dtype=out_dtype)
         if coefficients is not None:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -27,6 +26,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load  # = dcp.load (not re-exported)
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save  # = dcp.save (not re-exported)
 
 from disco.train.config import TrainConfig, UsageError
 
@@ -89,7 +90,8 @@ def run_settings(cfg: TrainConfig, name: str, lr: float) -> dict[str, Any]:
     settings = dataclasses.asdict(cfg)
     settings.update(optimizer=name, lr=lr, optimizer_kwargs=cfg.optimizer_kwargs.get(name) or {})
     settings.pop("optimizers")
-    return json.loads(json.dumps(settings, default=str))  # tuples -> lists, as read back
+    as_read: dict[str, Any] = json.loads(json.dumps(settings, default=str))  # tuples -> lists, as read back
+    return as_read
 
 
 def settings_path(cfg: TrainConfig, name: str) -> Path:
@@ -148,7 +150,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         "extra": extra,
     }
     with _quiet_single_process():
-        dcp.save(state, checkpoint_id=str(path))
+        dcp_save(state, checkpoint_id=str(path))
 
 
 def load_checkpoint(
@@ -169,7 +171,8 @@ def load_checkpoint(
         # Nothing in a checkpoint is unpickled beyond tensors and plain values; a key the checkpoint lacks (the
         # optimizer's format header, absent from checkpoints written before it) is left as the template has it.
         planner = WeightsOnlyLoadPlanner(allow_partial_load=True)
-        dcp.load(state, storage_reader=WeightsOnlyFileSystemReader(str(path)), planner=planner)
+        dcp_load(state, storage_reader=WeightsOnlyFileSystemReader(str(path)), planner=planner)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    return state["extra"]
+    loaded: dict[str, Any] = state["extra"]
+    return loaded

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -70,6 +70,18 @@ def build_model(cfg: TrainConfig, spec: OptimizerSpec, world: World) -> GPT:
     if scheme:
         apply_init(model, scheme)
     return model.to(world.device)
+
+
+class _TracksNorms(Protocol):
+    """What ``--track-norms-every`` needs of an optimizer (``disco.optim.base.SpectralOptimizer`` has it)."""
+
+    def calculate_norm_at_next_step(self) -> None: ...
+
+    def get_norms_at_current_step(self) -> dict[str, Tensor]: ...
+
+
+def _tracks_norms(opt: torch.optim.Optimizer) -> TypeGuard[_TracksNorms]:
+    return hasattr(opt, "calculate_norm_at_next_step")
 
 
 def build_optimizer(cfg: TrainConfig, spec: OptimizerSpec, model: nn.Module, world: World) -> torch.optim.Optimizer:
@@ -313,7 +325,8 @@ def train_optimizer(
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
     light = keeps_momentum_in_grad(opt)
-    track = cfg.track_norms_every > 0 and hasattr(opt, "calculate_norm_at_next_step")
+    tracked = opt if cfg.track_norms_every > 0 and _tracks_norms(opt) else None
+    track = tracked is not None
     tracker = open_tracker(cfg, name) if world.is_main else None
     progress = Progress(tag, cfg.steps, step, world, cfg.print_every, tokens_per_step)
     last = {"step": step, "train_s": train_s}
@@ -323,15 +336,15 @@ def train_optimizer(
         while step < cfg.steps:
             t0 = time.perf_counter()
             loss = batch_loss(fwd, *sampler.next(), cfg, world.device)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             mult = lr_multiplier(step + 1, cfg.steps, cfg.warmup_steps, cfg.cooldown_frac)
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * mult
             track_now = track and (step + 1) % cfg.track_norms_every == 0
-            if track_now:
-                opt.calculate_norm_at_next_step()  # type: ignore[attr-defined]
+            if track_now and tracked is not None:
+                tracked.calculate_norm_at_next_step()
             opt.step()
             if not light:
                 opt.zero_grad(set_to_none=True)
@@ -345,8 +358,8 @@ def train_optimizer(
                 last = {"step": step, "train_s": train_s}
                 lr_now = opt.param_groups[0]["lr"]
                 record = {"step": step, "train_loss": train_loss, "lr": lr_now, "tokens_per_s": speed, "wall_s": wall()}
-                if track_now:
-                    norms = opt.get_norms_at_current_step()  # type: ignore[attr-defined]
+                if track_now and tracked is not None:
+                    norms = tracked.get_norms_at_current_step()
                     record["norms"] = {k: _scalar(v) for k, v in norms.items()}
                 if evaluate_now:
                     val_loss = record["val_loss"] = evaluate(fwd, val_batches, cfg, world)

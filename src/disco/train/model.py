@@ -82,7 +82,8 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        out: Tensor = self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return out
 
 
 class FeedForward(nn.Module):
@@ -95,7 +96,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        out: Tensor = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return out
 
 
 class Experts(nn.Module):
@@ -145,7 +147,8 @@ class Block(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin)
         ffn = self.moe if self.moe is not None else self.feed_forward
         assert ffn is not None
-        return x + ffn(self.ffn_norm(x))
+        out: Tensor = x + ffn(self.ffn_norm(x))
+        return out
 
 
 class GPT(nn.Module):
@@ -178,7 +181,8 @@ class GPT(nn.Module):
         h = self.tok_embeddings(idx)
         for layer in self.layers:
             h = layer(h, self.rope_cos, self.rope_sin)
-        return self.output(self.norm(h))
+        logits: Tensor = self.output(self.norm(h))
+        return logits
 
 
 def num_params(model: nn.Module) -> int:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from disco.train.model import GPT
+from disco.train.model import GPT, Block
 
 PARALLEL_MODES = ("none", "ddp", "fsdp", "hsdp", "tp", "fsdp+tp")
 
@@ -103,13 +103,13 @@ def _replicate(module: nn.Module, mesh: DeviceMesh) -> None:
     """Parameters become ``Replicate`` DTensors; inputs and outputs stay plain tensors."""
     from torch.distributed.tensor import DTensor, Replicate, distribute_module
 
-    def to_dtensor(_mod: nn.Module, inputs: tuple, device_mesh: DeviceMesh) -> tuple:
+    def to_dtensor(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], device_mesh: DeviceMesh) -> tuple[DTensor, ...]:
         return tuple(DTensor.from_local(x, device_mesh, [Replicate()], run_check=False) for x in inputs)
 
     def to_local(_mod: nn.Module, output: DTensor, _mesh: DeviceMesh) -> torch.Tensor:
         return output.to_local()
 
-    distribute_module(module, mesh, input_fn=to_dtensor, output_fn=to_local)  # type: ignore[arg-type]
+    distribute_module(module, mesh, input_fn=to_dtensor, output_fn=to_local)  # type: ignore[arg-type]  # torch types the hooks as returning None; it uses their results
 
 
 def apply_tp(model: GPT, tp_mesh: DeviceMesh) -> None:
@@ -137,9 +137,10 @@ def apply_tp(model: GPT, tp_mesh: DeviceMesh) -> None:
     plan.update({"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel()})
     plan.update({"attention.wo": RowwiseParallel(), "feed_forward.w2": RowwiseParallel()})
     for block in model.layers:
-        parallelize_module(block, tp_mesh, plan)  # type: ignore[arg-type]
-        _replicate(block.attention_norm, tp_mesh)  # type: ignore[union-attr,arg-type]
-        _replicate(block.ffn_norm, tp_mesh)  # type: ignore[union-attr,arg-type]
+        assert isinstance(block, Block)  # nn.ModuleList yields plain Modules
+        parallelize_module(block, tp_mesh, plan)
+        _replicate(block.attention_norm, tp_mesh)
+        _replicate(block.ffn_norm, tp_mesh)
     rep = Replicate()
     parallelize_module(model.tok_embeddings, tp_mesh, RowwiseParallel(input_layouts=rep, output_layouts=rep))
     parallelize_module(model.output, tp_mesh, ColwiseParallel(input_layouts=rep, output_layouts=rep))

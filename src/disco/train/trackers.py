@@ -69,7 +69,7 @@ class WandbTracker:
             name=name,
             group=out.resolve().name,
             dir=str(out),
-            mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]
+            mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]  # a str: wandb checks it against its modes
             config=config,
         )
 
