@@ -4,7 +4,8 @@
 set of jobs the first time ``map`` sees it (``disco.distributed.planner``: pure, so every rank plans the same)
 and caches the plan with its exchange tables. Every ``map`` first checks, with one 8-byte-per-rank all-gather,
 that every rank maps the same jobs (tensors, specs, layouts, dtypes): a disagreement raises the same error on
-every rank instead of exchanging mismatched pieces.
+every rank instead of exchanging mismatched pieces. The run itself, bucket by bucket (pack, exchange, compute,
+return, settle) and the status each result travels back with, is ``disco.distributed.bucket``.
 """
 
 from __future__ import annotations
@@ -164,15 +165,7 @@ class PlanEngine:
         for k, (t, lay) in enumerate(zip(tensors, layouts)):
             if self.rank not in lay.ranks:
                 raise ValueError(f"all_reduce: rank {self.rank} is not in {lay.describe()}")
-            if over == "replicas":
-                axes = lay.replica_axes()
-            elif over == "shards":
-                axes = lay.shard_axes()
-            elif isinstance(over, int):
-                axes = lay.shard_axes(over)
-            else:
-                raise ValueError(f"all_reduce: over must be 'replicas', 'shards' or a tensor dim, got {over!r}")
-            ranks = lay.axis_group(self.rank, axes)
+            ranks = lay.axis_group(self.rank, _axes_over(lay, over))
             if len(ranks) > 1:
                 by.setdefault((ranks, t.dtype), []).append(k)
         reduce_op = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -297,6 +290,17 @@ class PlanEngine:
         self._current = prog
         self._job_index = [jobs[k].index for k in mapped]
         return BucketRun(self._comm, self.config, self.stats, self.names, prog, jobs, specs, mapped, out).run()
+
+
+def _axes_over(lay: Layout, over: Over) -> tuple[int, ...]:
+    """The mesh axes of ``lay`` that ``all_reduce(over=...)`` reduces over."""
+    if over == "replicas":
+        return lay.replica_axes()
+    if over == "shards":
+        return lay.shard_axes()
+    if isinstance(over, int):
+        return lay.shard_axes(over)
+    raise ValueError(f"all_reduce: over must be 'replicas', 'shards' or a tensor dim, got {over!r}")
 
 
 def _numel(shape: Sequence[int]) -> int:
