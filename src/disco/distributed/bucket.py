@@ -169,7 +169,7 @@ class BucketRun:
             self.receive_back(keep=max(1, prefetch + 1))
         self.receive_back(keep=0)
         self.settle()
-        return self.results  # type: ignore[return-value]
+        return self.results  # type: ignore[return-value]  # every slot is filled once settle() returned
 
     # ---- pieces and results -------------------------------------------------------------------------------
     def made(self, p: int) -> Tensor:

@@ -142,7 +142,7 @@ class CallbackEngine:
             if out == "replicated":
                 box = [result]
                 dist.broadcast_object_list(box, src=owner)
-                results[k] = box[0]  # type: ignore[assignment]
+                results[k] = box[0]  # type: ignore[assignment]  # the box holds the result once the call returned
             else:
                 results[k] = self.config.redistribute_fn(result, i, owner, piece)
         self._mapped = sorted(j.index for j in jobs)

@@ -307,7 +307,7 @@ class LocalEngine:
             run_stacked(s, members, lambda k: jobs[k].values(), like, self.stack_bytes, self.stats, outcomes, int, put)
         self._assigned = sorted({j.index for j in jobs})
         settle(outcomes, None, [0], [j.index for j in jobs], self.names, collective=False)
-        return results  # type: ignore[return-value]
+        return results  # type: ignore[return-value]  # every slot was filled above
 
     def all_reduce(
         self, tensors: Sequence[Tensor], layouts: Sequence[Layout], *, over: Over = "replicas", op: ReduceOp = "sum"

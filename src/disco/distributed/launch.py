@@ -295,7 +295,7 @@ def _collect(procs: list[BaseProcess], conns: list[Connection], timeout: float) 
                 waitables[conns[r]] = r
                 waitables[procs[r].sentinel] = r
         for obj in multiprocessing.connection.wait(list(waitables), timeout=limit - now):
-            r = waitables[obj]  # type: ignore[index]
+            r = waitables[obj]  # type: ignore[index]  # wait() returns the objects it was given
             if r in status:
                 continue
             got: Status | None = None

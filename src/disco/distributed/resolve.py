@@ -138,12 +138,12 @@ def resolve_layouts(
                 f"parameters {plain[:8]} are plain tensors while others are DTensors; wrap them as DTensors "
                 "(Replicate) or use create_auto_config for plain tensors"
             )
-        layouts = [dtensor_layout(p) for p in params]  # type: ignore[arg-type]
+        layouts = [dtensor_layout(p) for p in params]  # type: ignore[arg-type]  # all DTensors: checked by the caller
         me = dist.get_rank()
         for i, (p, lay) in enumerate(zip(params, layouts)):
-            if me in lay.ranks and lay.local_shape(me) != tuple(p.to_local().shape):  # type: ignore[attr-defined]
+            if me in lay.ranks and lay.local_shape(me) != tuple(p.to_local().shape):  # type: ignore[attr-defined]  # a DTensor (see above)
                 raise ValueError(
-                    f"parameter {i}: local shape {tuple(p.to_local().shape)} differs from "  # type: ignore[attr-defined]
+                    f"parameter {i}: local shape {tuple(p.to_local().shape)} differs from "  # type: ignore[attr-defined]  # a DTensor (see above)
                     f"{lay.local_shape(me)} expected for {lay.describe()}"
                 )
         return layouts

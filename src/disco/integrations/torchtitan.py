@@ -75,6 +75,7 @@ from torch import nn
 
 from ..dummy_parallel_dims import DummyParallelDims
 from ..groups import create_disco_param_groups
+from ..optim.contract import rule_class
 from ..optim.defaults import DISCO_DEFAULTS as _DISCO
 
 __all__ = [
@@ -281,7 +282,7 @@ def _disco_groups(
             ctor = cleaned
         own = {k: cleaned[k] for k in _GROUP_KEYS if k in cleaned and cleaned[k] != ctor.get(k, _MISSING)}
         for g in routed:
-            elementwise = g.get("algorithm") in ("adamw", "lion", "sign")
+            elementwise = not rule_class(str(g.get("algorithm", "disco"))).exchanges
             for k, v in own.items():
                 if not elementwise or k in _ELEMENTWISE_KEYS:
                     g.setdefault(k, v)

@@ -151,7 +151,7 @@ class SpectralOptimizer(Optimizer):
                     self.state[p].update(self._rule(group).init_state(self.settings_of(group), p))
 
     def state_of(self, p: Tensor) -> dict[str, Any]:
-        return self.state[p]  # type: ignore[no-any-return]
+        return self.state[p]  # type: ignore[no-any-return]  # torch types Optimizer.state as Any-valued
 
     def grad_of(self, p: Tensor) -> Tensor:
         """The local gradient, laid out like the parameter (``Partial`` gradients are reduced first)."""

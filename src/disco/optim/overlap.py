@@ -207,7 +207,7 @@ class Overlap:
         )
         for b, bucket in enumerate(self.buckets):
             for j, it in enumerate(bucket):
-                self._handles.append(it.param.register_post_accumulate_grad_hook(self._hook(b, j)))  # type: ignore[no-untyped-call]
+                self._handles.append(it.param.register_post_accumulate_grad_hook(self._hook(b, j)))  # type: ignore[no-untyped-call]  # torch leaves it untyped
         self.reset()
 
     def close(self) -> None:
