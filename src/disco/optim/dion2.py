@@ -41,11 +41,10 @@ from torch import Tensor
 
 from ..distributed.engine import Job, local_piece
 from ..distributed.layout import PARTIAL, REPLICATE, Layout, Placement
-from ..ops.specs import LMOSpec
 from . import validation
 from .base import SpectralOptimizer
 from .contract import Group, Rule, Settings, check_choice, check_range, register_rule
-from .rules import Commit, Item, StepContext
+from .rules import Commit, Item, OrthogonalizationSettings, StepContext
 
 SCOPES = ("global", "local")
 
@@ -94,7 +93,7 @@ def _local_plan(lay: Layout, rank: int, sq: Tensor, fraction: float) -> tuple[in
 
 
 @dataclass(frozen=True)
-class Dion2Settings(Settings):
+class Dion2Settings(OrthogonalizationSettings):
     """The settings of a ``dion2`` group (module docstring).
 
     Attributes:
@@ -102,25 +101,20 @@ class Dion2Settings(Settings):
         ef_decay: the selected rows' momentum decay, in ``[0, 1]``. Default ``0.95``.
         selection_scope: ``"global"`` (default, layout-invariant) or ``"local"`` (per row shard).
         norm_factor, backend, backend_steps, coefficients, eps, compute_dtype: the LMO of the ``k x n``
-            submatrix, as in ``LMOSettings`` (``norm_factor`` default ``"original"``, Muon's).
+            submatrix (:class:`~disco.optim.rules.OrthogonalizationSettings`; ``norm_factor`` default
+            ``"original"``, Muon's).
     """
 
     fraction: float = 0.25
     ef_decay: float = 0.95
     selection_scope: str = "global"
     norm_factor: str = "original"
-    backend: str = "gram_newtonschulz5"
-    backend_steps: int = 5
-    coefficients: Any = None
-    eps: float = 1e-7
-    compute_dtype: torch.dtype | None = None
 
     def check(self, at: str) -> None:
         super().check(at)
         check_range(self, "fraction", at, lo=1e-9, hi=1.0)
         check_range(self, "ef_decay", at, lo=0.0, hi=1.0)
         check_choice(self, "selection_scope", at, SCOPES)
-        validation.check_orthogonalization(self, at)
 
 
 @register_rule
@@ -136,18 +130,6 @@ class Dion2Rule(Rule):
 
     def init_state(self, settings: Settings, p: Tensor) -> dict[str, Any]:
         return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
-
-    @staticmethod
-    def _spec(s: Dion2Settings, k: int, n: int) -> LMOSpec:
-        return LMOSpec.for_param(
-            (k, n),
-            norm=s.norm_factor,
-            backend=s.backend,
-            steps=s.backend_steps,
-            coefficients=s.coefficients,
-            eps=s.eps,
-            compute_dtype=s.compute_dtype,
-        )
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         engine, rank = ctx.engine, ctx.engine.current_rank
@@ -188,7 +170,7 @@ class Dion2Rule(Rule):
         for it, s, lay, b, (piece, local, pos, sub) in zip(items, settings, lays, B, plans):
             Z = b.new_zeros(piece, b.shape[1])
             Z[pos] = b[local]
-            jobs.append(Job(it.index, Z, self._spec(s, sub.shape[0], lay.shape[1]), sub))
+            jobs.append(Job(it.index, Z, s.lmo_spec((sub.shape[0], lay.shape[1])), sub))
         O = engine.map(jobs, out="input") if jobs else []
 
         def commit() -> list[Tensor]:

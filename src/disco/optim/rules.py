@@ -167,12 +167,10 @@ class ElementwiseRule(Rule):
 
 
 @dataclass(frozen=True)
-class LMOSettings(Settings):
-    """The settings of an LMO group (Disco, Muon, Scion); ``LMORule``'s docstring has the math.
+class OrthogonalizationSettings(Settings):
+    """How a rule orthogonalizes: the settings of its ``LMOSpec`` (Disco, Muon, Scion, NorMuon, Dion2).
 
     Attributes:
-        momentum: EMA factor ``beta`` in ``[0, 1)``. Default ``0.95``.
-        nesterov: Nesterov direction. Default ``True``.
         norm_factor: a name of ``disco.ops.NORMS``. Default ``"spectral"``.
         backend: a name of ``disco.ops.BACKENDS``. Default ``"gram_newtonschulz5"``.
         backend_steps: iterations of an iterative backend, an int in ``[1, 100)``. Default ``5``.
@@ -180,9 +178,46 @@ class LMOSettings(Settings):
             backend's. Default ``None``.
         eps: added to the Frobenius norm before Newton-Schulz, ``>= 0``. Default ``1e-7``.
         compute_dtype: the dtype of the LMO (``None``: bf16 where matmuls are native, else fp32). Default ``None``.
+    """
+
+    norm_factor: str = "spectral"
+    backend: str = "gram_newtonschulz5"
+    backend_steps: int = 5
+    coefficients: Any = None
+    eps: float = 1e-7
+    compute_dtype: torch.dtype | None = None
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        validation.check_orthogonalization(self, at)
+
+    def lmo_spec(self, shape: Sequence[int], *, transposed: bool = False, **extra: Any) -> LMOSpec:
+        """The spec that orthogonalizes a tensor of ``shape`` with these settings."""
+        return LMOSpec.for_param(
+            tuple(shape),
+            transposed=transposed,
+            norm=self.norm_factor,
+            backend=self.backend,
+            steps=self.backend_steps,
+            coefficients=self.coefficients,
+            eps=self.eps,
+            compute_dtype=self.compute_dtype,
+            **extra,
+        )
+
+
+@dataclass(frozen=True)
+class LMOSettings(OrthogonalizationSettings):
+    """The settings of an LMO group (Disco, Muon, Scion); ``LMORule``'s docstring has the math.
+
+    Attributes:
+        momentum: EMA factor ``beta`` in ``[0, 1)``. Default ``0.95``.
+        nesterov: Nesterov direction. Default ``True``.
         update_rule: ``"decoupled"`` (default) or ``"frank_wolfe"`` (Scion's constrained form).
         scale: multiplies the LMO, ``>= 0``. Default ``1.0``.
         is_light: the momentum lives in ``p.grad``. Default ``False``.
+        norm_factor, backend, backend_steps, coefficients, eps, compute_dtype: the LMO
+            (:class:`OrthogonalizationSettings`).
 
     ``adjust_lr_fn`` (``torch.optim.Muon``'s name: ``"original"`` or ``"match_rms_adamw"``) given in a group sets
     ``norm_factor``.
@@ -192,12 +227,6 @@ class LMOSettings(Settings):
 
     momentum: float = 0.95
     nesterov: bool = True
-    norm_factor: str = "spectral"
-    backend: str = "gram_newtonschulz5"
-    backend_steps: int = 5
-    coefficients: Any = None
-    eps: float = 1e-7
-    compute_dtype: torch.dtype | None = None
     update_rule: str = "decoupled"
     scale: float = 1.0
     is_light: bool = False
@@ -207,7 +236,6 @@ class LMOSettings(Settings):
         check_range(self, "momentum", at, lo=0.0, hi=1.0, hi_open=True)
         check_range(self, "scale", at, lo=0.0)
         check_choice(self, "update_rule", at, ("decoupled", "frank_wolfe"))
-        validation.check_orthogonalization(self, at)
         if self.is_light and self.nesterov:
             raise ValueError(f"{at}: is_light=True keeps no separate gradient, so nesterov must be False")
         if self.is_light and self.nonfinite == "skip":
@@ -268,17 +296,8 @@ class LMORule(Rule):
 
     @staticmethod
     def spec(s: LMOSettings, p: Tensor) -> LMOSpec:
-        return LMOSpec.for_param(
-            tuple(p.shape),
-            transposed=s.transposed,
-            norm=s.norm_factor,
-            backend=s.backend,
-            steps=s.backend_steps,
-            coefficients=s.coefficients,
-            eps=s.eps,
-            compute_dtype=s.compute_dtype,
-            result_in_compute_dtype=True,  # held until the commit: half the bytes in bf16
-        )
+        # result held in the compute dtype until the commit: half the bytes in bf16
+        return s.lmo_spec(p.shape, transposed=s.transposed, result_in_compute_dtype=True)
 
     @staticmethod
     def prepare(it: Item, ctx: StepContext) -> tuple[Tensor, Callable[[], Tensor], MomentumWrite | None]:
