@@ -1,4 +1,4 @@
-"""``python -m disco <command>``: train, bench, groups, plan."""
+"""``python -m disco <command>``: train, sweep, bench, groups, plan."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "train": ("disco.train.cli", "Train a small GPT with any optimizer and parallelism (the main job)."),
+    "sweep": ("disco.train.sweep", "Sweep lr x width (x depth) per optimizer: does the best lr transfer?"),
     "bench": ("disco.bench", "Benchmarks: ortho | step | dist."),
     "groups": ("disco.groups", "Print the parameter routing table of MODULE:FACTORY."),
     "plan": ("disco.distributed.plan_cli", "Print the distribution plan for a world size and a list of shapes."),
