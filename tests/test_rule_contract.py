@@ -15,6 +15,7 @@ from torch import Tensor, nn
 import disco
 from disco import Dion, Dion2, Disco, Muon, NorMuon, Scion
 from disco.distributed.engine import local_piece
+from disco.groups import create_disco_param_groups, vector_algorithms
 from disco.optim.contract import RULES, Rule, Settings, check_range, register_rule, unregister_rule
 from disco.optim.dion import DionRule
 
@@ -267,9 +268,22 @@ def test_a_toy_rule_registered_in_a_test():
             opt.overlap_with_backward()  # it declares no runs_ahead: refused, not skipped
         with pytest.raises(ValueError, match="is already served"):
             register_rule(type("Other", (ToyRule,), {}))
+        # routing reads the registry: the toy's name and setting are valid in a split rule, and it is element-wise
+        # for vector_algorithm only if it declares that it exchanges nothing (it does exchange)
+        groups, _ = create_disco_param_groups(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4)), _TOY_ROUTE)
+        assert [g["gain"] for g in groups if g.get("algorithm") == "toy_normalized_sgd"] == [3.0]
+        Disco(groups)
+        assert "toy_normalized_sgd" not in vector_algorithms()
     finally:
         unregister_rule(ToyRule)
     assert "toy_normalized_sgd" not in RULES
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['gain'\]"):
+        create_disco_param_groups(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4)), _TOY_ROUTE)
+
+
+_TOY_ROUTE = {
+    "extra_param_group_split_rules": [{"str_match": r"^0\.weight$", "algorithm": "toy_normalized_sgd", "gain": 3.0}]
+}
 
 
 def test_the_public_optimizers_are_registered_rules():

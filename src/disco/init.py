@@ -40,6 +40,8 @@ from typing import Any, TypeGuard
 import torch
 from torch import Tensor
 
+from .groups.rules import vector_algorithms
+
 __all__ = [
     "INIT_FNS",
     "build_init_fn",
@@ -296,7 +298,6 @@ def build_init_fn(name: str, **kwargs: object) -> Callable[[Tensor], Tensor]:
 
 #: Norm factors whose groups hold hidden matrices (the ones :func:`init_param_groups_` initialises).
 _HIDDEN_NORMS = ("spectral", "original", "match_rms_adamw", "image_spectral")
-_ELEMENTWISE_ALGORITHMS = ("adamw", "lion", "sign")
 
 
 @torch.no_grad()
@@ -317,7 +318,7 @@ def init_param_groups_(
     """
     names: list[str] = []
     for group in param_groups:
-        if group.get("algorithm") in _ELEMENTWISE_ALGORITHMS:
+        if group.get("algorithm") in vector_algorithms():  # element-wise groups keep their weights
             continue
         if group.get("norm_factor", default_norm) not in _HIDDEN_NORMS:
             continue

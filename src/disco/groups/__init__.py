@@ -72,13 +72,22 @@ from .roles import (
 )
 from .routing import AUTO_ROUTES, RoutingNotes, create_disco_param_groups, route_parameters, split_vector_params
 from .rules import (
-    ALGORITHMS,
-    GROUP_SETTINGS,
     ROUTING_KEYS,
-    VECTOR_ALGORITHMS,
     SplitRule,
     compile_split_rules,
+    group_settings,
+    known_algorithms,
+    number_settings,
+    vector_algorithms,
 )
+
+
+def __getattr__(name: str) -> object:
+    # ALGORITHMS, VECTOR_ALGORITHMS, GROUP_SETTINGS: read from the rule registry when asked
+    from . import rules
+
+    return getattr(rules, name)
+
 
 __all__ = [
     "ALGORITHMS",
@@ -95,6 +104,10 @@ __all__ = [
     "_optimizer_defaults",
     "classify_parameters",
     "compile_split_rules",
+    "group_settings",
+    "known_algorithms",
+    "number_settings",
+    "vector_algorithms",
     "create_disco_param_groups",
     "is_transposed_module",
     "main",

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .roles import DEFAULT_OUTPUT_NAMES, ClassifiedParam, Role, as_names, classify_parameters
-from .rules import VECTOR_ALGORITHMS, SplitRule, compile_split_rules, validate_overrides
+from .rules import SplitRule, compile_split_rules, validate_overrides, vector_algorithms
 
 #: The automatic routes: each route's group settings (vectors' are chosen per call, see ``vector_algorithm``).
 AUTO_ROUTES: dict[str, dict[str, Any]] = {
@@ -180,8 +180,8 @@ def create_disco_param_groups(
     rules = compile_split_rules(kwargs.pop("extra_param_group_split_rules", None))
     vector_algorithm = kwargs.pop("vector_algorithm", None)
     output_names = as_names(kwargs.pop("name_of_output", None), DEFAULT_OUTPUT_NAMES)
-    if vector_algorithm is not None and vector_algorithm not in VECTOR_ALGORITHMS:
-        raise ValueError(f"unknown vector_algorithm {vector_algorithm!r}; valid: {list(VECTOR_ALGORITHMS)}")
+    if vector_algorithm is not None and vector_algorithm not in vector_algorithms():
+        raise ValueError(f"unknown vector_algorithm {vector_algorithm!r}; valid: {list(vector_algorithms())}")
     validate_overrides(kwargs, "optimizer_kwargs")
     classified = classify_parameters(
         model, name_of_embedding=kwargs.get("name_of_embedding"), name_of_output=output_names, only=only

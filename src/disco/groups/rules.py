@@ -11,58 +11,80 @@ import dataclasses
 import json
 import numbers
 import re
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..ops import BACKENDS, get_norm
 
+if TYPE_CHECKING:
+    from ..optim.contract import Rule, Settings
+
 #: keys of ``optimizer_kwargs`` that only steer routing; ``create_disco_param_groups`` removes them.
 ROUTING_KEYS = ("extra_param_group_split_rules", "vector_algorithm", "name_of_output")
-
-#: values of a group's ``algorithm`` (those ``disco.optim``'s optimizers accept).
-ALGORITHMS = ("disco", "muon", "scion", "normuon", "dion", "dion2", "adamw", "lion", "sign")
-
-#: element-wise algorithms that ``vector_algorithm`` may name.
-VECTOR_ALGORITHMS = ("adamw", "lion")
 
 #: Keys that routing itself writes into a group; a rule may not set them.
 RESERVED_KEYS = ("params", "param_names", "tied_with")
 
-#: Group settings a rule may set: every per-group key that ``disco.optim``'s optimizers fill in or that one of
-#: its registered rules reads (``tests/test_routing_roles.py`` checks both). A key outside this set would reach
-#: the optimizer as a setting that nothing reads, so a rule refuses it as soon as the rules are compiled.
-GROUP_SETTINGS = frozenset(
-    {
-        # every algorithm
-        "algorithm", "lr", "weight_decay", "nonfinite", "commit", "transposed",
-        # the LMO family (Disco, Muon, Scion, NorMuon) and its momentum
-        "momentum", "nesterov", "is_light", "eps", "norm_factor", "backend", "backend_steps", "coefficients",
-        "ns_coefficients", "adjust_lr_fn", "compute_dtype", "momentum_dtype", "normuon_eps", "beta2",
-        # Scion's update forms and weight constraints
-        "update_rule", "scale", "radius", "weight_constraint", "sigma_min", "sigma_max",
-        # Dion and Dion2
-        "mu", "epsilon", "rank_fraction", "rank_multiple_of", "power_iters", "qr_method", "cqr_warmup_steps",
-        "rcqr_oversample", "replicate_mesh_grad_sync", "Q_dtype", "fraction", "ef_decay",
-        "selection_scope",
-        # the element-wise algorithms (AdamW, Lion, sign)
-        "betas", "adam_eps",
-    }
-)  # fmt: skip
-
 #: Settings that name something (a norm, a backend, an algorithm): a string, or ``None`` for the default.
 NAME_SETTINGS = ("algorithm", "norm_factor", "backend")
 
-#: Settings that are numbers (the optimizers range-check them): a real number, a one-element tensor, or ``None``.
-NUMBER_SETTINGS = frozenset(
-    {
-        "lr", "weight_decay", "momentum", "eps", "adam_eps", "epsilon", "normuon_eps", "mu", "scale", "radius",
-        "sigma_min", "sigma_max", "rank_fraction", "rcqr_oversample", "fraction", "ef_decay",
-    }
-)  # fmt: skip
+
+def _registry() -> Mapping[str, type[Rule]]:
+    from .. import optim  # noqa: F401  (imports, and so registers, the built-in rules)
+    from ..optim.contract import RULES
+
+    return RULES
+
+
+def _settings_classes() -> list[type[Settings]]:
+    return [cls.settings_for(name) for name, cls in _registry().items()]
+
+
+def known_algorithms() -> tuple[str, ...]:
+    """Values of a group's ``algorithm``: every algorithm a registered rule serves."""
+    return tuple(sorted(_registry()))
+
+
+def vector_algorithms() -> tuple[str, ...]:
+    """Algorithms ``vector_algorithm`` may name: those of the element-wise rules (rules that exchange nothing)."""
+    return tuple(sorted(name for name, cls in _registry().items() if not cls.exchanges))
+
+
+def group_settings() -> frozenset[str]:
+    """Group settings a split rule may set: ``algorithm`` and every key (or alias) a registered rule reads.
+
+    A key outside this set would reach the optimizer as a setting that nothing reads, so a rule refuses it as soon
+    as the rules are compiled.
+    """
+    keys = {"algorithm"}
+    for settings in _settings_classes():
+        keys.update(settings.keys(), settings.aliases)
+    return frozenset(keys)
+
+
+def number_settings() -> frozenset[str]:
+    """Settings whose type is a real number (a float field of some rule's settings), range-checked by the rule."""
+    numbers_ = set()
+    for settings in _settings_classes():
+        for key, hint in typing.get_type_hints(settings).items():
+            union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+            if float in (typing.get_args(hint) if union else (hint,)):
+                numbers_.add(key)
+    return frozenset(numbers_)
+
+
+def __getattr__(name: str) -> Any:
+    # the seed-era constants, now read from the registry (a rule registered later is included)
+    derived = {"ALGORITHMS": known_algorithms, "VECTOR_ALGORITHMS": vector_algorithms, "GROUP_SETTINGS": group_settings}
+    if name in derived:
+        return derived[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def validate_overrides(overrides: Mapping[str, Any], where: str) -> None:
@@ -82,8 +104,8 @@ def validate_overrides(overrides: Mapping[str, Any], where: str) -> None:
             raise ValueError(f"{where}: {e}") from None
     if overrides.get("backend") is not None and overrides["backend"] not in BACKENDS:
         raise ValueError(f"{where}: unknown backend {overrides['backend']!r}; valid: {sorted(BACKENDS)}")
-    if overrides.get("algorithm") is not None and overrides["algorithm"] not in ALGORITHMS:
-        raise ValueError(f"{where}: unknown algorithm {overrides['algorithm']!r}; valid: {list(ALGORITHMS)}")
+    if overrides.get("algorithm") is not None and overrides["algorithm"] not in known_algorithms():
+        raise ValueError(f"{where}: unknown algorithm {overrides['algorithm']!r}; valid: {list(known_algorithms())}")
     if "transposed" in overrides and not isinstance(overrides["transposed"], bool):
         raise ValueError(f"{where}: 'transposed' must be True or False, got {overrides['transposed']!r}")
 
@@ -95,11 +117,12 @@ def _check_setting_names(overrides: Mapping[Any, Any], where: str) -> None:
             raise TypeError(f"{where}: setting names are strings, got {key!r} ({type(key).__name__})")
     if any(key in overrides for key in RESERVED_KEYS):
         raise ValueError(f"{where}: a rule may not set 'params', 'param_names' or 'tied_with'")
-    unknown = sorted(key for key in overrides if key not in GROUP_SETTINGS)
+    accepted = group_settings()
+    unknown = sorted(key for key in overrides if key not in accepted)
     if unknown:
         raise ValueError(
             f"{where}: unknown setting(s) {unknown} (no optimizer reads them); a rule may set: "
-            f"{', '.join(sorted(GROUP_SETTINGS))}"
+            f"{', '.join(sorted(accepted))}"
         )
 
 
@@ -109,7 +132,7 @@ def _check_setting_types(overrides: Mapping[str, Any], where: str) -> None:
         value = overrides.get(key)
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{where}: {key!r} must be a name (a string), got {value!r} ({type(value).__name__})")
-    for key in sorted(NUMBER_SETTINGS.intersection(overrides)):
+    for key in sorted(number_settings().intersection(overrides)):
         value = overrides[key]
         is_number = isinstance(value, (numbers.Real, torch.Tensor)) and not isinstance(value, bool)
         if value is not None and not is_number:

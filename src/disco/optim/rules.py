@@ -219,11 +219,15 @@ class LMOSettings(OrthogonalizationSettings):
         norm_factor, backend, backend_steps, coefficients, eps, compute_dtype: the LMO
             (:class:`OrthogonalizationSettings`).
 
-    ``adjust_lr_fn`` (``torch.optim.Muon``'s name: ``"original"`` or ``"match_rms_adamw"``) given in a group sets
-    ``norm_factor``.
+    ``torch.optim.Muon``'s names are aliases: ``adjust_lr_fn`` (``"original"`` or ``"match_rms_adamw"``) sets
+    ``norm_factor``, ``ns_steps`` ``backend_steps`` and ``ns_coefficients`` ``coefficients``.
     """
 
-    aliases: ClassVar[Mapping[str, str]] = {"adjust_lr_fn": "norm_factor"}
+    aliases: ClassVar[Mapping[str, str]] = {
+        "adjust_lr_fn": "norm_factor",
+        "ns_steps": "backend_steps",
+        "ns_coefficients": "coefficients",
+    }
 
     momentum: float = 0.95
     nesterov: bool = True
