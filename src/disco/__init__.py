@@ -1,7 +1,18 @@
 """Disco: distributed spectral-conditioned optimizers (Muon, Scion, Disco) for PyTorch."""
 
 from .groups import create_disco_param_groups, routing_table
-from .optim import Dion, Dion2, Disco, Muon, NorMuon, Scion
+from .optim import AdaMuon, Dion, Dion2, Disco, Muon, NorMuon, PolarGrad, Scion
 
 __version__ = "0.1.0"
-__all__ = ["Dion", "Dion2", "Disco", "Muon", "NorMuon", "Scion", "create_disco_param_groups", "routing_table"]
+__all__ = [
+    "AdaMuon",
+    "Dion",
+    "Dion2",
+    "Disco",
+    "Muon",
+    "NorMuon",
+    "PolarGrad",
+    "Scion",
+    "create_disco_param_groups",
+    "routing_table",
+]
