@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from disco import Disco, Muon, create_disco_param_groups, routing_table  # noqa: E402
+from disco import Dion, Dion2, Disco, Muon, NorMuon, Scion, create_disco_param_groups, routing_table  # noqa: E402
 from disco.integrations import hf  # noqa: E402
 
 HIDDEN = {  # name in block 0 -> (stored shape, fan_out, fan_in)
@@ -188,22 +188,141 @@ def test_trainer_muon_recipe_trains_saves_and_resumes(tmp_path):
         torch.testing.assert_close(p.detach(), final[n], rtol=0, atol=1e-6, msg=n)
 
 
-def test_trainer_with_the_disco_class_and_trainers_own_groups(tmp_path):
-    """``optimizer_cls_and_kwargs=(disco.Disco, {...})``: Trainer's weight-decay groups hold the biases and norm
-    gains; Disco routes them to bias_rms inside instead of refusing a 1-D tensor in a matrix group."""
-    model = gpt2()
+def llama(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+CLASSES = [Disco, Muon, Scion, NorMuon, Dion, Dion2]
+
+
+@pytest.mark.parametrize("make", [gpt2, llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_trainer_with_a_plain_class_refuses_with_the_fix(tmp_path, make, cls):
+    """``optimizer_cls_and_kwargs=(disco.X, {...})``: Trainer's own groups hold no names, so the tied / Conv1D /
+    embedding / head weights would take a hidden matrix's update (GPT-2's c_fc 0.5 instead of 2.0): refused
+    before any step, naming the parameter and ``hf.trainer_optimizer``."""
+    model = make()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = transformers.Trainer(
         model=model,
-        args=_args(str(tmp_path / "plain"), 10, weight_decay=0.01),
-        train_dataset=_byte_dataset(80),
+        args=_args(str(tmp_path / "plain"), 2),
+        train_dataset=_byte_dataset(16),
+        optimizer_cls_and_kwargs=(cls, {"lr": 0.02}),
+    )
+    first = "'transformer.wte.weight' (shape (256, 64))" if make is gpt2 else "'model.embed_tokens.weight'"
+    why = "tied with lm_head.weight" if make is gpt2 else "the model's embedding"
+    fix = f"disco.integrations.hf.trainer_optimizer(model, 'muon', optimizer=disco.{cls.__name__}, lr=...)"
+    with pytest.raises(ValueError) as e:
+        trainer.train()
+    assert first in str(e.value) and why in str(e.value) and fix in str(e.value), str(e.value)
+    assert str(e.value).startswith(f"{cls.__name__}: transformers.Trainer passed its own parameter groups")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_trainer_refuses_a_conv1d_weight_in_the_plain_group(tmp_path):
+    """Untied GPT-2: the first misrouted weight is then a Conv1D one (stored in x out)."""
+    model = gpt2()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.transformer.wte.requires_grad_(False)
+    model.transformer.wpe.requires_grad_(False)
+    model.lm_head.requires_grad_(False)
+    trainer = transformers.Trainer(
+        model=model, args=_args(str(tmp_path), 1), train_dataset=_byte_dataset(8), optimizer_cls_and_kwargs=(Disco, {})
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"'transformer\.h\.0\.attn\.c_attn\.weight' \(shape \(64, 192\)\).*"
+        r"stored fan_in x fan_out by Conv1D.*hf\.trainer_optimizer",
+    ):
+        trainer.create_optimizer()
+
+
+class _MLP(torch.nn.Module):
+    """No embedding, no head by name: hidden matrices and vectors only, which the plain groups route right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(32, 64)
+        self.norm = torch.nn.LayerNorm(64)
+        self.fc2 = torch.nn.Linear(64, 32)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = torch.nn.functional.one_hot(input_ids % 32, 32).float().mean(1)
+        y = self.fc2(self.norm(torch.relu(self.fc1(x))))
+        return {"loss": (y - torch.nn.functional.one_hot(labels[:, 0] % 32, 32).float()).pow(2).mean()}
+
+
+def test_trainer_with_the_disco_class_on_hidden_matrices_only(tmp_path):
+    """A model with hidden matrices and vectors only: Trainer's groups pass; Disco routes their vectors to
+    bias_rms inside, keeping Trainer's weight decay per group."""
+    model = _MLP()
+    trainer = transformers.Trainer(
+        model=model,
+        args=_args(str(tmp_path / "plain"), 3, weight_decay=0.01),
+        train_dataset=_byte_dataset(24),
         optimizer_cls_and_kwargs=(Disco, {"lr": 0.02}),
     )
     trainer.train()
-    losses = _losses(trainer)
-    assert len(losses) == 10 and losses[-1] < losses[0] - 0.5, losses
     opt = trainer.optimizer.optimizer
     matrices = [g for g in opt.param_groups if all(p.dim() >= 2 for p in g["params"])]
     vectors = [g for g in opt.param_groups if all(p.dim() < 2 for p in g["params"])]
-    assert len(matrices) + len(vectors) == len(opt.param_groups)
+    assert len(matrices) + len(vectors) == len(opt.param_groups) and matrices and vectors
     assert {g["norm_factor"] for g in vectors} == {"bias_rms"} and {g["norm_factor"] for g in matrices} == {"spectral"}
     assert {g["weight_decay"] for g in matrices} == {0.01} and {g["weight_decay"] for g in vectors} == {0.0}
+
+
+def test_trainer_optimizer_routes_gpt2_right_in_a_real_trainer(tmp_path):
+    """The issue's numbers through the real Trainer: one step with lr=1, momentum=0 and the exact SVD moves
+    c_fc by spectral norm 2.0 (not 0.5) and every row of the tied wte by 1/8 (not a spectral update)."""
+    model = gpt2()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match="tied"):
+        cls_kwargs = hf.trainer_optimizer(model, "disco", lr=1.0, momentum=0.0, backend="svd", weight_decay=0.0)
+    trainer = transformers.Trainer(
+        model=model,
+        args=_args(str(tmp_path), 1, max_grad_norm=0.0),
+        train_dataset=_byte_dataset(8),
+        optimizer_cls_and_kwargs=cls_kwargs,
+    )
+    trainer.train()
+    delta = {n: before[n] - p.detach() for n, p in model.named_parameters()}
+    for suffix, (_, fan_out, fan_in) in HIDDEN.items():
+        got = _spectral(delta[f"transformer.h.0.{suffix}"])
+        assert got == pytest.approx(math.sqrt(fan_out / fan_in), rel=1e-5), suffix
+    rows = torch.linalg.vector_norm(delta["transformer.wte.weight"], dim=1)
+    assert torch.allclose(rows, torch.full_like(rows, 1 / 8), rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [gpt2, llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_trainer_optimizer_with_every_class(tmp_path, make, cls):
+    """``hf.trainer_optimizer(model, 'muon', optimizer=cls)`` trains, or (Dion, Dion2 on GPT-2's Conv1D, whose
+    math reads the stored layout) refuses naming the transposed weights; ``optimizers=`` takes the same groups."""
+    model = make()
+    kwargs = {"lr": 0.02} if cls in (Dion, Dion2) else {"lr": 0.02, "weight_decay": 0.0}
+    cls_kwargs = hf.trainer_optimizer(model, "muon", optimizer=cls, **kwargs)
+    if make is gpt2 and cls in (Dion, Dion2):
+        with pytest.raises(ValueError, match=r"c_attn\.weight.*stored \(fan_out x fan_in\) layout"):
+            cls_kwargs[0](**cls_kwargs[1])
+        return
+    built, groups = cls_kwargs
+    optimizer = built(**groups)  # optimizers=(optimizer, None): the same groups, built by the user
+    trainer = transformers.Trainer(
+        model=model, args=_args(str(tmp_path), 3), train_dataset=_byte_dataset(24), optimizers=(optimizer, None)
+    )
+    trainer.train()
+    losses = _losses(trainer)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and trainer.optimizer.optimizer is optimizer
+    names = {n for g in optimizer.param_groups for n in g["param_names"]}
+    assert names == {n for n, p in model.named_parameters()}  # routed by the model's names, every one once

@@ -66,6 +66,9 @@ class SpectralOptimizer(Optimizer):
             names, params = [n for n, _ in params], [p for _, p in params]
         gi = len(self.param_groups)
         if names is None:
+            from ..groups.trainer import check_trainer_group  # transformers.Trainer's groups: refused if misrouted
+
+            check_trainer_group(type(self).__name__, params, param_group, self.defaults)
             names = [f"group{gi}.param{k}" for k in range(len(params))]
         names = list(names)
         if len(names) != len(params):
