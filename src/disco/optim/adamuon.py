@@ -87,8 +87,10 @@ class AdaMuonRule(LMORule):
     streams = False
 
     def check_group(self, group: Group, settings: Settings, at: str) -> None:
+        validation.check_matrices(
+            group, at, "AdaMuon (it orthogonalizes matrices)"
+        )  # before LMORule's, whose advice does not apply
         super().check_group(group, settings, at)
-        validation.check_matrices(group, at, "AdaMuon (it orthogonalizes matrices)")
 
     def init_state(self, settings: Settings, p: Tensor) -> dict[str, Any]:
         state = super().init_state(settings, p)

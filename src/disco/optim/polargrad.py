@@ -134,8 +134,10 @@ class PolarGradRule(LMORule):
     streams = False
 
     def check_group(self, group: Group, settings: Settings, at: str) -> None:
+        validation.check_matrices(
+            group, at, "PolarGrad (it scales the polar factor of matrices)"
+        )  # before LMORule's, whose advice does not apply
         super().check_group(group, settings, at)
-        validation.check_matrices(group, at, "PolarGrad (it scales the polar factor of matrices)")
 
     def _prepare(self, it: Item, ctx: StepContext) -> tuple[Tensor, Callable[[], Tensor] | None, MomentumWrite | None]:
         if polargrad_settings(it).polar_first:
