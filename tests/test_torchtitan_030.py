@@ -414,3 +414,42 @@ def test_fsdp2_training_and_checkpoint_resume_on_two_ranks(tmp_path):
         assert r["lr"][0] == pytest.approx(r["lr"][1])  # the LR scheduler resumed too
     for n, v in r0["final"][0].items():  # ranks agree on the trained model
         torch.testing.assert_close(r1["final"][0][n], v, rtol=0, atol=0, msg=n)
+
+
+def test_lower_case_names_build_disco_and_torchtitan_optimizers():
+    """``optimizer_name`` in any case: ``disco`` (routed), Disco's other classes (``muon``, ``dion``...) over
+    their pattern, TorchTitan's own (``adamw``); an unknown name is a ValueError listing the valid ones, not
+    TorchTitan's bare NotImplementedError."""
+    from disco import Dion, Muon
+
+    model = build_model(0)
+    config = DiscoOptimizersContainer.Config(
+        param_groups=[
+            ParamGroupConfig(
+                pattern=r"^(tok_embeddings|lm_head)\.", optimizer_name="adamw", optimizer_kwargs={"lr": 3e-3}
+            ),
+            ParamGroupConfig(pattern=r"\.attention\.w", optimizer_name="muon", optimizer_kwargs={"lr": 0.02}),
+            ParamGroupConfig(pattern=r"\.feed_forward\.", optimizer_name="DION", optimizer_kwargs={"lr": 0.02}),
+            ParamGroupConfig(pattern=r".*", optimizer_name="disco", optimizer_kwargs={"lr": 0.02}),
+        ],
+        implementation="for-loop",
+        optimizer_factory_kwargs_by_name={"muon": {"nonfinite": "skip"}},
+    )
+    container = config.build(model_parts=[model])
+    kinds = {type(o): o for o in container}
+    assert set(kinds) == {Disco, torch.optim.AdamW, Muon, Dion}
+    names = {cls: {n for g in o.param_groups for n in g["param_names"]} for cls, o in kinds.items()}
+    assert names[torch.optim.AdamW] == {"tok_embeddings.weight", "lm_head.weight"}
+    assert names[Muon] and all(".attention.w" in n for n in names[Muon])
+    assert names[Dion] and all(".feed_forward." in n for n in names[Dion])
+    assert "norm.weight" in names[Disco] and kinds[Muon].param_groups[0]["nonfinite"] == "skip"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = _tokens(0, 0, 1)
+    nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    container.step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # every optimizer stepped
+    bad = DiscoOptimizersContainer.Config(
+        param_groups=[ParamGroupConfig(pattern=r".*", optimizer_name="lamb", optimizer_kwargs={"lr": 1.0})]
+    )
+    with pytest.raises(ValueError, match=r"optimizer_name 'lamb' is unknown; valid \(any case\): Disco, .*Muon.*AdamW"):
+        bad.build(model_parts=[build_model(0)])

@@ -83,7 +83,9 @@ __all__ = [
     "DISCO_OPTIMIZER_NAMES",
     "build_disco_optimizer",
     "create_disco_optimizer_kwargs_from_optimizer_config",
+    "disco_classes",
     "disco_optimizer_config",
+    "resolve_name",
 ]
 
 _MISSING = object()
@@ -141,7 +143,54 @@ def _is_container_config(obj: Any) -> bool:
 
 
 def _is_disco_name(name: Any) -> bool:
-    return isinstance(name, str) and name in DISCO_OPTIMIZER_NAMES
+    """``"Disco"`` in any case (``"disco"`` too): the routed Disco of the container."""
+    return isinstance(name, str) and name.lower() in {n.lower() for n in DISCO_OPTIMIZER_NAMES}
+
+
+def disco_classes() -> dict[str, Any]:
+    """Disco's other optimizer classes by lower-case name (``"muon"``: :class:`disco.Muon`, ``"dion"``...), as
+    ``disco.optim`` exports them; a ``ParamGroupConfig`` naming one (any case) gets that class over its
+    parameters, unrouted (its pattern chooses them, as for TorchTitan's own optimizers)."""
+    from .. import optim
+    from ..optim.base import SpectralOptimizer
+
+    out = {}
+    for attr in optim.__all__:
+        cls = getattr(optim, attr)
+        if isinstance(cls, type) and issubclass(cls, SpectralOptimizer) and not _is_disco_name(attr):
+            out[attr.lower()] = cls
+    return out
+
+
+def _known_name(name: str) -> str:
+    try:
+        return resolve_name(name)[0]
+    except ValueError:
+        return name
+
+
+_TORCHTITAN_NAMES = ("Adam", "AdamW", "DistMuon")  # TorchTitan 0.3.0's _resolve_optimizer_factory table
+
+
+def resolve_name(name: str) -> tuple[str, Any]:
+    """``(canonical name, Disco class or None)`` for a ``ParamGroupConfig.optimizer_name`` in any case:
+    ``"Disco"`` (routed), one of :func:`disco_classes`, or one of TorchTitan's own (``"adamw"`` -> ``"AdamW"``).
+
+    Raises:
+        ValueError: an unknown name, listing the valid ones (TorchTitan itself raises a bare
+            ``NotImplementedError``).
+    """
+    if _is_disco_name(name):
+        return DISCO_OPTIMIZER_NAMES[0], None
+    classes = disco_classes()
+    key = name.lower() if isinstance(name, str) else ""
+    if key in classes:
+        return classes[key].__name__, classes[key]
+    for known in _TORCHTITAN_NAMES:
+        if known.lower() == key:
+            return known, None
+    valid = [*DISCO_OPTIMIZER_NAMES, *(c.__name__ for c in classes.values()), *_TORCHTITAN_NAMES]
+    raise ValueError(f"ParamGroupConfig optimizer_name {name!r} is unknown; valid (any case): {', '.join(valid)}")
 
 
 def _select_group(config: Any) -> Any:
@@ -367,7 +416,7 @@ def _container_class() -> Any:
 
         def __init__(self, config: Any, *, model_parts: list[nn.Module], parallel_dims: Any = None) -> None:
             impl_kwargs = self._build_impl_kwargs(config)
-            factory_kwargs = dict(config.optimizer_factory_kwargs_by_name)
+            factory_kwargs = {_known_name(k): v for k, v in config.optimizer_factory_kwargs_by_name.items()}
             self.optimizers = []
             self.model_parts = list(model_parts)
             self.parallel_dims = parallel_dims
@@ -389,18 +438,21 @@ def _container_class() -> Any:
                 for pg, hits in plan:
                     if _is_disco_name(pg.optimizer_name):
                         continue
-                    groups_of, patterns = by_name.setdefault(pg.optimizer_name, ([], []))
+                    opt_name, cls = resolve_name(pg.optimizer_name)
+                    groups_of, patterns = by_name.setdefault(opt_name, ([], []))
                     groups_of.append(
                         {
                             "params": [params[n] for n in hits],
                             "param_names": [_canonical(n) for n in hits],
-                            **impl_kwargs,
+                            **({} if cls is not None else impl_kwargs),  # fused / foreach: torch.optim's keys
                             **pg.optimizer_kwargs,
                         }
                     )
                     patterns.append(pg.pattern)
                 for opt_name, (groups_of, patterns) in by_name.items():
-                    optimizer = self._resolve_optimizer_factory(opt_name)(groups_of, **factory_kwargs.get(opt_name, {}))
+                    cls = resolve_name(opt_name)[1]
+                    factory = cls if cls is not None else self._resolve_optimizer_factory(opt_name)
+                    optimizer = factory(groups_of, **factory_kwargs.get(opt_name, {}))
                     self.optimizers.append(optimizer)
                     self._log_optimizer(optimizer, part_idx, patterns)
                     all_params.extend(p for g in groups_of for p in g["params"])
