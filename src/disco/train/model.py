@@ -16,6 +16,7 @@ Names the optimizer routing relies on::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,8 @@ class Attention(nn.Module):
             self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
             self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        # QK-clip: disco.optim.qkclip_recipes.disco_gpt installs a recorder called with q, k [B, T, H, D] after RoPE
+        self.logit_recorder: Callable[[Tensor, Tensor], None] | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -81,6 +84,8 @@ class Attention(nn.Module):
         # -1 heads: under tensor parallelism each rank holds only its own heads
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.logit_recorder is not None:
+            self.logit_recorder(q, k)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         out: Tensor = self.wo(y.transpose(1, 2).reshape(B, T, -1))
         return out
