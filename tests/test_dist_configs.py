@@ -9,7 +9,16 @@ from test_dist_equivalence import SHAPES, STEPS, _assert_same, _dtensor_grad, bu
 from torch import nn
 
 from disco.distributed import create_auto_config, create_callback_config, create_dtensor_config
+from disco.distributed.launch import rank_threads
 from disco.distributed.layout import chunk_bound
+
+
+@pytest.fixture(autouse=True)
+def _rank_threads():
+    """Single-process references multiply with the ranks' thread count, so both run the same GEMM kernels (see
+    ``disco.distributed.launch.RANK_THREADS``)."""
+    with rank_threads():
+        yield
 
 # build_optimizer puts the matrices first, then the bias: the optimizer's own parameter numbering.
 FLAT_ORDER = ["a.weight", "b.weight", "c.weight", "e.weight", "b.bias"]

@@ -11,6 +11,15 @@ from dist_harness import RankError, run_ranks
 from torch import nn
 
 from disco import Dion
+from disco.distributed.launch import rank_threads
+
+
+@pytest.fixture(autouse=True)
+def _rank_threads():
+    """Single-process references multiply with the ranks' thread count, so both run the same GEMM kernels (see
+    ``disco.distributed.launch.RANK_THREADS``)."""
+    with rank_threads():
+        yield
 
 SHAPES = {"a": (97, 64), "c": (18, 32)}
 STEPS = 3

@@ -13,6 +13,15 @@ from dist_harness import RankError, run_ranks
 from torch import nn
 
 from disco import Disco, Muon, Scion
+from disco.distributed.launch import rank_threads
+
+
+@pytest.fixture(autouse=True)
+def _rank_threads():
+    """Single-process references multiply with the ranks' thread count, so both run the same GEMM kernels (see
+    ``disco.distributed.launch.RANK_THREADS``)."""
+    with rank_threads():
+        yield
 
 SHAPES = {
     "a.weight": (97, 64),

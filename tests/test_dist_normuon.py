@@ -10,6 +10,15 @@ from test_dist_dion import _mesh_and_placements
 from torch import nn
 
 from disco import NorMuon
+from disco.distributed.launch import rank_threads
+
+
+@pytest.fixture(autouse=True)
+def _rank_threads():
+    """Single-process references multiply with the ranks' thread count, so both run the same GEMM kernels (see
+    ``disco.distributed.launch.RANK_THREADS``)."""
+    with rank_threads():
+        yield
 
 SHAPES = {"a": (97, 64), "c": (18, 32), "e": (4, 10, 6)}
 STEPS = 3

@@ -14,8 +14,8 @@ Writing a distributed test::
         out = run_ranks(_body, 4, 3)         # out[r] is rank r's return value
         assert torch.equal(out[0], torch.full((3,), 6.0))
 
-Inside ``_body`` the default process group is initialised (gloo, one torch thread, ``RANK`` / ``WORLD_SIZE``
-/ ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` / ``MASTER_ADDR`` set), so ``init_device_mesh("cpu", (2, 2))``,
+Inside ``_body`` the default process group is initialised (gloo, ``RANK_THREADS`` torch threads, ``RANK`` /
+``WORLD_SIZE`` / ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` / ``MASTER_ADDR`` set), so ``init_device_mesh("cpu", (2, 2))``,
 ``fully_shard``, ``parallelize_module`` and ``torch.distributed.checkpoint`` work directly.
 
 Rendezvous: by default the ranks meet through a ``FileStore`` in a fresh temporary directory per call (no
@@ -65,16 +65,22 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-__all__ = ["HOST", "RankError", "run_ranks"]
+__all__ = ["HOST", "RANK_THREADS", "RankError", "rank_threads", "run_ranks"]
 
 HOST = "127.0.0.1"
+#: torch intra-op threads in each rank. A single-process reference that a test compares bit for bit with the
+#: ranks must run with as many (``rank_threads()``): MKL's fp32 GEMM rounds differently with another thread count
+#: (on 2 threads it splits the inner dimension of 64..128-sized products with ``beta != 0``, as ``addmm`` /
+#: ``baddbmm`` in Newton-Schulz are; on AVX2 even plain ``mm``), so a 2-thread parent differs from 1-thread ranks by
+#: a few fp32 ulps per product, which Newton-Schulz carries into the update.
+RANK_THREADS = 1
 
 # What the forkserver imports once, before it forks any rank (``preload`` adds to it).
 _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp"]
@@ -206,7 +212,7 @@ def _rank_entry(
     import torch.distributed as dist
     from torch._C._distributed_c10d import FileStore, Store, TCPStore
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(RANK_THREADS)
     msg: Status
     try:
         for name in imports:  # asked for by this call, not preloaded by the forkserver
@@ -241,6 +247,20 @@ def _rank_entry(
 
 
 # ---------------------------------------------------------------------------------------------- parent side
+
+
+@contextlib.contextmanager
+def rank_threads() -> Iterator[None]:
+    """Run the body with the ranks' torch thread count (``RANK_THREADS``), then restore this process's: the
+    single-process twin of a distributed run then multiplies with the same kernels, so they agree bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(RANK_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _fn_spec(fn: Callable[..., Any]) -> FnSpec:
