@@ -88,10 +88,7 @@ class Sweep:
     out: Path
     jobs: int
     budget_min: float
-
-    @property
-    def threads(self) -> int:
-        return max(1, (os.cpu_count() or 1) // self.jobs)
+    threads: int
 
 
 def point_config(base: TrainConfig, point: Point, out: Path) -> TrainConfig:
@@ -125,6 +122,7 @@ def run_point(base: TrainConfig, point: Point, out: Path, threads: int) -> dict[
     (``StepError``) mark the run diverged; any other exception propagates.
     """
     torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision("high")  # as the training CLI (a spawned worker starts without it)
     cfg = point_config(base, point, out)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,17 +228,15 @@ def shared_settings(base: TrainConfig) -> dict[str, Any]:
     return as_read
 
 
-def check_settings(out: Path, base: TrainConfig) -> None:
-    """Write ``settings.json``, or refuse when the one there (an earlier sweep in ``out``) differs."""
+def check_settings(out: Path, base: TrainConfig, rows: list[dict[str, Any]]) -> None:
+    """Refuse when ``settings.json`` (of the runs already in ``sweep.jsonl``) differs from ``base``'s."""
     path, now = out / "settings.json", shared_settings(base)
-    if path.exists():
+    if rows and path.exists():
         saved = json.loads(path.read_text())
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
             changes = "; ".join(f"{k} {json.dumps(saved.get(k))} -> {json.dumps(now[k])}" for k in diff)
             raise UsageError(f"--out {out}: holds a sweep with other settings ({changes}); use another --out")
-    else:
-        path.write_text(json.dumps(now, indent=2) + "\n")
 
 
 def _describe(row: dict[str, Any]) -> str:
@@ -254,9 +250,10 @@ def _describe(row: dict[str, Any]) -> str:
 def run_sweep(sweep: Sweep) -> list[dict[str, Any]]:
     """Run the points not yet in ``sweep.jsonl`` (appending a line as each ends); returns the grid's rows."""
     sweep.out.mkdir(parents=True, exist_ok=True)
-    check_settings(sweep.out, sweep.base)
     path = sweep.out / "sweep.jsonl"
-    done = {row_key(r): r for r in read_rows(path)}
+    rows = read_rows(path)
+    check_settings(sweep.out, sweep.base, rows)
+    done = {row_key(r): r for r in rows}
     todo = [p for p in sweep.points if p.key not in done]
     jobs = min(sweep.jobs, max(1, len(todo)))
     b = sweep.base
@@ -279,6 +276,8 @@ def run_sweep(sweep: Sweep) -> list[dict[str, Any]]:
                 f" --budget {sweep.budget_min:g} ({how}); shrink the grid, or raise --budget"
             )
         print(f"[sweep] estimate: {minutes:.1f} min ({how})", flush=True)
+    if todo and not rows:
+        (sweep.out / "settings.json").write_text(json.dumps(shared_settings(sweep.base), indent=2) + "\n")
     start = time.perf_counter()
     with path.open("a") as sink:
 
@@ -323,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 done; 2 a bad input or a grid over --budget (one line on stderr); 130 interrupted "
         "(the same command continues).",
     )
-    p.add_argument("--optimizers", required=True, help="comma-separated names (python -m disco train --list-optimizers)")
+    p.add_argument(
+        "--optimizers", required=True, help="comma-separated names (python -m disco train --list-optimizers)"
+    )
     p.add_argument("--widths", required=True, help="comma-separated model widths (model.dim), e.g. 64,128,256")
     p.add_argument("--depths", help="comma-separated layer counts (default: the config's n_layers)")
     p.add_argument(
@@ -337,10 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", help="model init and data order, the same for every run (default: the config's)")
     p.add_argument("--batch-size", help="rows per step (default: the config's)")
     p.add_argument("--seq-len", help="bytes per row (default: the config's)")
+    p.add_argument("--eval-batches", help="fixed batches of the final train / val loss (default: the config's)")
     p.add_argument("--heads", help="attention heads at every width (default: the config's n_heads)")
     p.add_argument("--data", help="a text file to train on (default: the config's, else the pydoc_data corpus)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the config's")
     p.add_argument("--jobs", help="runs at once, each in its own process (default: CPU cores on CPU, 1 on a GPU)")
+    p.add_argument("--threads", help="torch threads per run (default: CPU cores / --jobs, at least 1)")
     p.add_argument("--budget", default="60", help="refuse a grid estimated to take longer (minutes; 0: no limit)")
     return p
 
@@ -389,6 +392,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         "seed": _one("--seed", args.seed, int, 0),
         "batch_size": _one("--batch-size", args.batch_size, int, 1),
         "seq_len": _one("--seq-len", args.seq_len, int, 1),
+        "eval_batches": _one("--eval-batches", args.eval_batches, int, 1),
         "data": args.data,
         "device": args.device,
     }
@@ -403,9 +407,10 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
     check_long_enough(train, val, base.seq_len, f"--data {base.data}" if base.data else "the pydoc_data corpus")
     gpu = base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available())
     jobs = _one("--jobs", args.jobs, int, 1) or (1 if gpu else os.cpu_count() or 1)
+    threads = _one("--threads", args.threads, int, 1) or max(1, (os.cpu_count() or 1) // jobs)
     budget = _one("--budget", args.budget, float, 0)
     points = tuple(Point(o, w, d, s) for o in names for d in depths for w in widths for s in scales)
-    return Sweep(base, points, Path(args.out), jobs, budget)
+    return Sweep(base, points, Path(args.out), jobs, budget, threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,18 +97,24 @@ def format_best(rows: list[dict[str, Any]]) -> str:
         if moved is not None:
             ws = [w for w, b in zip(widths[(opt, depth)], bests) if b is not None]
             lrs = " / ".join(f"{b.lr:.3g}" for b in bests if b is not None)
-            bound = " (at least: a best lr is at the grid's edge)" if moved[1] else ""
+            bound = " (uncertain: a best lr is at the grid's edge, the true one may lie beyond)" if moved[1] else ""
             notes.append(
                 f"{opt} (depth {depth}): best lr {lrs} at widths {' / '.join(map(str, ws))}; largest / smallest"
                 f" = {moved[0]:.3g}{bound}"
             )
     lines.append("")
     lines += [textwrap.fill(n, width=len(head) + 20, subsequent_indent="  ") for n in notes]
-    lines.append(
+    footnote = (
         "val loss: the final model's mean cross-entropy (nats per byte) on fixed validation batches; a run is"
         " diverged when it is not finite or no better than ln(256)."
     )
+    lines.append(textwrap.fill(footnote, width=len(head) + 20))
     return "\n".join(lines)
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def plot_sweep(out: Path, rows: list[dict[str, Any]]) -> Path | None:
@@ -158,7 +164,7 @@ def plot_sweep(out: Path, rows: list[dict[str, Any]]) -> Path | None:
         ax.set_xlabel("lr")
         ax.set_ylabel("final val loss (nats / byte)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        _legend(ax)
     ax = flat[len(optimizers)]
     for (opt, depth), bests in groups.items():
         found = [b for b in bests if b is not None]
@@ -172,12 +178,15 @@ def plot_sweep(out: Path, rows: list[dict[str, Any]]) -> Path | None:
         if edges:  # hollow: the best lr of the grid, the true one may lie beyond
             ax.plot([b.width for b in edges], [b.lr for b in edges], "o", ms=9, mfc="none", color=color)
     ax.set_xscale("log", base=2)
+    widths = sorted({r["width"] for r in rows})
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_title("best lr against width (ring: at the grid's edge)", fontsize=9)
     ax.set_xlabel("width")
     ax.set_ylabel("best lr")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _legend(ax)
     for extra in flat[n:]:
         extra.axis("off")
     fig.tight_layout()

@@ -1,0 +1,170 @@
+"""``python -m disco sweep`` as a user meets it: a 2 x 2 grid on a one-layer model (its outputs, not its numbers),
+resuming, the budget refusal and bad inputs; and the best-lr table on made-up rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import disco.optim  # noqa: F401  (registers every optimizer)
+from disco.__main__ import main as disco_main
+from disco.optim.registry import get_optimizer_spec
+from disco.train import sweep
+from disco.train.sweep_report import best_lrs, drift, format_best
+
+TINY_YAML = (
+    "model: {dim: 32, n_layers: 1, n_heads: 2}\nsteps: 3\nbatch_size: 4\nseq_len: 16\nwarmup_steps: 1\n"
+    "eval_every: 0\neval_batches: 1\ndevice: cpu\n"
+)
+FIELDS = {
+    "optimizer", "width", "depth", "lr", "lr_scale", "final_train_loss", "final_val_loss", "steps", "tokens_per_s",
+    "wall_s", "diverged", "seed",
+}  # fmt: skip
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_YAML)
+    return tmp_path / "out", ["--config", str(cfg), "--out", str(tmp_path / "out"), "--budget", "0"]
+
+
+def call(argv):
+    try:
+        return sweep.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+
+
+def test_sweep_writes_rows_table_plot_and_resumes(tiny, capsys):
+    out, common = tiny
+    grid = ["--optimizers", "adamw,muon", "--widths", "16,32", "--lr-scale", "0.5,2"]
+    assert call(common + grid + ["--jobs", "2"]) == 0  # two worker processes
+    printed = capsys.readouterr().out
+    got = rows(out)
+    assert len(got) == 8
+    assert {tuple(sorted(r)) for r in got} == {tuple(sorted(FIELDS))}
+    keys = {(r["optimizer"], r["width"], r["depth"], r["lr_scale"]) for r in got}
+    assert keys == {(o, w, 1, s) for o in ("adamw", "muon") for w in (16, 32) for s in (0.5, 2.0)}
+    for r in got:
+        assert r["lr"] == pytest.approx(get_optimizer_spec(r["optimizer"]).default_lr * r["lr_scale"])
+        assert r["steps"] == 3 and r["seed"] == 0 and isinstance(r["diverged"], bool)
+        assert (out / "runs" / f"{r['optimizer']}_w{r['width']}_d1_x{r['lr_scale']:g}" / r["optimizer"]).is_dir()
+    assert not list(out.glob("runs/*/*/ckpt"))  # checkpoints are deleted after each run
+    table = [line.split() for line in printed.splitlines()]
+    for opt in ("adamw", "muon"):
+        for width in ("16", "32"):
+            assert any(line[:3] == [opt, "1", width] for line in table), printed
+    assert "adamw (depth 1): best lr" in printed and "largest / smallest" in printed
+    pytest.importorskip("matplotlib")
+    assert (out / "sweep.png").stat().st_size > 0
+
+    # the same command runs nothing again; a larger grid runs only the new points
+    assert call(common + grid + ["--jobs", "1"]) == 0
+    again = capsys.readouterr().out
+    assert "8 runs (8 already in" in again and "[sweep 1/8]" not in again
+    assert len(rows(out)) == 8
+    bigger = ["--optimizers", "adamw,muon", "--widths", "16,32", "--lr-scale", "0.5,1,2", "--jobs", "1"]
+    assert call(common + bigger) == 0
+    more = capsys.readouterr().out
+    assert "12 runs (8 already in" in more
+    assert [line.split("]")[0] for line in more.splitlines() if line.startswith("[sweep ")] == [
+        f"[sweep {n}/12" for n in range(9, 13)
+    ]
+    assert sorted(r["lr_scale"] for r in rows(out)[8:]) == [1.0] * 4
+
+
+def test_a_huge_lr_is_flagged_diverged(tiny, capsys):
+    out, common = tiny
+    argv = common + ["--optimizers", "adamw", "--widths", "16", "--lr-scale", "1e5", "--jobs", "1"]
+    assert call(argv) == 0
+    (row,) = rows(out)
+    assert row["diverged"] is True
+    assert "every lr diverged" in capsys.readouterr().out
+
+
+def test_budget_refusal_names_the_estimate(tiny, capsys):
+    out, common = tiny
+    argv = common[:-2] + ["--budget", "0.0001", "--optimizers", "adamw", "--widths", "16,32", "--lr-scale", "1,2"]
+    assert call(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "4 runs would take about" in err and "--budget 0.0001" in err and "timed steps" in err
+    assert not (out / "sweep.jsonl").exists() or not rows(out)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--optimizers", "adamw,nope"], "unknown"),
+        (["--widths", "16,30"], "head size"),
+        (["--widths", "16,16"], "twice"),
+        (["--widths", "a"], "not a whole number"),
+        (["--lr-scale", "0"], "positive"),
+        (["--lr-scale", "-1"], "not a number >= 0"),
+        (["--steps", "0"], "--steps 0"),
+        (["--jobs", "0"], "--jobs 0"),
+        (["--steps", "2,3"], "one value"),
+        (["--depths", "0"], "--depths 0"),
+        (["--data", "/no/such/file"], "no such file"),
+    ],
+)
+def test_bad_inputs_are_one_line_and_exit_2(tiny, capsys, extra, message):
+    out, common = tiny
+    grid = {"--optimizers": "adamw", "--widths": "16", "--lr-scale": "1"}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        grid[flag] = value
+    argv = common + [x for kv in grid.items() for x in kv]
+    assert call(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_other_settings_in_the_same_out_are_refused(tiny, capsys):
+    out, common = tiny
+    grid = ["--optimizers", "adamw", "--widths", "16", "--lr-scale", "1", "--jobs", "1"]
+    assert call(common + grid) == 0
+    capsys.readouterr()
+    assert call(common + grid + ["--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "seed 0 -> 1" in err
+    assert len(rows(out)) == 1
+
+
+def test_disco_lists_the_sweep_command(capsys):
+    assert disco_main(["--help"]) == 0
+    assert "sweep" in capsys.readouterr().out
+
+
+# ---- the table on made-up rows ---------------------------------------------------------------------------------
+
+
+def _row(opt, width, scale, val, diverged=False, depth=4):
+    return {"optimizer": opt, "width": width, "depth": depth, "lr": 0.01 * scale, "lr_scale": scale,
+            "final_val_loss": val, "diverged": diverged}  # fmt: skip
+
+
+def test_best_lr_edges_ratio_and_all_diverged():
+    made_up = [
+        _row("a", 64, 0.5, 2.0), _row("a", 64, 1, 1.9), _row("a", 64, 2, 1.95),  # interior best: x1
+        _row("a", 128, 0.5, 1.7), _row("a", 128, 1, 1.8), _row("a", 128, 2, math.nan, True),  # best at the low edge
+        _row("b", 64, 1, 9.0, True), _row("b", 64, 2, math.nan, True),  # all diverged
+    ]  # fmt: skip
+    groups = best_lrs(made_up)
+    (a64, a128), (b64,) = groups[("a", 4)], groups[("b", 4)]
+    assert a64 is not None and (a64.lr_scale, a64.edge, a64.diverged) == (1, None, 0)
+    assert a128 is not None and (a128.lr_scale, a128.edge, a128.diverged) == (0.5, "low", 1)
+    assert b64 is None
+    assert drift(groups[("a", 4)]) == (pytest.approx(2.0), True)
+    assert drift(groups[("b", 4)]) is None
+    table = format_best(made_up)
+    assert "at the grid's smallest lr, 1/3 diverged" in table
+    assert "every lr diverged" in table
+    assert "largest / smallest = 2 (" in table
