@@ -95,7 +95,10 @@ class AttentionHeads:
     HF's ``Conv1D``); its first ``head_dim`` are the content part, the last ``q_rope_dim`` MLA's rotary part. Key
     head ``g`` is the ``head_dim`` indices starting at ``k_start + g * k_stride`` (``k_stride``: ``head_dim``, or
     MLA's ``k_nope + v`` rows per head of ``wkv_b``, whose value rows are left alone). ``q_weight`` and
-    ``k_weight`` may be the same fused tensor. Biases, when the projections have them, are scaled like their rows.
+    ``k_weight`` may be the same fused tensor. ``q_index`` / ``k_index`` (``[n_heads, head_dim + q_rope_dim]`` /
+    ``[n_kv_heads, head_dim]`` integer tensors) replace those formulas for interleaved layouts (TorchTitan's fused
+    ``wqkv``: per key group its query heads, then its key, then its value). Biases, when the projections have
+    them, are scaled like their rows.
     """
 
     q_weight: Tensor
@@ -110,6 +113,19 @@ class AttentionHeads:
     k_stride: int = 0  # 0: head_dim
     q_bias: Tensor | None = None
     k_bias: Tensor | None = None
+    q_index: Tensor | None = None
+    k_index: Tensor | None = None
+
+    def indices(self) -> tuple[Tensor, Tensor]:
+        """``[n_heads, head_dim + q_rope_dim]`` query and ``[n_kv_heads, head_dim]`` key indices along ``axis``."""
+        d, r = self.head_dim, self.q_rope_dim
+        q = self.q_index
+        if q is None:
+            q = self.q_start + torch.arange(self.n_heads)[:, None] * (d + r) + torch.arange(d + r)
+        k = self.k_index
+        if k is None:
+            k = self.k_start + torch.arange(self.kv_heads)[:, None] * (self.k_stride or d) + torch.arange(d)
+        return q, k
 
     @property
     def kv_heads(self) -> int:
@@ -121,14 +137,22 @@ class AttentionHeads:
             raise ValueError(f"{name}: n_heads={self.n_heads}, n_kv_heads={self.kv_heads}, head_dim={self.head_dim}")
         if self.axis not in (0, 1):
             raise ValueError(f"{name}: axis must be 0 (rows) or 1 (columns), got {self.axis}")
-        q_end = self.q_start + self.n_heads * (self.head_dim + self.q_rope_dim)
-        k_end = self.k_start + (self.kv_heads - 1) * (self.k_stride or self.head_dim) + self.head_dim
-        for what, t, end in (("q", self.q_weight, q_end), ("k", self.k_weight, k_end)):
-            if t.ndim != 2 or t.shape[self.axis] < end:
+        q_idx, k_idx = self.indices()
+        if tuple(q_idx.shape) != (self.n_heads, self.head_dim + self.q_rope_dim):
+            raise ValueError(f"{name}: q_index has shape {tuple(q_idx.shape)}")
+        if tuple(k_idx.shape) != (self.kv_heads, self.head_dim):
+            raise ValueError(f"{name}: k_index has shape {tuple(k_idx.shape)}")
+        for what, t, idx in (("q", self.q_weight, q_idx), ("k", self.k_weight, k_idx)):
+            end = int(idx.max()) + 1
+            if t.ndim != 2 or t.shape[self.axis] < end or int(idx.min()) < 0:
                 raise ValueError(
                     f"{name}: {what} weight of shape {tuple(t.shape)}{_mesh_of(t)} has no room for its heads along"
                     f" axis {self.axis} (needs {end})"
                 )
+        if self.q_weight is self.k_weight and torch.isin(q_idx, k_idx).any():
+            raise ValueError(
+                f"{name}: the query and key heads overlap in the fused weight {tuple(self.q_weight.shape)}"
+            )
         for what, b, w in (("q", self.q_bias, self.q_weight), ("k", self.k_bias, self.k_weight)):
             if b is not None and (b.ndim != 1 or b.shape[0] != w.shape[self.axis]):
                 raise ValueError(f"{name}: {what} bias of shape {tuple(b.shape)} does not match {tuple(w.shape)}")
@@ -137,22 +161,17 @@ class AttentionHeads:
         """``(tensor, axis, factor)`` for each weight / bias, ``factor`` over the whole ``tensor.shape[axis]``."""
         d, r = self.head_dim, self.q_rope_dim
         per_q = torch.cat([scales.q[:, None].expand(-1, d), scales.q_rope[:, None].expand(-1, r)], dim=1)
+        per_k = scales.k[:, None].expand(-1, d)
+        q_idx, k_idx = self.indices()
         out: dict[int, tuple[Tensor, int, Tensor]] = {}
-
-        def put(t: Tensor, axis: int, start: int, stride: int, block: Tensor) -> None:
-            entry = out.setdefault(id(t), (t, axis, torch.ones(t.shape[axis], dtype=torch.float64)))
-            idx = start + torch.arange(block.shape[0])[:, None] * stride + torch.arange(block.shape[1])
-            entry[2][idx.flatten()] *= block.flatten()
-
-        k_block = scales.k[:, None].expand(-1, d)
-        stride_q, stride_k = d + r, self.k_stride or d
-        for w, b, start, stride, block in (
-            (self.q_weight, self.q_bias, self.q_start, stride_q, per_q),
-            (self.k_weight, self.k_bias, self.k_start, stride_k, k_block),
+        for w, b, idx, block in (
+            (self.q_weight, self.q_bias, q_idx, per_q),
+            (self.k_weight, self.k_bias, k_idx, per_k),
         ):
-            put(w, self.axis, start, stride, block)
-            if b is not None:
-                put(b, 0, start, stride, block)
+            for t, axis in ((w, self.axis), (b, 0)):
+                if t is not None:
+                    entry = out.setdefault(id(t), (t, axis, torch.ones(t.shape[axis], dtype=torch.float64)))
+                    entry[2][idx.flatten()] *= block.flatten()
         return list(out.values())
 
 

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from disco.optim.qkclip import AttentionHeads, MaxLogitRecorder
@@ -149,23 +150,38 @@ class _TitanHook:
 
 
 def torchtitan_llama3(model: nn.Module, recorder: MaxLogitRecorder) -> dict[str, AttentionHeads]:
-    """TorchTitan 0.3 llama3 ``GQAttention``: ``qkv_linear.{wq,wk}`` rows, recorded before ``inner_attention``."""
+    """TorchTitan (0.3) llama3 ``GQAttention``: ``qkv_linear.{wq,wk}`` rows, or the fused ``qkv_linear.wqkv`` whose
+    rows are, per key group, its ``heads_per_kv`` query heads, its key, its value; recorded by a forward pre-hook
+    on ``inner_attention``."""
     out = {}
     for name, m in model.named_modules():
         lin, inner = getattr(m, "qkv_linear", None), getattr(m, "inner_attention", None)
-        if lin is None or inner is None or not (hasattr(lin, "wq") and hasattr(lin, "wk")):
+        if lin is None or inner is None:
             continue
         d = int(lin.head_dim)
-        q, k = lin.wq.weight, lin.wk.weight
-        out[name] = AttentionHeads(
-            q,
-            k,
-            n_heads=q.shape[0] // d,
-            head_dim=d,
-            n_kv_heads=k.shape[0] // d,
-            q_bias=getattr(lin.wq, "bias", None),
-            k_bias=getattr(lin.wk, "bias", None),
-        )
+        if hasattr(lin, "wqkv"):
+            w, hpk = lin.wqkv.weight, int(lin.heads_per_kv)
+            n_kv = w.shape[0] // ((hpk + 2) * d)
+            group = torch.arange(n_kv)[:, None, None] * (hpk + 2) * d
+            q_idx = (group + torch.arange(hpk)[None, :, None] * d + torch.arange(d)).reshape(n_kv * hpk, d)
+            k_idx = group[:, 0] + hpk * d + torch.arange(d)
+            b = getattr(lin.wqkv, "bias", None)
+            out[name] = AttentionHeads(
+                w, w, n_heads=n_kv * hpk, head_dim=d, n_kv_heads=n_kv, q_index=q_idx, k_index=k_idx, q_bias=b, k_bias=b
+            )
+        elif hasattr(lin, "wq") and hasattr(lin, "wk"):
+            q, k = lin.wq.weight, lin.wk.weight
+            out[name] = AttentionHeads(
+                q,
+                k,
+                n_heads=q.shape[0] // d,
+                head_dim=d,
+                n_kv_heads=k.shape[0] // d,
+                q_bias=getattr(lin.wq, "bias", None),
+                k_bias=getattr(lin.wk, "bias", None),
+            )
+        else:
+            continue
         inner.register_forward_pre_hook(_TitanHook(recorder, name, m), with_kwargs=True)
     return out
 
