@@ -170,8 +170,9 @@ class AttentionHeads:
         ):
             for t, axis in ((w, self.axis), (b, 0)):
                 if t is not None:
-                    entry = out.setdefault(id(t), (t, axis, torch.ones(t.shape[axis], dtype=torch.float64)))
-                    entry[2][idx.flatten()] *= block.flatten()
+                    ones = torch.ones(t.shape[axis], dtype=torch.float64, device=block.device)
+                    entry = out.setdefault(id(t), (t, axis, ones))
+                    entry[2][idx.flatten().to(block.device)] *= block.flatten()
         return list(out.values())
 
 
@@ -424,9 +425,9 @@ class QKClip:
         maxima = self.max_logits()
         for name, s in maxima.items():
             spec = self.heads[name]
-            if bool((s > self.tau).any()):
-                for t, axis, f in spec.factors(qk_clip_scales(s, self.tau, spec.kv_heads)):
-                    _scale(t, axis, f)
+            # unclipped heads are multiplied by exactly 1.0 (no change): no host sync to skip them
+            for t, axis, f in spec.factors(qk_clip_scales(s, self.tau, spec.kv_heads)):
+                _scale(t, axis, f)
         self.recorder.reset()
         self.last_max_logits = maxima
         return maxima

@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="bfloat16: autocast for the forward pass")
     p.add_argument("--tp-size", type=_count, help="--parallel fsdp+tp: ranks per tensor-parallel group")
     p.add_argument("--dp-shard", type=_count, help="--parallel hsdp: ranks per shard group (0: automatic)")
+    p.add_argument(
+        "--qk-clip-tau",
+        type=float,
+        help="QK-clip (MuonClip): after each step scale the q/k rows of every head whose max attention logit"
+        " exceeds TAU (e.g. 100; 0: off); max_logit and clipped_heads are logged (docs/qkclip.md)",
+    )
     return p
 
 

@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     compile: bool = False
+    qk_clip_tau: float = 0.0  # > 0: QK-clip (MuonClip) caps each head's max logit after every step
 
 
 # ---- reading a config file ------------------------------------------------------------------------------------
@@ -177,6 +178,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"val_fraction {cfg.val_fraction}: must be between 0 and 1 (exclusive)")
     if cfg.grad_clip < 0 or cfg.weight_decay < 0:
         raise UsageError(f"grad_clip {cfg.grad_clip} / weight_decay {cfg.weight_decay}: must be 0 or more")
+    if not cfg.qk_clip_tau >= 0 or cfg.qk_clip_tau == float("inf"):  # also NaN
+        raise UsageError(f"--qk-clip-tau {cfg.qk_clip_tau}: must be a finite number, 0 (off) or more")
     for name, lr in cfg.lr.items():
         if not lr > 0:  # also NaN
             raise UsageError(f"--lr {name}={lr}: a learning rate must be positive")

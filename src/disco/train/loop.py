@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from disco.optim.qkclip import QKClip
 from disco.optim.registry import OptimizerSpec, get_optimizer_spec
 from disco.train.checkpoint import (
     checkpoints,
@@ -280,6 +281,7 @@ def train_optimizer(
     model = build_model(cfg, spec, world)
     fwd = parallelize(model, world)
     opt = build_optimizer(cfg, spec, model, world)
+    qk_clip = QKClip(model, cfg.qk_clip_tau, mesh=world.mesh) if cfg.qk_clip_tau > 0 else None
     lr = float(cfg.lr.get(spec.name, spec.default_lr))
     dp = {"dp_rank": world.dp_rank, "dp_size": world.dp_size}
     sampler = BatchSampler(train, cfg.seq_len, cfg.batch_size, seed=cfg.seed, **dp)
@@ -346,6 +348,8 @@ def train_optimizer(
             if track_now and tracked is not None:
                 tracked.calculate_norm_at_next_step()
             opt.step()
+            if qk_clip is not None:
+                qk_clip.step()
             if not light:
                 opt.zero_grad(set_to_none=True)
             step += 1
@@ -358,6 +362,8 @@ def train_optimizer(
                 last = {"step": step, "train_s": train_s}
                 lr_now = opt.param_groups[0]["lr"]
                 record = {"step": step, "train_loss": train_loss, "lr": lr_now, "tokens_per_s": speed, "wall_s": wall()}
+                if qk_clip is not None:
+                    record.update(qk_clip.summary())  # max_logit before this step's clip, clipped_heads
                 if track_now and tracked is not None:
                     norms = tracked.get_norms_at_current_step()
                     record["norms"] = {k: _scalar(v) for k, v in norms.items()}
