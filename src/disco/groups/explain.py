@@ -31,6 +31,11 @@ def _note(group: dict[str, Any]) -> str:
     notes = []
     if group.get("transposed"):
         notes.append("stored in x out (transposed)")
+    if group.get("split_sizes") is not None:  # disco.optim.split: blocks of the output dim, each its own LMO
+        notes.append("split " + "/".join(str(s) for s in group["split_sizes"]))
+    if group.get("num_heads") is not None:
+        kv = group.get("num_kv_heads")
+        notes.append(f"heads {group['num_heads']}" + (f" (kv {kv})" if kv is not None else ""))
     if group.get("tied_with"):
         notes.append("tied: " + ", ".join(group["tied_with"]))
     return "; ".join(notes)
@@ -40,7 +45,8 @@ def routing_table(param_groups: Sequence[dict[str, Any]], defaults: dict[str, An
     """A fixed-width table, one row per parameter: group, name, shape, algorithm, norm_factor, backend, lr, note.
 
     A value the group does not set comes from ``defaults`` (e.g. the optimizer kwargs), else shows ``-``. The
-    note says when a weight is stored ``fan_in x fan_out`` (``transposed``) and which names a tied weight has.
+    note says when a weight is stored ``fan_in x fan_out`` (``transposed``), how it splits before the LMO
+    (``split_sizes``, ``num_heads``) and which names a tied weight has.
     """
     defaults = defaults or {}
     header = ("group", "name", "shape", "algorithm", "norm_factor", "backend", "lr", "note")

@@ -220,3 +220,107 @@ class NormsSpec:
 
 #: Norms defined on vectors as well as matrices.
 VECTOR_NORMS = ("rms", "supremum")
+
+
+def split_runs(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(start, count, size)`` of each run of consecutive equal block sizes: equal blocks batch into one call."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for s in sizes:
+        if runs and runs[-1][2] == s:
+            a, c, _ = runs[-1]
+            runs[-1] = (a, c + 1, s)
+        else:
+            runs.append((start, 1, s))
+        start += s
+    return runs
+
+
+@dataclass(frozen=True)
+class SplitLMOSpec:
+    """The LMO of each block of a 2-D weight, cut along its output dim (QKV blocks, attention heads).
+
+    The output dim is dim 0 of the stored tensor (``inner.view == "native"``) or dim 1 (``"transposed"``: stored
+    ``fan_in x fan_out``); block ``j`` spans ``sizes[j]`` of it. Each block gets ``inner``'s LMO with its own norm
+    factor (from the block's shape); consecutive equal blocks run as one batch. The result is the blocks' LMOs put
+    back in place, so it has the weight's shape.
+
+    Args:
+        inner: the LMO of one block (``view`` ``"native"`` or ``"transposed"``).
+        sizes: the block sizes along the output dim, in order (they sum to it).
+    """
+
+    inner: LMOSpec
+    sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.inner.view not in ("native", "transposed"):
+            raise ValueError(f"a split needs a 2-D view ('native' or 'transposed'), got {self.inner.view!r}")
+        object.__setattr__(self, "sizes", tuple(int(s) for s in self.sizes))
+        if not self.sizes or min(self.sizes) <= 0:
+            raise ValueError(f"split sizes must be positive, got {list(self.sizes)}")
+
+    @property
+    def axis(self) -> int:
+        """The output dim of one stored weight: 0 (native) or 1 (transposed)."""
+        return 1 if self.inner.view == "transposed" else 0
+
+    @property
+    def needs_whole(self) -> bool:
+        return True
+
+    def _check(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 2 or shape[self.axis] != sum(self.sizes):
+            raise ValueError(f"split sizes {list(self.sizes)} do not cover dim {self.axis} of a weight of {shape}")
+
+    def __call__(self, stack: Tensor) -> Tensor:
+        self._check(tuple(stack.shape[1:]))
+        k, m, n = stack.shape
+        outs = []
+        for start, count, size in split_runs(self.sizes):
+            if self.axis == 0:
+                part = stack[:, start : start + count * size, :].reshape(k * count, size, n)
+                outs.append(self.inner(part).reshape(k, count * size, n))
+            else:
+                part = stack[:, :, start : start + count * size].reshape(k, m, count, size)
+                blocks = part.permute(0, 2, 1, 3).reshape(k * count, m, size)
+                res = self.inner(blocks).reshape(k, count, m, size).permute(0, 2, 1, 3)
+                outs.append(res.reshape(k, m, count * size))
+        return torch.cat(outs, dim=1 + self.axis)
+
+    def cost(self, shape: tuple[int, ...]) -> float:
+        total = 0.0
+        for _, count, size in split_runs(self.sizes):
+            block = (size, shape[1]) if self.axis == 0 else (shape[0], size)
+            total += count * self.inner.cost(block)
+        return total
+
+    def batch_ndim(self, shape: tuple[int, ...]) -> int:
+        return 0
+
+    def result_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape)
+
+    def result_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        return self.inner.result_dtype(dtype, device)
+
+    def input_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """``inner``'s (the engines cast the pieces to it), so that gathered and in-place blocks round alike."""
+        f = getattr(self.inner, "input_dtype", None)
+        return dtype if f is None else f(dtype, device)  # type: ignore[no-any-return]  # read with getattr
+
+
+@dataclass(frozen=True)
+class PieceLMOSpec(LMOSpec):
+    """``LMOSpec`` on whatever piece it is given: each rank orthogonalizes its own local piece in place, with the
+    norm factor of the piece's shape (MuonBP's block steps). ``needs_whole`` is ``False`` so the engine maps it
+    without moving a byte; the result depends on the layout by design. An empty piece gives an empty result."""
+
+    @property
+    def needs_whole(self) -> bool:
+        return False
+
+    def __call__(self, stack: Tensor) -> Tensor:
+        if stack.numel() == 0:
+            return stack.new_empty(stack.shape, dtype=self.result_dtype(stack.dtype, stack.device))
+        return super().__call__(stack)

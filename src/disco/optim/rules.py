@@ -30,7 +30,8 @@ from torch.distributed.tensor import DTensor
 from ..distributed.agreement import StepError
 from ..distributed.engine import Engine, Job, local_piece
 from ..ops.specs import LMOSpec
-from . import constraints, elementwise, validation
+from . import constraints, elementwise, split, validation
+from . import momentum as state_store
 from .contract import Group, Rule, Settings, check_choice, check_range, register_rule
 
 
@@ -216,6 +217,11 @@ class LMOSettings(OrthogonalizationSettings):
         update_rule: ``"decoupled"`` (default) or ``"frank_wolfe"`` (Scion's constrained form).
         scale: multiplies the LMO, ``>= 0``. Default ``1.0``.
         is_light: the momentum lives in ``p.grad``. Default ``False``.
+        state_dtype: how the momentum is stored (``disco.optim.momentum``): ``None`` (default) in the
+            parameter's dtype; a floating dtype (``torch.bfloat16``, or its name ``"bfloat16"``) in that dtype,
+            the math in ``promote_types(grad dtype, float32)``; ``"int8_block"``: int8 with a float32 absmax scale
+            per block of ``state_block`` entries of a row.
+        state_block: entries per block of ``"int8_block"``, an int ``>= 1``. Default ``256``.
         norm_factor, backend, backend_steps, coefficients, eps, compute_dtype: the LMO
             (:class:`OrthogonalizationSettings`).
 
@@ -234,14 +240,23 @@ class LMOSettings(OrthogonalizationSettings):
     update_rule: str = "decoupled"
     scale: float = 1.0
     is_light: bool = False
+    state_dtype: torch.dtype | str | None = None
+    state_block: int = state_store.DEFAULT_BLOCK
+    # split views (``disco.optim.split``): the weight orthogonalized as blocks of its output dim
+    splits: ClassVar[bool] = True  # not inherited: a subclass that changes the step declares it itself
+    split_sizes: Any = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
 
     def check(self, at: str) -> None:
         super().check(at)
+        split.check_split_settings(self, at)
         check_range(self, "momentum", at, lo=0.0, hi=1.0, hi_open=True)
         check_range(self, "scale", at, lo=0.0)
         check_choice(self, "update_rule", at, ("decoupled", "frank_wolfe"))
         if self.is_light and self.nesterov:
             raise ValueError(f"{at}: is_light=True keeps no separate gradient, so nesterov must be False")
+        state_store.check_state_settings(self, at)
         if self.is_light and self.nonfinite == "skip":
             raise ValueError(
                 f"{at}: is_light=True keeps the momentum in p.grad, where a skipped non-finite gradient stays: "
@@ -286,6 +301,8 @@ class LMORule(Rule):
     def check_group(self, group: Group, settings: Settings, at: str) -> None:
         assert isinstance(settings, LMOSettings)
         validation.check_matrix_params(group, settings, at)
+        split.check_split_params(group, settings, at)
+        state_store.check_group_blocks(group, settings.state_dtype, settings.state_block, at)
 
     def init_state(self, settings: Settings, p: Tensor) -> dict[str, Any]:
         assert isinstance(settings, LMOSettings)
@@ -293,7 +310,7 @@ class LMORule(Rule):
         if settings.is_light:
             self._watch_light(p)
             return extra
-        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format), **extra}
+        return {**state_store.init_momentum(p, settings.state_dtype, settings.state_block), **extra}
 
     def planned_jobs(self, items: Sequence[Item]) -> list[Job]:
         return [Job(it.index, local_piece(it.param), self.spec(lmo_settings(it), it.param)) for it in items]
@@ -309,7 +326,8 @@ class LMORule(Rule):
         it when the engine stacks it, and the momentum update ``finish`` applies. Nothing is written now.
 
         Nesterov's ``lerp(G, M', beta)`` with ``M' = lerp(M, G, 1 - beta)`` is ``lerp(G, M, beta^2)``: one pass
-        that leaves ``M`` untouched, so the commit updates it in place (``lerp_``) and no ``M'`` is kept.
+        that leaves ``M`` untouched, so the commit updates it in place (``lerp_``) and no ``M'`` is kept. A
+        ``state_dtype`` momentum is read and written by row blocks in the compute dtype (``disco.optim.momentum``).
         """
         s = lmo_settings(it)
         beta = s.momentum
@@ -317,14 +335,13 @@ class LMORule(Rule):
         if s.is_light:
             # p.grad holds beta/(1-beta) * M_prev + G, so (1 - beta) * p.grad is the EMA momentum M.
             return g, lambda: g * (1 - beta), None
-        buf = local_piece(ctx.state_of(it.param)["momentum_buffer"])
+        mom = state_store.Momentum(ctx.state_of(it.param), g, s.state_dtype, s.state_block)
 
-        def write() -> Tensor:
-            return buf.lerp_(g.to(buf.dtype), 1 - beta)
+        def write() -> None:
+            state_store.write_momentum(g, mom, beta)
 
-        if s.nesterov:
-            return g, lambda: g.lerp(buf.to(g.dtype), beta * beta), write
-        return buf, lambda: buf.lerp(g.to(buf.dtype), 1 - beta), write
+        like = g if s.nesterov or mom.buf is None or s.state_dtype is not None else mom.buf
+        return like, lambda: state_store.direction(g, mom, beta, s.nesterov), write
 
     @staticmethod
     def _decay(s: LMOSettings) -> float:
@@ -336,11 +353,8 @@ class LMORule(Rule):
         if momentum is not None:
             momentum()
         s = lmo_settings(it)
-        local = local_piece(it.param)
-        decay = cls._decay(s)
-        if decay != 1:
-            local.mul_(decay)
-        local.add_(O, alpha=-s.lr * s.scale)  # a bf16 O is read as it is: no cast
+        # one read-modify-write of the weight (bitwise mul_ then add_); a bf16 O is widened block by block
+        state_store.update_weight(local_piece(it.param), O, cls._decay(s), -s.lr * s.scale)
 
     @classmethod
     def updated(cls, it: Item, O: Tensor) -> Tensor:
@@ -373,14 +387,15 @@ class LMORule(Rule):
             consume = None
             if streamed is not None and it.settings.commit == "streaming":
                 consume = functools.partial(self._commit_now, it, ctx, momentum, streamed)
-            jobs.append(Job(it.index, like, self.spec(lmo_settings(it), it.param), make=make, consume=consume))
+            spec = split.split_spec(lmo_settings(it), it.param.shape, self.spec(lmo_settings(it), it.param))
+            jobs.append(Job(it.index, like, spec, make=make, consume=consume))
         if torch.compiler.is_compiling():
             # Inductor's CPU backend crashes (KeyError: 'bufN', pytorch#196570) when the momentum lerp, a
             # row-norm LMO and the parameter add share one graph: keep them apart under torch.compile.
             torch._dynamo.graph_break()
         streaming = any(job.consume is not None for job in jobs)
         try:
-            results = ctx.engine.map(jobs) if jobs else []
+            results = split.map_split(ctx.engine, jobs) if jobs else []
         except StepError as e:  # raised alike by every rank; ``consumed``: some rank committed already
             if streamed is not None and streaming and e.consumed:
                 streamed.started = True
