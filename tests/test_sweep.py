@@ -8,11 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import disco.optim  # noqa: F401  (registers every optimizer)
 from disco.__main__ import main as disco_main
-from disco.optim.registry import get_optimizer_spec
-from disco.train import sweep
+from disco.distributed.agreement import StepError
+from disco.optim.registry import get_optimizer_spec, register_optimizer, unregister_optimizer
+from disco.train import cli, sweep
 from disco.train.sweep_report import best_lrs, drift, format_best
 
 TINY_YAML = (
@@ -56,7 +58,10 @@ def test_sweep_writes_rows_table_plot_and_resumes(tiny, capsys):
     for r in got:
         assert r["lr"] == pytest.approx(get_optimizer_spec(r["optimizer"]).default_lr * r["lr_scale"])
         assert r["steps"] == 3 and r["seed"] == 0 and isinstance(r["diverged"], bool)
-        assert (out / "runs" / f"{r['optimizer']}_w{r['width']}_d1_x{r['lr_scale']:g}" / r["optimizer"]).is_dir()
+        run = out / "runs" / f"{r['optimizer']}_w{r['width']}_d1_x{r['lr_scale']:g}" / r["optimizer"]
+        trained = json.loads((run / "config.json").read_text())  # what the run was given, not what the row says
+        assert (trained["lr"], trained["model"]["dim"], trained["model"]["n_layers"]) == (r["lr"], r["width"], 1)
+        assert (trained["steps"], trained["seed"], trained["batch_size"], trained["seq_len"]) == (3, 0, 4, 16)
     assert not list(out.glob("runs/*/*/ckpt"))  # checkpoints are deleted after each run
     table = [line.split() for line in printed.splitlines()]
     for opt in ("adamw", "muon"):
@@ -81,6 +86,22 @@ def test_sweep_writes_rows_table_plot_and_resumes(tiny, capsys):
     assert sorted(r["lr_scale"] for r in rows(out)[8:]) == [1.0] * 4
 
 
+def test_a_point_equals_the_training_cli_with_its_settings(tiny, tmp_path, capsys):
+    """The slow twin: one point of the grid trains exactly what ``python -m disco train`` trains at that lr."""
+    out, common = tiny
+    argv = common + ["--optimizers", "adamw", "--widths", "32", "--lr-scale", "2", "--jobs", "1", "--threads", "1"]
+    assert call(argv) == 0
+    (row,) = rows(out)
+    twin = tmp_path / "twin"
+    assert cli.main(["--config", common[1], "--optimizers", "adamw", "--lr", "0.002", "--out", str(twin)]) == 0
+    capsys.readouterr()
+    expected = json.loads((twin / "summary.json").read_text())["results"]["adamw"]
+    assert (row["final_train_loss"], row["final_val_loss"]) == (
+        expected["final_train_loss"],
+        expected["final_val_loss"],
+    )
+
+
 def test_a_huge_lr_is_flagged_diverged(tiny, capsys):
     out, common = tiny
     argv = common + ["--optimizers", "adamw", "--widths", "16", "--lr-scale", "1e5", "--jobs", "1"]
@@ -88,6 +109,43 @@ def test_a_huge_lr_is_flagged_diverged(tiny, capsys):
     (row,) = rows(out)
     assert row["diverged"] is True
     assert "every lr diverged" in capsys.readouterr().out
+
+
+class _Refuses(torch.optim.SGD):
+    """An optimizer whose second step raises the ``StepError`` of a Disco optimizer (``KIND``: what it saw)."""
+
+    KIND = "nonfinite"
+
+    def step(self, closure=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 2:
+            raise StepError("non-finite (NaN / inf) gradients", **{self.KIND: [0]})
+        return super().step(closure)
+
+
+@pytest.fixture
+def refuses():
+    @register_optimizer("tmp_refuses", default_lr=0.1, doc="test only")
+    def build(model, *, lr, weight_decay=0.0, **kw):
+        return _Refuses(model.parameters(), lr=lr)
+
+    yield "tmp_refuses"
+    _Refuses.KIND = "nonfinite"
+    unregister_optimizer("tmp_refuses")
+
+
+def test_a_refused_nonfinite_step_is_a_divergence_and_any_other_error_stops_the_sweep(tiny, refuses, capsys):
+    out, common = tiny
+    argv = common + ["--optimizers", refuses, "--widths", "16", "--lr-scale", "1", "--jobs", "1"]
+    assert call(argv) == 0
+    (row,) = rows(out)
+    assert row["diverged"] is True and row["error"].startswith("StepError: non-finite")
+    assert row["final_val_loss"] is None and row["final_train_loss"] is None  # strict JSON: no NaN
+    assert "DIVERGED" in capsys.readouterr().out
+    _Refuses.KIND = "failed"  # an exception inside the math is a bug to see, not a divergence
+    with pytest.raises(StepError):
+        call(common + ["--optimizers", refuses, "--widths", "32", "--lr-scale", "1", "--jobs", "1"])
+    assert len(rows(out)) == 1
 
 
 def test_budget_refusal_names_the_estimate(tiny, capsys):

@@ -115,6 +115,10 @@ def is_diverged(val_loss: float, vocab_size: int) -> bool:
     return not math.isfinite(val_loss) or val_loss >= math.log(vocab_size)
 
 
+def _finite(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def run_point(base: TrainConfig, point: Point, out: Path, threads: int) -> dict[str, Any]:
     """Train one point in this process (``threads`` torch threads); returns its ``sweep.jsonl`` row.
 
@@ -136,8 +140,7 @@ def run_point(base: TrainConfig, point: Point, out: Path, threads: int) -> dict[
             if e.failed or not e.nonfinite:
                 raise
             error = f"StepError: {e}"
-            nan = float("nan")
-            result = {"final_train_loss": nan, "final_val_loss": nan, "steps": 0, "wall_s": nan, "tokens_per_s": nan}
+            result = dict.fromkeys(("final_train_loss", "final_val_loss", "steps", "wall_s", "tokens_per_s"))
     shutil.rmtree(run_dir / point.optimizer / "ckpt", ignore_errors=True)
     row: dict[str, Any] = {
         "optimizer": point.optimizer,
@@ -145,7 +148,8 @@ def run_point(base: TrainConfig, point: Point, out: Path, threads: int) -> dict[
         "depth": point.depth,
         "lr": point.lr,
         "lr_scale": point.lr_scale,
-        **{k: result[k] for k in ("final_train_loss", "final_val_loss", "steps", "tokens_per_s", "wall_s")},
+        # a non-finite number is written as null: strict JSON readers (jq, JavaScript) refuse NaN
+        **{k: _finite(result[k]) for k in ("final_train_loss", "final_val_loss", "steps", "tokens_per_s", "wall_s")},
         "diverged": error is not None or is_diverged(result["final_val_loss"], cfg.model.vocab_size),
         "seed": cfg.seed,
     }
@@ -240,10 +244,14 @@ def check_settings(out: Path, base: TrainConfig, rows: list[dict[str, Any]]) -> 
 
 
 def _describe(row: dict[str, Any]) -> str:
-    status = "DIVERGED" if row["diverged"] else f"val {row['final_val_loss']:.4f}"
+    def num(key: str, spec: str) -> str:
+        return "-" if row[key] is None else format(row[key], spec)
+
+    status = "DIVERGED" if row["diverged"] else "val " + num("final_val_loss", ".4f")
     return (
         f"{row['optimizer']} width {row['width']} depth {row['depth']} lr {row['lr']:.3g} (x{row['lr_scale']:g}):"
-        f" {status}, train {row['final_train_loss']:.4f}, {row['tokens_per_s']:.0f} tok/s, {row['wall_s']:.1f} s"
+        f" {status}, train {num('final_train_loss', '.4f')}, {num('tokens_per_s', '.0f')} tok/s,"
+        f" {num('wall_s', '.1f')} s" + (f" ({row['error']})" if "error" in row else "")
     )
 
 
