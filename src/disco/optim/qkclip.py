@@ -195,10 +195,10 @@ def _local_indices(t: Tensor, axis: int) -> tuple[Tensor, Tensor]:
         return t, torch.arange(t.shape[axis], device=t.device)
     placements: list[Any] = []
     for p in t.placements:
-        if isinstance(p, Shard):
+        if isinstance(p, (Shard, _StridedShard)):
             if p.dim % t.ndim != axis:
                 placements.append(Replicate())
-            elif isinstance(p, _StridedShard):
+            elif isinstance(p, _StridedShard):  # FSDP over TP: a shard of the TP shard (not a Shard subclass)
                 placements.append(_StridedShard(0, split_factor=p.split_factor))
             else:
                 placements.append(Shard(0))
