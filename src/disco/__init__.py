@@ -1,7 +1,7 @@
 """Disco: distributed spectral-conditioned optimizers (Muon, Scion, Disco) for PyTorch."""
 
 from .groups import create_disco_param_groups, routing_table
-from .optim import AdaMuon, Dion, Dion2, Disco, Muon, NorMuon, PolarGrad, Scion
+from .optim import AdaMuon, Dion, Dion2, Disco, Muon, MuonBP, NorMuon, PolarGrad, Scion
 
 __version__ = "0.1.0"
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Dion2",
     "Disco",
     "Muon",
+    "MuonBP",
     "NorMuon",
     "PolarGrad",
     "Scion",

@@ -307,7 +307,8 @@ class SplitLMOSpec:
     def input_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
         """``inner``'s (the engines cast the pieces to it), so that gathered and in-place blocks round alike."""
         f = getattr(self.inner, "input_dtype", None)
-        return dtype if f is None else f(dtype, device)  # type: ignore[no-any-return]  # read with getattr
+        out: torch.dtype = dtype if f is None else f(dtype, device)
+        return out
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from .dion import Dion, DionMixedPrecisionConfig
 from .dion2 import Dion2
 from .disco import Disco
 from .muon import Muon
+from .muonbp import MuonBP
 from .normuon import NorMuon
 from .polargrad import PolarGrad
 from .scion import Scion
@@ -21,6 +22,7 @@ __all__ = [
     "DionMixedPrecisionConfig",
     "Disco",
     "Muon",
+    "MuonBP",
     "NorMuon",
     "PolarGrad",
     "Scion",
