@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -161,3 +162,85 @@ def test_1000_matrices_on_65536_ranks(layout, tmp_path, capsys):
     data = json.loads(out)
     assert data["tensors"] == 1002 and data["ranks_with_work"] == 1002 and data["redundancy"] == 1.0
     assert data["bytes_total"] >= data["bytes_lower_bound"] > 0
+
+
+# ---- per-rank figures (plan_report) against a per-tensor, per-rank recount ---------------------------------------
+def _recount(plan, element_size=4, state_bytes=4):
+    """The obvious loops: every tensor, every rank."""
+    from disco.distributed.plan_report import newton_schulz_flops
+
+    owned = {r: 0 for r in plan.ranks}
+    flops = {r: 0.0 for r in plan.ranks}
+    state = {r: 0.0 for r in plan.ranks}
+    for i, lay in enumerate(plan.layouts):
+        for r in plan.ranks:
+            piece = lay.local_numel(r)
+            state[r] += piece * state_bytes
+            if plan.owners[i] < 0 and piece:
+                owned[r] += 1
+                flops[r] += newton_schulz_flops(lay.shape) * piece / lay.numel
+        if plan.owners[i] >= 0:
+            owned[plan.owners[i]] += 1
+            flops[plan.owners[i]] += newton_schulz_flops(lay.shape)
+    peak = dict.fromkeys(plan.ranks, 0.0)
+    for bucket in plan.buckets:
+        for r in plan.ranks:
+            now = sum(2 * plan.layouts[i].local_numel(r) * element_size for i in bucket)
+            now += sum(2 * plan.layouts[i].numel * element_size for i in bucket if plan.owners[i] == r)
+            peak[r] = max(peak[r], now)
+    traffic = plan.bytes_per_rank(element_size)
+    return (
+        [owned[r] for r in plan.ranks],
+        [flops[r] for r in plan.ranks],
+        [traffic[r]["sent"] for r in plan.ranks],
+        [traffic[r]["received"] for r in plan.ranks],
+        [state[r] + peak[r] for r in plan.ranks],
+    )
+
+
+@pytest.mark.parametrize("layout, n", [("fsdp", 5), ("fsdp+tp:3x2", 6), ("hsdp:2x3", 6), ("ddp", 3)])
+def test_rank_figures_equal_a_per_rank_recount(layout, n):
+    from disco.distributed.plan_report import newton_schulz_flops, rank_figures
+    from disco.distributed.shapes import ShapeSpec, role_by_shape
+
+    shapes = [(97, 64), (32, 97), (18, 32), (10, 16, 12), (97, 64), (64, 64)]
+    specs = [ShapeSpec(f"t{i}", s, role_by_shape(s)) for i, s in enumerate(shapes)]
+    plan = plan_cli.build_plan(specs, layout, n, bucket_size=2)
+    fig = rank_figures(plan, element_size=2, state_bytes=4)
+    owned, flops, sent, received, peak = _recount(plan, element_size=2, state_bytes=4)
+    assert (fig.owned, fig.sent, fig.received) == (owned, sent, received)
+    assert fig.flops == pytest.approx(flops, rel=1e-12)
+    assert fig.peak_bytes == pytest.approx(peak, rel=1e-12)
+    assert sum(fig.flops) == pytest.approx(sum(newton_schulz_flops(s) for s in shapes), rel=1e-12)
+    summary = fig.summary()
+    for row in summary.values():  # no plan beats a lower bound
+        assert math.isnan(row["lower_bound"]) or row["max"] >= row["lower_bound"] * (1 - 1e-12)
+
+
+def test_per_rank_summary_pipeline_stages_and_plot(tmp_path, capsys):
+    png = tmp_path / "load.png"
+    argv = ["-n", "32", "--model", "llama3-8b", "--layout", "fsdp+tp:4x2", "--pp", "4", "--plot", str(png), "--json"]
+    rc, out, _ = _run(argv, capsys)
+    assert rc == 0
+    data = json.loads(out)
+    assert data["pp"] == 4 and data["world_size"] == 8  # totals of stage 0, on 32 / 4 ranks
+    assert data["tensors"] == 56  # 8 of llama3-8b's 32 layers x 7 matrices
+    per = data["per_rank"]
+    assert set(per) == {"owned_matrices", "flops", "bytes_sent_received", "peak_optimizer_bytes"}
+    assert per["owned_matrices"]["mean"] * 32 == pytest.approx(224)  # every matrix owned once over all stages
+    assert png.stat().st_size > 10_000
+    rc, out, _ = _run(["-n", "32", "--model", "llama3-8b", "--layout", "fsdp+tp:4x2", "--pp", "4"], capsys)
+    assert rc == 0 and "per rank (32 ranks)" in out and "max/bound" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-n", "8", "--model", "llama3-8b", "--pp", "3"], "must be >= 1 and divide --world-size 8"),
+        (["-n", "64", "--model", "llama3-8b", "--pp", "64"], "64 pipeline stages for 32 layers"),
+        (["-n", "8", "--model", "llama3-8b", "--layout", "fsdp+tp:4x2", "--pp", "2"], "each of the --pp 2 stages"),
+    ],
+)
+def test_bad_pipeline_stages_exit_2(argv, message, capsys):
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and message in err and "Traceback" not in err

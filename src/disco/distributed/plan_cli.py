@@ -4,8 +4,16 @@
     python -m disco plan --world-size 4096 --model gpt2-small --json
     python -m disco plan --world-size 16 --shapes shapes.json --layout hsdp:2x8
 
+    python -m disco plan --world-size 16384 --model llama3-405b --layout fsdp+tp:256x8 --pp 8 --plot load.png
+
 ``--shapes FILE``: a JSON list of shapes, each a list of 2 or 3 positive ints (3: a stack of experts).
-``--model NAME``: a built-in set from ``disco.distributed.shapes`` (embeddings and output head excluded).
+``--model NAME``: a built-in set from ``disco.distributed.shapes`` (embeddings and output head excluded): GPT-2,
+Llama-3 8B / 70B / 405B, a 64-expert MoE.
+``--pp P``: P pipeline stages of whole layers; each stage runs the layout on its own ``N / P`` ranks.
+
+Besides the plan's totals it prints, per rank (min / mean / max): owned matrices, orthogonalization FLOPs, bytes
+sent + received and peak optimizer memory, each against its lower bound (``disco.distributed.plan_report``);
+``--plot FILE`` draws per-rank FLOPs and bytes.
 
 Layouts over ranks ``0..N-1`` (row-major meshes):
 
@@ -34,8 +42,9 @@ from collections.abc import Mapping, Sequence
 
 from ..ops.orthogonalize import orthogonalize_cost
 from .layout import REPLICATE, Layout, Placement, shard
+from .plan_report import RankFigures, plot_rank_load, rank_figures
 from .planner import Plan, make_plan
-from .shapes import MODELS, ShapeSpec, model_shapes, role_by_shape
+from .shapes import MODELS, ShapeSpec, model_shapes, pipeline_stages, role_by_shape
 
 
 class PlanInputError(ValueError):
@@ -193,6 +202,41 @@ def _print_human(plan: Plan, st: Mapping[str, float], title: str, show_ranks: in
             print("  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)))
 
 
+def _print_rank_figures(figures: RankFigures) -> None:
+    units = {
+        "owned_matrices": (1.0, ""),
+        "flops": (1e12, " TFLOP"),
+        "bytes_sent_received": (2**30, " GiB"),
+        "peak_optimizer_bytes": (2**30, " GiB"),
+    }
+    print(f"\n  per rank ({len(figures.ranks)} ranks)        min        mean         max   lower bound   max/bound")
+    for name, row in figures.summary().items():
+        div, unit = units[name]
+        cells = [f"{row[k] / div:>11.4g}" for k in ("min", "mean", "max")]
+        bound = "-" if math.isnan(row["lower_bound"]) else f"{row['lower_bound'] / div:.4g}"
+        ratio = "-" if math.isnan(row["max_over_lower_bound"]) else f"{row['max_over_lower_bound']:.3f}"
+        print(f"  {name + unit:<26}{' '.join(cells)} {bound:>13} {ratio:>11}")
+
+
+def _stages(specs: list[ShapeSpec], pp: int, world_size: int) -> list[list[ShapeSpec]]:
+    if pp < 1 or world_size % pp:
+        raise PlanInputError(f"--pp {pp} must be >= 1 and divide --world-size {world_size}")
+    try:
+        return pipeline_stages(specs, pp)
+    except ValueError as e:
+        raise PlanInputError(str(e)) from None
+
+
+def _figures(plans: Sequence[Plan], element_size: int, state_bytes: int) -> RankFigures:
+    """Every stage's ranks, renumbered after the previous stages'."""
+    figures = rank_figures(plans[0], element_size=element_size, state_bytes=state_bytes)
+    for k, plan in enumerate(plans[1:], 1):
+        more = rank_figures(plan, element_size=element_size, state_bytes=state_bytes)
+        more.ranks = [r + k * plan.world_size for r in more.ranks]
+        figures.extend(more)
+    return figures
+
+
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m disco plan",
@@ -206,6 +250,9 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bucket-size", type=int, default=None, help="most tensors per exchange (default: no limit)")
     ap.add_argument("--element-size", type=int, default=4, help="bytes per element on the wire (default 4, fp32)")
     ap.add_argument("--ranks-table", type=int, default=64, help="print a per-rank table up to this many ranks")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (whole layers each, N / P ranks each)")
+    ap.add_argument("--state-bytes", type=int, default=4, help="bytes per element of the momentum (default 4)")
+    ap.add_argument("--plot", metavar="FILE", help="draw per-rank FLOPs and bytes to a PNG (needs matplotlib)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     return ap
 
@@ -219,10 +266,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.element_size < 1:
             raise PlanInputError(f"--element-size must be >= 1, got {args.element_size}")
         specs = load_shapes_file(args.shapes) if args.shapes else model_shapes(args.model)
+        stages = _stages(specs, args.pp, args.world_size)
         t0 = time.perf_counter()
-        plan = build_plan(specs, args.layout, args.world_size, args.bucket_size)
+        try:
+            plans = [build_plan(stage, args.layout, args.world_size // args.pp, args.bucket_size) for stage in stages]
+        except PlanInputError as e:
+            if args.pp == 1:
+                raise
+            raise PlanInputError(f"{e} (each of the --pp {args.pp} stages runs the layout on N / P ranks)") from None
         t_plan = time.perf_counter() - t0
-        st = summarize(plan, args.element_size)
+        st = summarize(plans[0], args.element_size)
+        figures = _figures(plans, args.element_size, args.state_bytes)
         t_total = time.perf_counter() - t0
     except PlanInputError as e:
         print(f"disco plan: error: {e}", file=sys.stderr)
@@ -231,7 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     record: dict[str, object] = {
         "model": source,
         "layout": args.layout,
+        "pp": args.pp,
         **st,
+        "per_rank": figures.summary(),
         "plan_seconds": t_plan,
         "total_seconds": t_total,
     }
@@ -239,8 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(record))
     else:
         title = f"plan: {source} on {args.world_size} ranks, layout {args.layout}"
-        _print_human(plan, st, title, args.ranks_table)
+        if args.pp > 1:
+            title += f", {args.pp} pipeline stages (totals: stage 0 on {args.world_size // args.pp} ranks)"
+        _print_human(plans[0], st, title, args.ranks_table)
+        _print_rank_figures(figures)
         print(f"\n  planned in {t_plan:.3f} s, stats in {t_total - t_plan:.3f} s")
+    if args.plot:
+        plot_rank_load(figures, args.plot, f"{source}, {args.world_size} ranks, {args.layout}, pp={args.pp}")
     return 0
 
 

@@ -83,12 +83,64 @@ def moe_small() -> list[ShapeSpec]:
     return out
 
 
+def llama3_8b() -> list[ShapeSpec]:
+    """Llama-3-8B-like: 32 layers, width 4096, 8 KV heads of 128 (k, v: 1024x4096), SwiGLU 14336: 224 matrices."""
+    return transformer(32, 4096, 14336, kv_width=1024, gated=True)
+
+
+def llama3_70b() -> list[ShapeSpec]:
+    """Llama-3-70B-like: 80 layers, width 8192, 8 KV heads of 128, SwiGLU 28672: 560 matrices."""
+    return transformer(80, 8192, 28672, kv_width=1024, gated=True)
+
+
+def llama3_405b() -> list[ShapeSpec]:
+    """Llama-3-405B-like: 126 layers, width 16384, 8 KV heads of 128, SwiGLU 53248: 882 matrices."""
+    return transformer(126, 16384, 53248, kv_width=1024, gated=True)
+
+
+def moe_64e() -> list[ShapeSpec]:
+    """DeepSeek-MoE-16B-like: 28 layers, width 2048, attention as 4 matrices, a router 64x2048 and 64 SwiGLU
+    experts of 1408 as 3-D stacks (plus 2 shared experts as one SwiGLU of 2816)."""
+    out: list[ShapeSpec] = []
+    for layer in range(28):
+        p = f"layers.{layer}"
+        for name in ("q", "k", "v"):
+            out.append(ShapeSpec(f"{p}.attn.{name}", (2048, 2048), "col"))
+        out.append(ShapeSpec(f"{p}.attn.out", (2048, 2048), "row"))
+        out.append(ShapeSpec(f"{p}.moe.router", (64, 2048), "col"))
+        out.append(ShapeSpec(f"{p}.moe.w1", (64, 1408, 2048), "col"))
+        out.append(ShapeSpec(f"{p}.moe.w3", (64, 1408, 2048), "col"))
+        out.append(ShapeSpec(f"{p}.moe.w2", (64, 2048, 1408), "row"))
+        out.append(ShapeSpec(f"{p}.moe.shared.w1", (2816, 2048), "col"))
+        out.append(ShapeSpec(f"{p}.moe.shared.w3", (2816, 2048), "col"))
+        out.append(ShapeSpec(f"{p}.moe.shared.w2", (2048, 2816), "row"))
+    return out
+
+
 MODELS: dict[str, Callable[[], list[ShapeSpec]]] = {
+    "llama3-8b": llama3_8b,
+    "llama3-70b": llama3_70b,
+    "llama3-405b": llama3_405b,
+    "moe-64e": moe_64e,
     "gpt2-small": gpt2_small,
     "gpt2-medium": gpt2_medium,
     "llama-1b": llama_1b,
     "moe-small": moe_small,
 }
+
+
+def pipeline_stages(specs: list[ShapeSpec], stages: int) -> list[list[ShapeSpec]]:
+    """``specs`` cut into ``stages`` contiguous runs of whole layers (``layers.K.`` prefixes), as even as the layer
+    count allows; entries outside a layer go to the first stage."""
+    layer_of = [int(s.name.split(".")[1]) if s.name.startswith("layers.") else -1 for s in specs]
+    layers = sorted({k for k in layer_of if k >= 0})
+    if stages < 1 or stages > max(len(layers), 1):
+        raise ValueError(f"{stages} pipeline stages for {len(layers)} layers; valid: 1..{max(len(layers), 1)}")
+    stage_of = {k: (i * stages) // len(layers) for i, k in enumerate(layers)}
+    out: list[list[ShapeSpec]] = [[] for _ in range(stages)]
+    for s, k in zip(specs, layer_of):
+        out[stage_of.get(k, 0)].append(s)
+    return out
 
 
 def model_shapes(name: str) -> list[ShapeSpec]:
