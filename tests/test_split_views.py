@@ -105,6 +105,37 @@ def test_one_process_equals_reference(name):
     assert opt.engine.stats.matrices_computed == len(CASES[name][2])  # every block its own matrix
 
 
+@pytest.mark.parametrize("mode", ["streaming", "light", "overlap"])
+def test_streaming_light_and_overlap_equal_the_plain_step(mode):
+    """A split group committed from inside the map (streaming), with its momentum in p.grad (light), or computed
+    in backward (overlap) takes the plain step."""
+    shape = CASES["gqa"][0]
+    x = torch.randn(5, shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def run(extra, overlap=False):
+        lin = nn.Linear(shape[1], shape[0], bias=False).double()
+        with torch.no_grad():
+            lin.weight.copy_(_init(shape))
+        group = {"params": [lin.weight], "param_names": ["gqa"], **CASES["gqa"][1], **extra}
+        kw = {**KW, "nesterov": KW["nesterov"] and not extra.get("is_light", False)}
+        opt = Disco([group], norm_factor="spectral", **kw)
+        if overlap:
+            opt.overlap_with_backward()
+        for step in range(STEPS):
+            (lin(x * (step + 1)) ** 2).sum().backward()
+            opt.step()
+            if not extra.get("is_light"):
+                opt.zero_grad()
+        return lin.weight.detach()
+
+    extra = {"streaming": {"commit": "streaming"}, "light": {"is_light": True}, "overlap": {}}[mode]
+    # light mode's twin keeps the same EMA in optimizer state (light mode has no Nesterov form)
+    plain = run({"nesterov": False} if mode == "light" else {})
+    assert (plain - _init(shape)).abs().max() > 1e-3
+    got = run(extra, overlap=mode == "overlap")
+    torch.testing.assert_close(got, plain, atol=1e-10, rtol=0)
+
+
 def test_without_split_differs():
     """The reference is not Muon's whole-matrix LMO (the test above can fail)."""
     U = _grads((32, 12), 0)
@@ -244,7 +275,7 @@ def _mesh(layout, world):
     raise ValueError(layout)
 
 
-def _body(rank, world_size, name, layout):
+def _body(rank, world_size, name, layout, extra=None):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     shape, _, _, transposed = CASES[name]
@@ -252,7 +283,7 @@ def _body(rank, world_size, name, layout):
     if pl is None:
         pl = [Shard(1 if transposed else 0)]
     p = nn.Parameter(distribute_tensor(_init(shape), mesh, pl, src_data_rank=None))
-    opt = Disco([_group(name, p)], norm_factor="spectral", **KW)
+    opt = Disco([{**_group(name, p), **(extra or {})}], norm_factor="spectral", **KW)
     moved = []
     for step in range(STEPS):
         p.grad = distribute_tensor(_grads(shape, step), mesh, pl, src_data_rank=None)
@@ -272,6 +303,15 @@ def test_tp_heads_colwise_move_nothing(name):
         for sent, received, computed in moved:
             assert (sent, received) == (0, 0)
             assert computed == blocks // 2  # its own heads only
+
+
+@pytest.mark.parametrize("name", ["gqa", "uneven"])
+def test_tp_streaming_commits(name):
+    """commit="streaming": each weight committed once its blocks are known good, in place or gathered."""
+    want = reference_run(name)
+    for got, moved in run_ranks(_body, 2, name, "tp", {"commit": "streaming"}, timeout=180):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+        assert all((m[0] == 0) == (name == "gqa") for m in moved)
 
 
 def test_tp_block_cut_by_a_shard_is_gathered():
