@@ -18,7 +18,7 @@ from disco.train import cli
 from disco.train.config import config_from_dict
 from disco.train.data import BatchSampler, load_text, train_val_split
 from disco.train.model import GPT, GPTConfig
-from disco.train.report import SUMMARY_KEYS, read_metrics
+from disco.train.report import STEPS_TO, SUMMARY_KEYS, read_metrics
 
 TINY = {"dim": 64, "n_layers": 2, "n_heads": 4}
 
@@ -171,9 +171,22 @@ def test_cli_yaml_overrides_summary_plot_and_norms(tmp_path, tmp_optimizer, caps
     argv = ["--config", str(cfg), "--optimizers", f"adamw,{tmp_optimizer}", "--steps", "4", "--out", str(out)]
     assert cli.main([*argv, "--eval-every", "2", "--track-norms-every", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary) == ["results"] and list(summary["results"]) == ["adamw", tmp_optimizer]
-    for row in summary["results"].values():
-        assert tuple(row) == SUMMARY_KEYS and row["steps"] == 4
+    assert list(summary) == ["results", "machine", "command"] and list(summary["results"]) == ["adamw", tmp_optimizer]
+    assert summary["command"] == "python -m disco train " + " ".join(argv) + " --eval-every 2 --track-norms-every 2"
+    assert summary["machine"]["cpu_compute_dtype"] in ("bfloat16", "float32") and summary["machine"]["cores"] >= 1
+    target = summary["results"]["adamw"]["final_val_loss"]
+    for name, row in summary["results"].items():
+        assert tuple(row) == (*SUMMARY_KEYS, STEPS_TO) and row["steps"] == 4
+        vals = [(r["step"], r["val_loss"]) for r in read_metrics(out / name / "metrics.jsonl") if "val_loss" in r]
+        assert row[STEPS_TO] == next((s for s, v in vals if v <= target), None)
+    assert summary["results"]["adamw"]["lr"] == get_optimizer_spec("adamw").default_lr
+    assert summary["results"]["adamw"][STEPS_TO] in (2, 4)  # its own final loss: reached at the last step at most
+    printed = capsys.readouterr().out
+    head = next(line for line in printed.splitlines() if line.startswith("optimizer"))
+    assert head.split()[:8] == ["optimizer", "lr", "train", "loss", "val", "loss", "steps", "to"]
+    row = next(line for line in printed.splitlines() if line.startswith("adamw "))
+    assert f"{summary['results']['adamw'][STEPS_TO]} (" in row and "x)" in row
+    assert "Machine: " in printed and "default compute dtype on this CPU" in printed
     assert (out / "loss.png").stat().st_size > 1000
     rows = read_metrics(out / tmp_optimizer / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -183,6 +196,22 @@ def test_cli_yaml_overrides_summary_plot_and_norms(tmp_path, tmp_optimizer, caps
     # same seed, same data: both optimizers start from the same model on the same first batch
     assert losses(out, "adamw")[0] == losses(out, tmp_optimizer)[0]
     assert "final_train_loss" not in capsys.readouterr().err
+
+
+def test_table_without_adamw_has_no_reference_column_and_plot_has_title_and_integer_ticks(tmp_path):
+    from disco.train.report import format_table, loss_figure, plot_title
+
+    cfg = tiny_cfg(tmp_path, steps=3, optimizers=["muon"], eval_every=1)
+    results = cli.run(cfg)
+    assert STEPS_TO not in results["muon"] and results["muon"]["lr"] == get_optimizer_spec("muon").default_lr
+    table = format_table(results, cfg)
+    assert "steps to" not in table and table.splitlines()[2].startswith("muon")
+    fig = loss_figure(tmp_path, ["muon"], plot_title(cfg, ["muon"]))
+    ax = fig.axes[0]
+    assert ax.get_title() == "GPT dim 64 x 2 layers, batch 8 x 64, 3 steps: muon"
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
 
 
 @pytest.mark.parametrize("name", optimizer_names())
@@ -256,24 +285,39 @@ def test_two_ranks_match_one_process(parallel, extra, name, tmp_path):
     assert (tmp_path / parallel / name / "ckpt" / "step_000006" / ".metadata").exists()
 
 
+LAYOUTS = {
+    "ddp": "ddp on 2 x cpu: 2 replicas",
+    "fsdp": "fsdp on 2 x cpu: 2 shards",
+    "hsdp": "hsdp on 2 x cpu: 1 replica x 2 shards (--dp-shard N sets the shard group)",
+    "tp": "tp on 2 x cpu: 2-way tensor parallel",
+    "fsdp+tp": "fsdp+tp on 2 x cpu: 1 shard x 2-way tensor parallel",
+}
+
+
 @pytest.mark.dist
-def test_torchrun_cli_ddp(tmp_path):
-    """The real launcher: ``torchrun -m disco train`` owns the process group (gloo) and writes the summary."""
+@pytest.mark.parametrize("parallel", list(LAYOUTS))
+def test_torchrun_cli_layout_in_the_header_and_no_warning(parallel, tmp_path):
+    """The real launcher: ``torchrun -m disco train`` owns the process group (gloo), prints the layout it
+    used and the threads per rank, writes the summary, and no warning comes from the CLI's own model (FSDP2
+    once warned six times under fsdp+tp that the root returned a view)."""
     import subprocess
     import sys
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model: {dim: 32, n_layers: 1, n_heads: 2}\nbatch_size: 4\nseq_len: 32\neval_batches: 1\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "disco"]
-    cmd += ["train", "--config", str(cfg), "--optimizers", "adamw", "--steps", "3", "--parallel", "ddp"]
+    cmd += ["train", "--config", str(cfg), "--optimizers", "adamw,disco", "--steps", "2", "--parallel", parallel]
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "out"
-    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=150, cwd=tmp_path, env=env)
+    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["results"]["adamw"]["steps"] == 3
-    assert "ddp on 2 x cpu" in proc.stdout
+    assert summary["results"]["adamw"]["steps"] == 2 and summary["machine"]["layout"] in LAYOUTS[parallel]
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert f"| {LAYOUTS[parallel]} | {threads} thread" in proc.stdout, proc.stdout
+    assert "Warning" not in proc.stderr.replace("OMP_NUM_THREADS", ""), proc.stderr[-4000:]
+    assert summary["command"].startswith("torchrun --nproc_per_node=2 -m disco train --config")
 
 
 def _rank_run_ckpt(rank, world_size, out, name):

@@ -68,8 +68,12 @@ def _files(tmp):
 
 
 MISUSE = [
-    (["--optimizers", "nope"], "--optimizers: unknown 'nope'; valid: adamw"),
-    (["--optimizers", ","], "no optimizer to train"),
+    (["--optimizers", "nope"], "--optimizers: unknown 'nope'; valid: "),
+    (["--optimizers", ","], "--optimizers ',': an empty name (two commas in a row, or one at an end)"),
+    (["--optimizers", "muon,,disco"], "--optimizers 'muon,,disco': an empty name"),
+    (["--optimizers", "muon,"], "--optimizers 'muon,': an empty name"),
+    (["--lr", "adamw=1e-3,,muon=0.02"], "--lr 'adamw=1e-3,,muon=0.02': an empty name"),
+    (["--threads", "-1"], "--threads -1: must be 0 or more"),
     (["--config", "no-such.yaml"], "no such file or built-in config (built-in: gpt_small_gpu, tiny_cpu"),
     (["--config", "{tmp}/bad.yaml"], "not valid YAML at line 2, column 1"),
     (["--config", "{tmp}/unknown.yaml"], "unknown keys foo"),
@@ -202,7 +206,11 @@ def test_periodic_checkpoints_progress_lines_table_and_refused_resumes(tiny, cap
     printed = capsys.readouterr().out
     assert sorted(p.name for p in (out / "adamw" / "ckpt").iterdir()) == ["step_000004", "step_000006"]
     assert printed.count("ETA") == 3 and "[adamw] step 2/6 (33%) loss" in printed
-    assert "train loss, val loss: mean cross-entropy (nats per byte) of the final model on 1 fixed batch of" in printed
+    assert "train loss, val loss: mean cross-entropy (nats per byte) of the final model on 1 fixed" in printed
+    assert (
+        f"| none on 1 x cpu | {torch.get_num_threads()} thread" in printed
+        and "(automatic: cores / processes here)" in printed
+    )
     assert json.loads((out / "adamw" / "config.json").read_text())["batch_size"] == 4
 
     # a new run in the same folder says that it drops the old checkpoints, and does
@@ -368,8 +376,70 @@ def test_wandb_offline_run(tiny, monkeypatch):
 
 
 def test_unknown_command_of_python_m_disco(capsys):
-    from disco.__main__ import main
+    from disco.__main__ import COMMANDS, main
 
     assert main(["trian"]) == 2
     err = capsys.readouterr().err
-    assert err == "python -m disco: error: unknown command 'trian'; valid: train, bench, groups, plan\n"
+    assert err == f"python -m disco: error: unknown command 'trian'; valid: {', '.join(COMMANDS)}\n"
+    assert {"train", "bench", "groups", "plan"} <= set(COMMANDS)
+
+
+def test_threads_option_is_used_and_stated(tiny, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert call([*tiny, "--steps", "1", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    printed = capsys.readouterr().out
+    assert printed.startswith(
+        "[disco] adamw | 1 steps | batch 4 x 32 | none on 1 x cpu | 1 thread per process (--threads)"
+    )
+    summary = json.loads((Path(tiny[-1]) / "summary.json").read_text())
+    assert summary["machine"]["threads"] == 1 and summary["machine"]["layout"] == "1 process"
+
+
+# --- python -m disco groups: mistakes are one line, exit 2 ----------------------------------------------------
+
+FACTORIES = """
+import torch
+def needs(width): return torch.nn.Linear(width, width)
+def ok(): return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+def boom(): raise RuntimeError("no weights here")
+"""
+
+GROUPS_MISUSE = [
+    ([], "the following arguments are required: factory"),
+    (["fac.py:needs"], "fac.py:needs: needs() missing 1 required positional argument: 'width'"),
+    (["fac.py:boom"], "fac.py:boom raised RuntimeError: no weights here"),
+    (["fac.py:ok", "--kwargs", "{bad"], "--kwargs is not valid JSON (Expecting property name"),
+    (["fac.py:ok", "--kwargs", "[1,2]"], "--kwargs must be a JSON object ({...}), got list: [1,2]"),
+    (["fac.py:ok", "--kwargs", '"x"'], "--kwargs must be a JSON object ({...}), got str"),
+    (["fac.py:nothing"], "cannot load 'fac.py:nothing'"),
+]
+
+
+@pytest.mark.parametrize("argv,message", GROUPS_MISUSE, ids=[" ".join(a) or "none" for a, _ in GROUPS_MISUSE])
+def test_groups_mistakes_are_one_line_and_exit_2(argv, message, tmp_path):
+    (tmp_path / "fac.py").write_text(FACTORIES)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "disco", "groups", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+def test_groups_prints_the_table(tmp_path, capsys):
+    from disco.groups.__main__ import main
+
+    (tmp_path / "fac.py").write_text(FACTORIES)
+    assert main([str(tmp_path / "fac.py") + ":ok", "--kwargs", '{"lr": 0.5}']) == 0
+    out = capsys.readouterr().out
+    assert "0.weight  4x4" in out and "bias_rms" in out and "4 parameters (28 elements) in 2 groups" in out

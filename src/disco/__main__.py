@@ -9,7 +9,7 @@ COMMANDS = {
     "train": ("disco.train.cli", "Train a small GPT with any optimizer and parallelism (the main job)."),
     "sweep": ("disco.train.sweep", "Sweep lr x width (x depth) per optimizer: does the best lr transfer?"),
     "bench": ("disco.bench", "Benchmarks: ortho | step | dist."),
-    "groups": ("disco.groups", "Print the parameter routing table of MODULE:FACTORY."),
+    "groups": ("disco.groups.__main__", "Print the parameter routing table of MODULE:FACTORY."),
     "plan": ("disco.distributed.plan_cli", "Print the distribution plan for a world size and a list of shapes."),
 }
 

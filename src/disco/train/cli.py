@@ -44,18 +44,19 @@ from disco.train.config import (
 )
 from disco.train.data import check_long_enough, load_text, train_val_split
 from disco.train.loop import Interrupted, StopSignals, train_optimizer
-from disco.train.parallel import PARALLEL_MODES, init_world, shutdown
-from disco.train.report import format_table, plot_losses, write_summary
+from disco.train.parallel import PARALLEL_MODES, World, init_world, shutdown
+from disco.train.report import add_steps_to_reference, format_table, machine, plot_losses, plot_title, write_summary
 from disco.train.trackers import check_tracker
 
 PROG = "python -m disco train"
 
 
-def run(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+def run(cfg: TrainConfig, command: str | None = None) -> dict[str, dict[str, Any]]:
     """Train every optimizer of ``cfg`` in turn (same seed, same data order); returns the summary rows.
 
     Works in one process and on every rank of a torchrun job (or any initialised process group).
-    Rank 0 prints the table and writes ``summary.json`` and ``loss.png``. Raises ``UsageError`` for a bad
+    Rank 0 prints the table and writes ``summary.json`` (with ``command``, the command line that ran, when given)
+    and ``loss.png``. Raises ``UsageError`` for a bad
     config (before any work) and ``Interrupted`` after the checkpoint that a SIGINT / SIGTERM asked for.
     """
     validate(cfg)
@@ -70,16 +71,12 @@ def run(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
-    world = init_world(cfg.parallel, cfg.device, cfg.tp_size, cfg.dp_shard)
+    world = init_world(cfg.parallel, cfg.device, cfg.tp_size, cfg.dp_shard, cfg.threads)
     try:
         if cfg.batch_size % world.dp_size:
             raise UsageError(f"--batch-size {cfg.batch_size}: not divisible by {world.dp_size} data-parallel ranks")
         if world.is_main:
-            print(
-                f"[disco] {', '.join(cfg.optimizers)} | {cfg.steps} steps | batch {cfg.batch_size} x {cfg.seq_len}"
-                f" | {world.parallel} on {world.world_size} x {world.device.type} | {len(train)} train bytes",
-                flush=True,
-            )
+            print(header(cfg, world, len(train)), flush=True)
         results = {}
         with StopSignals() as stop:
             for i, name in enumerate(cfg.optimizers):
@@ -89,13 +86,30 @@ def run(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
                 tag = f"{name} {i + 1}/{len(cfg.optimizers)}" if len(cfg.optimizers) > 1 else name
                 results[name] = train_optimizer(cfg, name, world, train, val, plans[name], stop, tag)
         if world.is_main:
-            print("\n" + format_table(results, cfg))
-            print(f"\nwrote {write_summary(out, results)}", end="")
-            plot = plot_losses(out, list(results))
+            add_steps_to_reference(results, out)
+            about = {**machine(), "threads": world.threads, "layout": world.layout, "device": world.device.type}
+            print("\n" + format_table(results, cfg, about))
+            print(f"\nwrote {write_summary(out, results, about, command)}", end="")
+            plot = plot_losses(out, list(results), plot_title(cfg, list(results)))
             print(f" and {plot}" if plot else f"; skipped loss.png: matplotlib is not installed ({INSTALL_TRAIN})")
         return results
     finally:
         shutdown(world)
+
+
+def header(cfg: TrainConfig, world: World, train_bytes: int) -> str:
+    """The first line of a run: optimizers, steps, batch, the layout actually used, threads, data."""
+    where = f"{world.parallel} on {world.world_size} x {world.device.type}"
+    if world.parallel != "none":
+        where += f": {world.layout}"
+        if world.parallel == "hsdp" and not cfg.dp_shard:
+            where += " (--dp-shard N sets the shard group)"
+    how = "automatic: cores / processes here" if world.threads_auto else "--threads"
+    return (
+        f"[disco] {', '.join(cfg.optimizers)} | {cfg.steps} steps | batch {cfg.batch_size} x {cfg.seq_len}"
+        f" | {where} | {world.threads} thread{'s' if world.threads != 1 else ''} per process ({how})"
+        f" | {train_bytes} train bytes"
+    )
 
 
 # ---- the command line -----------------------------------------------------------------------------------------
@@ -175,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp-size", type=_count, help="--parallel fsdp+tp: ranks per tensor-parallel group")
     p.add_argument("--dp-shard", type=_count, help="--parallel hsdp: ranks per shard group (0: automatic)")
     p.add_argument(
+        "--threads",
+        type=_count,
+        help="CPU threads per process (default 0: the cores divided by the processes on this machine; "
+        "the header says how many); on a loaded machine 1 can be several times faster",
+    )
+    p.add_argument(
         "--qk-clip-tau",
         type=float,
         help="QK-clip (MuonClip): after each step scale the q/k rows of every head whose max attention logit"
@@ -192,7 +212,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     }
     cfg = dataclasses.replace(cfg, **overrides)
     if args.optimizers is not None:
-        names = split_names(args.optimizers)
+        names = split_names(args.optimizers, "--optimizers")
         known = set(optimizer_names())
         unknown = [n for n in names if n not in known]
         if unknown:
@@ -227,12 +247,22 @@ def parse_lr(text: str, names: list[str]) -> dict[str, float]:
     if "=" not in text:
         return dict.fromkeys(names, number(text, "the learning rate"))
     out = {}
-    for item in split_names(text):
+    for item in split_names(text, "--lr"):
         name, sep, value = (s.strip() for s in item.partition("="))
         if not sep or name not in optimizer_names():
             raise UsageError(f"--lr {text}: {item!r} is not NAME=VALUE with a registered optimizer name")
         out[name] = number(value, f"the learning rate of {name}")
     return out
+
+
+def command_line(argv: list[str]) -> str:
+    """This run's command (for ``summary.json``): ``python -m disco train ...``, or under torchrun
+    ``torchrun --nproc_per_node=N -m disco train ...``."""
+    args = shlex.join(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        nproc = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        return f"torchrun --nproc_per_node={nproc} -m disco train {args}".rstrip()
+    return f"{PROG} {args}".rstrip()
 
 
 def resume_command(argv: list[str]) -> str:
@@ -256,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = config_from_args(args)
         torch.set_float32_matmul_precision("high")
-        run(cfg)
+        run(cfg, command_line(argv))
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -63,6 +63,7 @@ class TrainConfig:
     parallel: str = "none"
     tp_size: int = 2  # for fsdp+tp
     dp_shard: int = 0  # for hsdp: the shard group size (0: world // 2 when the world is >= 4, else world)
+    threads: int = 0  # CPU threads per process; 0: the cores divided by the processes on this machine
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     compile: bool = False
@@ -84,7 +85,7 @@ def _check_type(where: str, value: Any, annotation: str) -> Any:
         except ValueError:
             pass
     if base == "list" and isinstance(value, str):
-        return split_names(value)
+        return split_names(value, where)
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -124,8 +125,14 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfi
     return TrainConfig(model=GPTConfig(**model), **values)
 
 
-def split_names(text: str) -> list[str]:
-    return [n.strip() for n in text.split(",") if n.strip()]
+def split_names(text: str, what: str = "names") -> list[str]:
+    """``"a, b"`` -> ``["a", "b"]``; an empty name (``"a,,b"``, ``"a,"``) is refused, naming ``what``."""
+    names = [n.strip() for n in text.split(",")]
+    if not text.strip():
+        return []
+    if not all(names):
+        raise UsageError(f"{what} {text!r}: an empty name (two commas in a row, or one at an end)")
+    return names
 
 
 def builtin_configs() -> list[str]:
@@ -168,7 +175,7 @@ def validate(cfg: TrainConfig) -> None:
     counts = {"eval_every": cfg.eval_every, "log_every": cfg.log_every, "print_every": cfg.print_every}
     counts.update({"track_norms_every": cfg.track_norms_every, "ckpt_every": cfg.ckpt_every})
     counts.update({"keep_checkpoints": cfg.keep_checkpoints, "warmup_steps": cfg.warmup_steps})
-    counts.update({"dp_shard": cfg.dp_shard})
+    counts.update({"dp_shard": cfg.dp_shard, "threads": cfg.threads})
     for name, value in counts.items():
         if value < 0:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be 0 or more")

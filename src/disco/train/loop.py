@@ -391,6 +391,7 @@ def train_optimizer(
         val_loss = evaluate(fwd, val_batches, cfg, world)
     total_tokens = step * tokens_per_step
     result = {
+        "lr": lr,
         "final_train_loss": evaluate(fwd, train_batches, cfg, world),
         "final_val_loss": val_loss,
         "steps": step,

@@ -35,10 +35,39 @@ class World:
     dp_rank: int  # which slice of the global batch this rank trains on
     dp_size: int
     owns_process_group: bool = False
+    threads: int = 1  # torch's intra-op threads in this process
+    threads_auto: bool = True  # chosen by init_world (cores / processes here), not by --threads
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def layout(self) -> str:
+        """The layout in words, as the mesh has it: ``"1 replica x 2 shards"`` for HSDP on 2 ranks."""
+        mesh = self.mesh
+        if self.parallel == "none" or mesh is None:
+            return "1 process"
+        sizes = dict(zip(mesh.mesh_dim_names or (), mesh.mesh.shape))
+        if self.parallel == "ddp":
+            return f"{self.world_size} replicas"
+        if self.parallel == "fsdp":
+            return f"{self.world_size} shards"
+        if self.parallel == "tp":
+            return f"{self.world_size}-way tensor parallel"
+        if self.parallel == "hsdp":
+            r, sh = sizes["dp_replicate"], sizes["dp_shard"]
+            return f"{_plural(r, 'replica')} x {_plural(sh, 'shard')}"
+        return f"{_plural(sizes['dp_shard'], 'shard')} x {sizes['tp']}-way tensor parallel"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def auto_threads(processes: int) -> int:
+    """CPU threads per process when ``--threads`` is 0: this machine's cores over its processes (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:
@@ -50,26 +79,34 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device(device)
 
 
-def init_world(parallel: str = "none", device: str = "auto", tp_size: int = 2, dp_shard: int = 0) -> World:
-    """Start the process group if launched by torchrun (RANK / WORLD_SIZE set) and build the mesh."""
+def init_world(
+    parallel: str = "none", device: str = "auto", tp_size: int = 2, dp_shard: int = 0, threads: int = 0
+) -> World:
+    """Start the process group if launched by torchrun (RANK / WORLD_SIZE set) and build the mesh.
+
+    ``threads``: torch's CPU threads in this process (``torch.set_num_threads``); 0 picks
+    :func:`auto_threads` of the processes on this machine (``LOCAL_WORLD_SIZE``), so ranks do not oversubscribe
+    the cores (torch's own default is every core in every process), unless the caller initialised the process
+    group itself (its threads are kept).
+    """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"unknown --parallel {parallel!r}; valid: {', '.join(PARALLEL_MODES)}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
+    if threads or not dist.is_initialized():  # a process group set up by the caller keeps its threads
+        torch.set_num_threads(threads or auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    n_threads = torch.get_num_threads()
     if world_size == 1 and not dist.is_initialized():
         if parallel != "none":
             print(f"[disco] one process: --parallel {parallel} needs torchrun; running without parallelism")
-        return World("none", 0, 1, dev, None, 0, 1)
+        return World("none", 0, 1, dev, None, 0, 1, threads=n_threads, threads_auto=not threads)
     if parallel == "none":
         raise ValueError("several ranks need --parallel ddp|fsdp|hsdp|tp|fsdp+tp")
     owns = not dist.is_initialized()
     if owns:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=10), device_id=dev if backend == "nccl" else None)
-        if dev.type == "cpu":  # do not oversubscribe the cores with several ranks
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     shape, names = _mesh_shape(parallel, world_size, tp_size, dp_shard)
     mesh = init_device_mesh(dev.type, shape, mesh_dim_names=names)
@@ -79,7 +116,7 @@ def init_world(parallel: str = "none", device: str = "auto", tp_size: int = 2, d
         dp_rank, dp_size = 0, 1
     else:  # fsdp+tp: ranks of one TP group share a batch slice
         dp_rank, dp_size = mesh["dp_shard"].get_local_rank(), mesh["dp_shard"].size()
-    return World(parallel, rank, world_size, dev, mesh, dp_rank, dp_size, owns)
+    return World(parallel, rank, world_size, dev, mesh, dp_rank, dp_size, owns, n_threads, not threads)
 
 
 def _mesh_shape(parallel: str, world: int, tp_size: int, dp_shard: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -144,7 +181,15 @@ def apply_tp(model: GPT, tp_mesh: DeviceMesh) -> None:
     rep = Replicate()
     parallelize_module(model.tok_embeddings, tp_mesh, RowwiseParallel(input_layouts=rep, output_layouts=rep))
     parallelize_module(model.output, tp_mesh, ColwiseParallel(input_layouts=rep, output_layouts=rep))
+    # The gathered logits come back as a view of the all-gather's buffer; FSDP2 (--parallel fsdp+tp) warns that
+    # an in-place op on a root module's view output would skip its pre-backward hook. A copy (batch x seq x vocab)
+    # makes the model's output its own tensor.
+    model.output.register_forward_hook(_own_tensor)
     _replicate(model.norm, tp_mesh)
+
+
+def _own_tensor(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    return output.clone()
 
 
 def apply_fsdp(model: GPT, mesh: DeviceMesh) -> None:
