@@ -151,3 +151,26 @@ def test_state_dict_round_trip_continues_the_same_run(polar_first):
     _run(second, [V], [grads[2:]])
     assert torch.equal(V.detach(), W.detach())
     assert torch.equal(second.state[V]["momentum_buffer"], opt.state[W]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_hugging_face_muon_recipe(model):
+    """``hf.trainer_optimizer(model, "muon", optimizer=PolarGrad)``: every parameter routed once (GPT-2's Conv1D as
+    transposed matrices), and a few steps train."""
+    test_hf = pytest.importorskip("test_hf_gpt2")  # skipped without transformers
+    from disco.integrations import hf
+
+    net = getattr(test_hf, model)()
+    cls, kwargs = hf.trainer_optimizer(net, "muon", optimizer=PolarGrad, lr=0.01)
+    opt = cls(**kwargs)
+    assert {n for g in opt.param_groups for n in g["param_names"]} == {n for n, _ in net.named_parameters()}
+    assert any(g["algorithm"] == "polargrad" and g.get("transposed") for g in opt.param_groups) == (model == "gpt2")
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
