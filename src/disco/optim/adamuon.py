@@ -87,9 +87,8 @@ class AdaMuonRule(LMORule):
     streams = False
 
     def check_group(self, group: Group, settings: Settings, at: str) -> None:
-        validation.check_matrices(
-            group, at, "AdaMuon (it orthogonalizes matrices)"
-        )  # before LMORule's, whose advice does not apply
+        # before LMORule's check, whose advice (route vectors to 'bias_rms' or 'sign') does not apply here
+        validation.check_matrices(group, at, "AdaMuon (it orthogonalizes matrices)")
         super().check_group(group, settings, at)
 
     def init_state(self, settings: Settings, p: Tensor) -> dict[str, Any]:

@@ -134,9 +134,8 @@ class PolarGradRule(LMORule):
     streams = False
 
     def check_group(self, group: Group, settings: Settings, at: str) -> None:
-        validation.check_matrices(
-            group, at, "PolarGrad (it scales the polar factor of matrices)"
-        )  # before LMORule's, whose advice does not apply
+        # before LMORule's check, whose advice (route vectors to 'bias_rms' or 'sign') does not apply here
+        validation.check_matrices(group, at, "PolarGrad (it scales the polar factor of matrices)")
         super().check_group(group, settings, at)
 
     def _prepare(self, it: Item, ctx: StepContext) -> tuple[Tensor, Callable[[], Tensor] | None, MomentumWrite | None]:
