@@ -177,6 +177,7 @@ class MuonBP(SpectralOptimizer):
     "muonbp",
     default_lr=0.02,
     doc="disco.MuonBP (full every 5 steps, else per shard) on hidden matrices, AdamW on the rest",
+    layout_dependent=True,
 )
 def build_muonbp(
     model: nn.Module, *, lr: float, weight_decay: float = 0.0, adamw_lr: float = 3e-3, **kwargs: Any

@@ -31,13 +31,14 @@ class OptimizerSpec:
     default_lr: float
     doc: str = ""
     init: str | None = None  # a ``disco.init`` scheme the optimizer wants its matrices initialised with
+    layout_dependent: bool = False  # its steps depend on how parameters are sharded, by design (MuonBP)
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 
 
 def register_optimizer(
-    name: str, *, default_lr: float, doc: str = "", init: str | None = None
+    name: str, *, default_lr: float, doc: str = "", init: str | None = None, layout_dependent: bool = False
 ) -> Callable[[Builder], Builder]:
     """Decorator: register ``build(model, *, lr, weight_decay=0.0, **kwargs) -> Optimizer`` as ``name``."""
 
@@ -49,7 +50,8 @@ def register_optimizer(
         )
         if old is not None and not same:
             raise ValueError(f"optimizer {name!r} is already registered by {old.build.__module__}")
-        _REGISTRY[name] = OptimizerSpec(name, build, float(default_lr), doc or (build.__doc__ or ""), init)
+        text = doc or (build.__doc__ or "")
+        _REGISTRY[name] = OptimizerSpec(name, build, float(default_lr), text, init, layout_dependent)
         return build
 
     return decorator
