@@ -46,7 +46,7 @@ from disco.train.config import DEFAULT_CONFIG, INSTALL_TRAIN, TrainConfig, Usage
 from disco.train.config import validate as validate_config
 from disco.train.data import BatchSampler, check_long_enough, load_text, train_val_split
 from disco.train.loop import batch_loss, build_model, build_optimizer, keeps_momentum_in_grad, train_optimizer
-from disco.train.parallel import init_world
+from disco.train.parallel import World, init_world
 from disco.train.sweep_report import format_best, plot_sweep
 
 PROG = "python -m disco sweep"
@@ -173,25 +173,35 @@ def calibrate(sweep: Sweep, points: list[Point]) -> dict[tuple[str, int, int], f
     world = init_world("none", sweep.base.device)
     seconds = {}
     for opt, width, depth in dict.fromkeys((p.optimizer, p.width, p.depth) for p in points):
-        point = Point(opt, width, depth, 1.0)
-        cfg = point_config(sweep.base, point, sweep.out)
-        spec = get_optimizer_spec(opt)
-        t0 = time.perf_counter()
-        model = build_model(cfg, spec, world)
-        optim = build_optimizer(cfg, spec, model, world)
-        build_s = time.perf_counter() - t0
-        sampler = BatchSampler(train, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-        light = keeps_momentum_in_grad(optim)
-        for i in range(CALIBRATION_STEPS + 1):
-            if i == 1:
-                t1 = time.perf_counter()
-            batch_loss(model, *sampler.next(), cfg, world.device).backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
-            optim.step()
-            if not light:
-                optim.zero_grad(set_to_none=True)
-        step_s = (time.perf_counter() - t1) / CALIBRATION_STEPS
-        seconds[(opt, width, depth)] = build_s + (cfg.steps + 2 * cfg.eval_batches) * step_s
+        cfg = point_config(sweep.base, Point(opt, width, depth, 1.0), sweep.out)
+        seconds[(opt, width, depth)] = _seconds_per_run(cfg, opt, world, train)
     return seconds
+
+
+def _seconds_per_run(cfg: TrainConfig, name: str, world: World, train: torch.Tensor) -> float:
+    spec = get_optimizer_spec(name)
+    t0 = time.perf_counter()
+    model = build_model(cfg, spec, world)
+    optim = build_optimizer(cfg, spec, model, world)
+    build_s = time.perf_counter() - t0
+    sampler = BatchSampler(train, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    light = keeps_momentum_in_grad(optim)
+    cuda = world.device.type == "cuda"
+    t1 = 0.0
+    for i in range(CALIBRATION_STEPS + 1):
+        if i == 1:  # the first step's one-off costs (allocations, kernel choice) are not a step's
+            if cuda:
+                torch.cuda.synchronize(world.device)
+            t1 = time.perf_counter()
+        loss = batch_loss(model, *sampler.next(), cfg, world.device)
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+        optim.step()
+        if not light:
+            optim.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize(world.device)
+    step_s = (time.perf_counter() - t1) / CALIBRATION_STEPS
+    return build_s + (cfg.steps + 2 * cfg.eval_batches) * step_s
 
 
 def estimate_minutes(per_run: list[float], jobs: int) -> float:
