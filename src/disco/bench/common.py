@@ -63,12 +63,38 @@ def print_table(
         print(line(r), file=out)
 
 
+#: the CPU flags that decide the speed of a step: vector width, fused multiply-add, native bf16 matmul
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+
+
+def cpu_model() -> tuple[str, list[str]]:
+    """The CPU's model name and which of ``CPU_FLAGS`` it has (``/proc/cpuinfo``; elsewhere ``platform``'s
+    processor and no flags)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if name and flags:
+                    break
+    except OSError:
+        pass
+    return name, [f for f in CPU_FLAGS if f in flags]
+
+
 def environment() -> dict[str, Any]:
-    """Where the numbers come from: torch version, device, threads, machine."""
+    """Where the numbers come from: torch version, device, threads, machine, CPU model and its relevant flags."""
+    name, flags = cpu_model()
     env: dict[str, Any] = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "cpu": name,
+        "cpu_flags": " ".join(flags) or "-",
         "python": platform.python_version(),
     }
     if torch.cuda.is_available():

@@ -19,6 +19,11 @@ prints the measured value, the peer's, their ratio, the target and whether it is
    ``parallel capacity`` measures what the machine allows: two processes each running the same bf16 matmuls,
    their time over one alone (1.0: two real cores; 2.0: one core's worth shared), so the 2-rank ratio can be read.
 7. ``planner``: seconds to plan and summarize 1,000 matrices on 65,536 ranks (``bench plan``); target <= 5 s.
+8. ``step vs ortho``: the whole ``disco.Muon`` step over its orthogonalizations alone (``bench step --ortho``:
+   the same LMO specs on ready directions), per compute dtype; target <= 1.10 (the element-wise passes, checks
+   and bookkeeping of a step cost at most a tenth on top).
+9. ``state``: optimizer-state bytes per parameter of a Muon group with ``state_dtype`` bf16 and ``"int8_block"``
+   against float32 momentum (counted, not timed).
 
 ``--quick`` shrinks every case (a smoke run: the numbers mean nothing).
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import operator
 import statistics
 import subprocess
 import sys
@@ -89,6 +95,31 @@ def gram_rows(m: int, n: int, repeat: int) -> list[dict[str, Any]]:
         gram = _best_ms(functools.partial(gram_newton_schulz, G, compute_dtype=dtype), repeat)
         name = "bf16" if dtype == torch.bfloat16 else "fp32"
         rows.append(_row("3 gram", f"NS / Gram NS ms, {m}x{n} {name}", plain, gram, ">= 1.3x", lambda r: r >= 1.3))
+    return rows
+
+
+def state_rows(layers: int, width: int) -> list[dict[str, Any]]:
+    """Momentum bytes per parameter of ``disco.Muon`` on ``bench step``'s shapes, per ``state_dtype``, against
+    float32 (the state made at construction, counted on this process)."""
+    import disco
+    from disco.bench.step import make_params, transformer_shapes
+    from disco.optim.momentum import state_bytes
+
+    weights, _ = make_params(transformer_shapes(layers, width))
+    params = [torch.nn.Parameter(w) for w in weights]
+    numel = sum(p.numel() for p in params)
+
+    def per_param(state_dtype: Any) -> float:
+        opt = disco.Muon([{"params": params, "state_dtype": state_dtype}], lr=0.02)
+        return sum(state_bytes(opt.state[p]) for p in params) / numel
+
+    fp32 = per_param(None)
+    rows = []
+    for name, dtype, bound in (("bf16", torch.bfloat16, 0.5), ("int8_block", "int8_block", 0.26)):
+        ok: Callable[[float], bool] = functools.partial(operator.ge, bound)  # ratio <= bound
+        rows.append(
+            _row("9 state", f"momentum bytes/param, {name} vs fp32", per_param(dtype), fp32, f"<= {bound}x", ok)
+        )
     return rows
 
 
@@ -168,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     size = ["--layers", "1", "--width", "64", "--repeat", "1"] if q else ["--layers", "4", "--width", "512"]
     rows: list[dict[str, Any]] = []
 
-    step = _bench("step", *size, "--threads", "1", "--memory", "--commit", "atomic,streaming")["rows"]
+    step = _bench("step", *size, "--threads", "1", "--memory", "--commit", "atomic,streaming", "--ortho")["rows"]
     by = {(r["case"], r["commit"]): r for r in step}
     for case in ("bf16", "fp32"):
         r = by[case, "atomic"]
@@ -178,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         r = by["bf16", commit]
         rows.append(_row("2 memory", f"peak extra MiB vs torch.optim.Muon, commit={commit}", r["ours_mib"],
                          r["peer_mib"], target, (lambda x: x <= 1.25) if commit == "streaming" else None))  # fmt: skip
+
+    for case in ("bf16", "fp32"):
+        r = by[f"{case} vs ortho", "atomic"]
+        rows.append(_row(f"8 step vs ortho {case}", "ms, step vs its orthogonalizations alone", r["ours_ms"],
+                         r["peer_ms"], "<= 1.10x", lambda x: x <= 1.10))  # fmt: skip
+    rows += state_rows(*((1, 64) if q else (4, 512)))
 
     rows += gram_rows(*((64, 256) if q else (512, 2048)), repeat=1 if q else 3)
 

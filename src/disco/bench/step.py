@@ -16,6 +16,10 @@ on CPUs without bf16 instructions (AVX2 only): there, run ``--dtypes float32``. 
 memory of one step (the profiler's allocation timeline; goal: <= 1.25x the peer's); ``--commit streaming``
 writes each parameter as soon as its update is ready instead of holding all of them. ``max |diff|`` is the
 largest parameter difference between the two sides after the timed steps (same weights, same gradients).
+
+``--ortho`` adds, per compute dtype, the whole ``disco.Muon`` step against its orthogonalizations alone (the same
+LMO specs called on ready directions, one matrix per call, as the step calls them): what the element-wise passes,
+the checks and the bookkeeping of a step cost on top (goal: <= 1.10).
 """
 
 from __future__ import annotations
@@ -212,6 +216,41 @@ def run_case(
     )
 
 
+def ortho_case(
+    case: str, shapes: list[tuple[int, int]], dtype: torch.dtype, *, repeat: int, warmup: int, device: str,
+    lr: float = 0.02,
+) -> dict[str, Any]:  # fmt: skip
+    """``disco.Muon``'s step against its orthogonalizations alone: the step's own LMO specs (``LMORule.spec``) on
+    directions made beforehand in the dtype the engine hands them (``spec.input_dtype``), interleaved."""
+    from disco.optim.rules import LMORule, LMOSettings
+
+    weights, grads = make_params(shapes, device=device)
+    params = _as_params(weights, grads)
+    opt = Muon(params, lr=lr, weight_decay=0.1, compute_dtype=dtype, distributed_config=create_local_config())
+    settings = opt.settings_of(opt.param_groups[0])
+    assert isinstance(settings, LMOSettings)
+    specs = [LMORule.spec(settings, p) for p in params]
+    inputs = []
+    for spec, g in zip(specs, grads):
+        cast = getattr(spec, "input_dtype", None)
+        inputs.append(g.to(cast(g.dtype, g.device) if cast is not None else g.dtype).unsqueeze(0))
+
+    def ortho() -> None:
+        for spec, x in zip(specs, inputs):
+            spec(x)
+
+    row = compare(
+        case,
+        (f"disco.Muon {_short(dtype)}", opt.step, params),
+        ("orthogonalizations alone", ortho, params),
+        repeat=repeat,
+        warmup=warmup,
+        device=device,
+    )
+    row["max_abs_diff"] = None  # one side only: nothing to compare
+    return row
+
+
 def _short(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
 
@@ -237,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--commit", default="atomic", help="disco's commit: atomic, streaming, or a comma list (sweeps)"
     )
+    parser.add_argument(
+        "--ortho", action="store_true", help="also the step against its orthogonalizations alone, per dtype"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -261,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             for commit in commits:
                 row = run_case(_short(dtype), shapes, dtype, stack_bytes=sb, commit=commit, **timing)
                 rows.append({**row, "stack_bytes": sb, "commit": commit})
+        if args.ortho:
+            row = ortho_case(f"{_short(dtype)} vs ortho", shapes, dtype, repeat=args.repeat, warmup=args.warmup,
+                             device=args.device)  # fmt: skip
+            rows.append({**row, "stack_bytes": "auto", "commit": "atomic"})
     meta = {
         "benchmark": "step",
         **environment(),
