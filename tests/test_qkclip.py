@@ -377,3 +377,57 @@ def test_torchtitan_llama3_recipe():
     assert (s > tau).any()
     model(tokens)
     torch.testing.assert_close(clip.max_logits()[name], s.clamp(max=tau), rtol=1e-4, atol=0)
+
+
+def _blowup_run(tau, steps=40):
+    """The CLI GPT with disco's Muon at a large lr (0.3): its attention logits grow by two orders of magnitude in
+    a few dozen steps. Returns the losses, the recorded maxima before each clip, and after each clip the maxima of
+    a second forward over the same batch."""
+    import disco.optim  # noqa: F401  (registers the optimizers)
+    from disco.optim.qkclip_recipes import disco_gpt
+    from disco.optim.registry import get_optimizer_spec
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, dim=32, n_heads=4, n_layers=2, max_seq_len=32))
+    opt = get_optimizer_spec("muon").build(model, lr=0.3, weight_decay=0.0)
+    rec = MaxLogitRecorder()
+    heads = disco_gpt(model, rec)
+    clip = QKClip(heads, tau, rec) if tau else None
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, 64, (4000,), generator=g) % 8) * (torch.arange(4000) % 3)
+    losses, before, after = [], [], []
+    for _ in range(steps):
+        idx = torch.randint(0, 4000 - 33, (8,), generator=g)
+        xy = torch.stack([data[i : i + 33] for i in idx])
+        loss = nn.functional.cross_entropy(model(xy[:, :-1]).flatten(0, 1), xy[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        if clip is None:
+            before.append(rec.maxima())
+            rec.reset()
+            continue
+        before.append(clip.step())
+        with torch.no_grad():
+            model(xy[:, :-1])
+        after.append(rec.maxima())
+        rec.reset()
+    return losses, before, after
+
+
+def test_logits_that_blow_up_without_the_clip_stay_bounded_with_it():
+    """S_h comes from the step's forward (the weights before the update) and the clip scales the updated weights,
+    as in Kimi K2: so the cap holds exactly for the weights that produced S_h (the tests above) and within one
+    update's growth for the new ones. Here: 17x tau without the clip, under 1.6x tau with it at every step."""
+    from disco.distributed.launch import rank_threads
+
+    tau = 20.0
+    with rank_threads():  # one thread: a loaded machine does not slow it down much
+        _, before, _ = _blowup_run(0.0)
+        assert max(float(s.max()) for s in before[-1].values()) > 10 * tau  # it does blow up
+        losses, before, after = _blowup_run(tau)
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(int((s > tau).sum()) for b in before for s in b.values()) >= 20  # the clip was at work
+    for seen in (before, after):
+        assert max(float(s.max()) for b in seen for s in b.values()) < 1.6 * tau

@@ -409,7 +409,7 @@ class QKClip:
         sizes = [local[n].numel() for n in names]
         rows = _reduce(torch.cat([local[n] for n in names]), self.mesh, self.batch_dims, self.head_dims)
         out = {}
-        for name, part in zip(names, rows.split(sizes, dim=1), strict=True):
+        for name, part in zip(names, torch.split(rows, sizes, dim=1), strict=True):
             full = part.reshape(-1)  # ranks of the head dim hold consecutive heads (Shard(0) chunks, rank order)
             if full.numel() != self.heads[name].n_heads:
                 raise ValueError(
