@@ -431,3 +431,19 @@ def test_logits_that_blow_up_without_the_clip_stay_bounded_with_it():
     assert sum(int((s > tau).sum()) for b in before for s in b.values()) >= 20  # the clip was at work
     for seen in (before, after):
         assert max(float(s.max()) for b in seen for s in b.values()) < 1.6 * tau
+
+
+def test_training_cli_logs_max_logits(tmp_path, capsys):
+    import json
+
+    from disco.train.cli import main
+
+    common = ["--optimizers", "muon", "--steps", "3", "--eval-every", "0", "--seq-len", "32", "--batch-size", "4"]
+    common += ["--threads", "1", "--ckpt-every", "0"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--qk-clip-tau", "0.1"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "muon" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["max_logit"] > 0.1 and r["clipped_heads"] > 0 for r in rows)
+    assert main([*common, "--out", str(tmp_path / "b")]) == 0
+    assert "max_logit" not in (tmp_path / "b" / "muon" / "metrics.jsonl").read_text()
+    assert main([*common, "--out", str(tmp_path / "c"), "--qk-clip-tau", "-1"]) == 2
+    assert "--qk-clip-tau -1.0: must be" in capsys.readouterr().err
