@@ -81,6 +81,8 @@ def blocks_of(layout, world):
     m, n = SHAPE
     if layout == "fsdp":
         return [(rows, range(n)) for rows in chunks(m, world)]
+    if layout == "hsdp":  # 2 replicas x 2 shards: each replica's blocks are the row halves
+        return [(rows, range(n)) for rows in chunks(m, 2)]
     if layout == "tp_rowwise":
         return [(range(m), cols) for cols in chunks(n, world)]
     if layout == "fsdp_tp":
@@ -164,10 +166,12 @@ def test_cli_builder():
 # ---- distributed -----------------------------------------------------------------------------------------------
 def _body(rank, world_size, layout):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     if layout == "fsdp_tp":
         mesh, pl = init_device_mesh("cpu", (2, 2)), [Shard(0), Shard(1)]
+    elif layout == "hsdp":
+        mesh, pl = init_device_mesh("cpu", (2, 2)), [Replicate(), Shard(0)]
     else:
         mesh, pl = init_device_mesh("cpu", (world_size,)), [Shard(1 if layout == "tp_rowwise" else 0)]
     p = nn.Parameter(distribute_tensor(_init(), mesh, pl, src_data_rank=None))
@@ -181,7 +185,9 @@ def _body(rank, world_size, layout):
     return p.full_tensor(), moved
 
 
-@pytest.mark.parametrize(("layout", "world"), [("fsdp", 2), ("fsdp", 3), ("tp_rowwise", 2), ("fsdp_tp", 4)])
+@pytest.mark.parametrize(
+    ("layout", "world"), [("fsdp", 2), ("fsdp", 3), ("tp_rowwise", 2), ("fsdp_tp", 4), ("hsdp", 4)]
+)
 def test_distributed_equals_reference_with_its_shards_as_blocks(layout, world):
     want = reference(blocks_of(layout, world))
     out = run_ranks(_body, world, layout, timeout=180)
