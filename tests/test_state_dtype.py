@@ -265,3 +265,54 @@ def _body_refused(rank, world_size):
 def test_a_block_cut_by_a_shard_is_refused_on_every_rank():
     for msg in run_ranks(_body_refused, 4, timeout=120):
         assert msg is not None and "'a'" in msg and "(97, 64)" in msg and "state_block=24" in msg
+
+
+# ---- every rule that keeps a momentum --------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["muon", "normuon", "adamuon", "polargrad"])
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, INT8_BLOCK])
+def test_first_step_equals_float32_state(algorithm, state_dtype):
+    """From zero momentum the first direction is the same, so the first step is bitwise the float32-state step;
+    the stored momentum is the float32 one rounded (bf16) or quantized once (int8)."""
+    shapes = ((64, 32), (48, 96))
+    runs = []
+    for sd in (None, state_dtype):
+        params = _params(shapes)
+        opt = disco.Disco([{"params": params, "algorithm": algorithm, "state_dtype": sd, "state_block": 16}], lr=0.02)
+        for k, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=_gen(50 + k))
+        opt.step()
+        runs.append((params, opt))
+    (p32, o32), (pq, oq) = runs
+    for a, b in zip(p32, pq):
+        assert torch.equal(a, b)
+        m32 = o32.state[a]["momentum_buffer"]
+        if state_dtype == torch.bfloat16:
+            assert torch.equal(oq.state[b]["momentum_buffer"], m32.bfloat16())
+        else:
+            q, s = quantize_blocks(m32.reshape(-1, m32.shape[-1]), 16)
+            assert torch.equal(oq.state[b]["momentum_int8"].reshape(q.shape), q)
+            assert torch.equal(oq.state[b]["momentum_scale"].reshape(s.shape), s)
+
+
+def test_polar_first_refuses_int8_state():
+    with pytest.raises(ValueError, match="polar_first=True takes state_dtype"):
+        group = {"algorithm": "polargrad", "polar_first": True, "nesterov": False, "state_dtype": INT8_BLOCK}
+        disco.Disco([{"params": _params(), **group}])
+
+
+def test_dion_state_dtype_is_its_momentum_dtype_and_computes_wide():
+    """``state_dtype`` names Dion's ``momentum_dtype``; ``B = M + G`` runs in float32, so from zero momentum the
+    first step is bitwise the float32-momentum step and the stored momentum is its float32 one rounded."""
+    runs = []
+    for sd in (None, torch.bfloat16):
+        params = _params(((64, 32), (48, 96)))
+        opt = disco.Dion([{"params": params, "state_dtype": sd}], lr=0.01, rank_fraction=0.5)
+        for k, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=_gen(60 + k))
+        opt.step()
+        runs.append((params, opt))
+    (p32, o32), (p16, o16) = runs
+    for a, b in zip(p32, p16):
+        assert torch.equal(a, b)
+        assert o16.state[b]["momentum_buffer"].dtype == torch.bfloat16
+        assert torch.equal(o16.state[b]["momentum_buffer"], o32.state[a]["momentum_buffer"].bfloat16())

@@ -21,9 +21,9 @@ saves and reshards it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -91,8 +91,12 @@ class DionSettings(Settings):
         rcqr_oversample: sketch rows per column, ``>= 1``. Default ``1.25``.
         epsilon: added to the column norms of ``R``, ``>= 0``. Default ``1e-8``.
         replicate_mesh_grad_sync: average ``P`` and ``R`` over the replicas. Default ``True``.
-        momentum_dtype, Q_dtype: state dtypes (``None``: the parameter's). Default ``None``.
+        momentum_dtype, Q_dtype: state dtypes (``None``: the parameter's). Default ``None``. ``state_dtype`` is
+            another name of ``momentum_dtype`` (as for the LMO rules); ``B = M + G`` is computed in the wider of
+            the two dtypes, so a bf16 momentum only rounds when it is stored.
     """
+
+    aliases: ClassVar[Mapping[str, str]] = {"state_dtype": "momentum_dtype"}
 
     mu: float = 0.95
     rank_fraction: float = 1.0
@@ -187,7 +191,9 @@ class DionRule(Rule):
         B = []
         for it in items:
             M = local_piece(ctx.state_of(it.param)["momentum_buffer"])
-            B.append(_matrix(M + ctx.grad_of(it.param).to(M.dtype)))
+            g = ctx.grad_of(it.param)
+            wide = torch.promote_types(M.dtype, g.dtype)  # a narrower stored momentum is widened, never G
+            B.append(_matrix(M.to(wide) + g.to(wide)))
         Q = [local_piece(ctx.state_of(it.param)["Q"]).to(b.dtype) for it, b in zip(items, B)]
         sync = [s.replicate_mesh_grad_sync for s in settings]
         specs = [self._spec(s, ctx.state_of(it.param)) for it, s in zip(items, settings)]

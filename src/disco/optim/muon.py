@@ -30,7 +30,9 @@ class Muon(SpectralOptimizer):
     (flattened to ``out x in*k*k``) and 3-D expert stacks (a batch of matrices), parameter groups with
     ``algorithm="adamw"``/``"lion"`` for non-matrix parameters, ``distributed_config`` and ``nonfinite``
     (``"raise"``, the default, or ``"skip"``: see ``disco.Disco``), ``commit`` (``"atomic"``, the default, or
-    ``"streaming"``: one update held at a time instead of one per parameter; see ``disco.Disco``).
+    ``"streaming"``: one update held at a time instead of one per parameter; see ``disco.Disco``), ``state_dtype``
+    (``None``: the parameter's; ``torch.bfloat16``; ``"int8_block"``: 8-bit blocks of ``state_block`` entries,
+    see ``disco.optim.momentum``).
     """
 
     def __init__(
@@ -50,6 +52,8 @@ class Muon(SpectralOptimizer):
         backend: str = "gram_newtonschulz5",
         compute_dtype: torch.dtype | None = None,
         commit: str = "atomic",
+        state_dtype: torch.dtype | str | None = None,
+        state_block: int = 256,
     ) -> None:
         defaults = muon_group_defaults(
             lr=lr,
@@ -64,7 +68,7 @@ class Muon(SpectralOptimizer):
             compute_dtype=compute_dtype,
             nonfinite=nonfinite,
         )
-        defaults["commit"] = commit
+        defaults.update(commit=commit, state_dtype=state_dtype, state_block=state_block)
         super().__init__(params, defaults, distributed_config=distributed_config)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

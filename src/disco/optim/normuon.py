@@ -177,7 +177,9 @@ class NorMuon(SpectralOptimizer):
 
     Args as ``disco.Muon`` (``adjust_lr_fn``: ``None``/``"original"`` = ``sqrt(max(1, rows/cols))``,
     ``"match_rms_adamw"`` = ``0.2 sqrt(max(rows, cols))``), plus ``beta2`` (0.95) and ``eps`` (1e-8, the
-    normalization's; the Newton-Schulz epsilon is ``ns_eps``, 1e-7). Groups may say ``algorithm="adamw"`` /
+    normalization's; the Newton-Schulz epsilon is ``ns_eps``, 1e-7), ``state_dtype`` / ``state_block`` (the
+    momentum's storage, as ``disco.Muon``; the row statistics ``v``, ``m`` numbers per ``m x n`` matrix, stay
+    float32). Groups may say ``algorithm="adamw"`` /
     ``"lion"`` for non-matrix parameters; any group of any disco optimizer may say ``algorithm="normuon"``.
     """
 
@@ -199,6 +201,8 @@ class NorMuon(SpectralOptimizer):
         nonfinite: str = "raise",
         backend: str = "gram_newtonschulz5",
         compute_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        state_block: int = 256,
     ) -> None:
         defaults = muon_group_defaults(
             lr=lr,
@@ -213,5 +217,7 @@ class NorMuon(SpectralOptimizer):
             compute_dtype=compute_dtype,
             nonfinite=nonfinite,
         )
-        defaults.update(algorithm="normuon", beta2=beta2, normuon_eps=eps)
+        defaults.update(
+            algorithm="normuon", beta2=beta2, normuon_eps=eps, state_dtype=state_dtype, state_block=state_block
+        )
         super().__init__(params, defaults, distributed_config=distributed_config)

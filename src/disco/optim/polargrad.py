@@ -64,6 +64,8 @@ class PolarGradSettings(LMOSettings):
             raise ValueError(
                 f"{at}: polar_first=True averages polar factors, which has no Nesterov form: nesterov must be False"
             )
+        if self.polar_first and self.state_dtype == "int8_block":  # its commit writes momentum_buffer itself
+            raise ValueError(f"{at}: polar_first=True takes state_dtype None or a float dtype, not 'int8_block'")
 
 
 def check_polar_settings(s: LMOSettings, at: str, name: str) -> None:
