@@ -162,9 +162,9 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     }
     row.update(_timed(opt.step, cfg["steps"], cfg["warmup"], functools.partial(_compute_s, opt)))
     assert isinstance(opt.engine, PlanEngine)  # DTensor parameters: the plan executor
-    # fp32 pieces in; results back in the compute dtype when narrower (exact: they are its values)
-    result_size = min(cdtype.itemsize, 4)
-    row.update(plan=opt.engine.plan.stats(4, result_size), n_matrices=len(shapes))
+    # pieces in and results back in the compute dtype when narrower than fp32 (exact: one process casts alike)
+    wire_size = min(cdtype.itemsize, 4)
+    row.update(plan=opt.engine.plan.stats(wire_size, wire_size), n_matrices=len(shapes))
     if cfg["memory"]:
         from disco.bench.step import peak_extra_mib
 

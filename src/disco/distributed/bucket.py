@@ -42,6 +42,7 @@ from .engine import (
     consumed,
     cut_stacks,
     handed,
+    input_dtype_of,
     n_matrices,
     result_dtype_of,
     run_spec,
@@ -147,7 +148,7 @@ class BucketRun:
         self.like = [jobs[p].tensor for p in mapped]  # by program position, as everything below
         self.consuming = [jobs[p].consume is not None for p in mapped]
         self.device = self.like[0].device if self.like else torch.device("cpu")
-        self.wires = [comm_dtype_for(self.like[ex.members[0]], config) for ex in prog.exchanges]
+        self.wires = [self.wire_of(ex.members) for ex in prog.exchanges]
         # Results travel back in their own dtype when it is narrower than the wire (a bf16 result of fp32 pieces:
         # exact, half the bytes); every rank knows it from the spec (agreed in the map's digest).
         self.rets = [
@@ -158,6 +159,15 @@ class BucketRun:
         self.gathers: deque[InFlight | None] = deque()  # packed buckets whose pieces are on their way
         self.packed = 0
         self.returns: deque[tuple[InFlight, Exchange]] = deque()  # results on their way back
+
+    def wire_of(self, members: list[int]) -> torch.dtype:
+        """The wire dtype of a bucket (its members share spec and dtype): the spec's input dtype (each piece is
+        cast to it here as on one process), unless ``comm_dtype`` says otherwise or pieces are ``Partial`` (they
+        are summed on the owner in their own dtype, as one process would hold the sum, and cast after)."""
+        like = self.like[members[0]]
+        partial = any(self.plan.layouts[k].partial_count > 1 for k in members)
+        narrow = None if partial else input_dtype_of(self.prog.specs[members[0]], like.dtype, like.device)
+        return comm_dtype_for(like, self.config, narrow)
 
     def run(self) -> list[Tensor]:
         self.compute_in_place()

@@ -23,10 +23,11 @@ An optimizer registers its parameters once (the engine reads their layouts) and 
 * ``stats``, ``assignments``, ``current_rank``, ``layout(index)``.
 
 The engine never names an algorithm: it calls ``spec(stack)``, ``spec.cost(shape)``, ``spec.batch_ndim(shape)``,
-``spec.result_shape(shape)``, ``spec.needs_whole`` and, if the spec has it, ``spec.result_dtype(dtype, device)``
-(results narrower than the wire travel back as they are). ``LocalEngine`` is the single-process twin (the oracle);
-``disco.distributed.executor.PlanEngine`` runs a plan over a process group; ``disco.distributed.callbacks``
-drives user functions. ``build_engine`` picks one.
+``spec.result_shape(shape)``, ``spec.needs_whole`` and, if the spec has them, ``spec.result_dtype(dtype, device)``
+(results narrower than the wire travel back as they are) and ``spec.input_dtype(dtype, device)`` (each piece is
+cast to it before it is sent or stacked, on every engine: a bf16 direction travels in bf16, exactly).
+``LocalEngine`` is the single-process twin (the oracle); ``disco.distributed.executor.PlanEngine`` runs a plan over
+a process group; ``disco.distributed.callbacks`` drives user functions. ``build_engine`` picks one.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ def run_spec(
     the collectives that follow and every rank learns of it in ``settle``; a holder learns it from the status its
     owner sends with the result, not from the values.
     """
+    stack = as_input(spec, stack)
     for observe in stats.observers:
         observe(spec, stack)
     stats.batches.append(tuple(stack.shape))
@@ -192,6 +194,19 @@ def result_dtype_of(spec: Spec, dtype: torch.dtype, device: torch.device) -> tor
     """``spec.result_dtype(dtype, device)``; a spec without one is taken to return its input's dtype."""
     f = getattr(spec, "result_dtype", None)
     return dtype if f is None else f(dtype, device)
+
+
+def input_dtype_of(spec: Spec, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """``spec.input_dtype(dtype, device)``: the dtype a piece of ``dtype`` is cast to before it is sent or stacked
+    (the direction in bf16 for a bf16 compute dtype); a spec without one keeps ``dtype``."""
+    f = getattr(spec, "input_dtype", None)
+    return dtype if f is None else f(dtype, device)
+
+
+def as_input(spec: Spec, t: Tensor) -> Tensor:
+    """``t`` cast to ``spec``'s input dtype (itself when it is in it): every engine casts at this point, so a
+    distributed step that sends the cast pieces equals one process bit for bit."""
+    return t.to(input_dtype_of(spec, t.dtype, t.device))
 
 
 def handed(job: Job, result: Tensor, ok: bool, outcomes: Outcomes, position: int) -> Tensor:
@@ -255,7 +270,9 @@ def run_stacked(
     go to ``outcomes`` under ``positions(k)``."""
     shape = tuple(like.shape)
     for chunk in cut_stacks(members, like.numel() * like.element_size(), stack_bytes, like.device):
-        res = run_spec(spec, stacked([piece(k) for k in chunk]), stats, outcomes, [positions(k) for k in chunk])
+        pieces = stacked([as_input(spec, piece(k)) for k in chunk])  # cast one piece at a time
+        res = run_spec(spec, pieces, stats, outcomes, [positions(k) for k in chunk])
+        del pieces
         for k, r in zip(chunk, res):
             put(k, r)
         del res, r  # else alive through the next stack's spec call

@@ -21,7 +21,7 @@ from ..ops.specs import Spec
 from .agreement import check_step, digest, first_difference
 from .bucket import BucketRun, Comm
 from .config import DistributedConfig
-from .engine import EngineStats, Job, Out, Over, ReduceOp, result_dtype_of, spec_of
+from .engine import EngineStats, Job, Out, Over, ReduceOp, input_dtype_of, result_dtype_of, spec_of
 from .layout import REPLICATE, Layout
 from .planner import Plan, make_plan
 from .program import Program, make_exchange
@@ -246,10 +246,14 @@ class PlanEngine:
                 )
             items.append((job.index, s, lay, job.tensor.dtype))
         # The results' dtypes size the return buffers: ranks must agree on them (a spec may read the device).
-        results = tuple(
-            str(result_dtype_of(s, comm_dtype_for(j.tensor, self.config), j.tensor.device)) for j, s in zip(jobs, specs)
-        )
+        results = tuple(str(result_dtype_of(s, self._wire(j, s), j.tensor.device)) for j, s in zip(jobs, specs))
         return (*items, (out, results))
+
+    def _wire(self, job: Job, spec: Spec) -> torch.dtype:
+        """``job``'s wire dtype, as ``BucketRun.wire_of`` chooses it."""
+        t = job.tensor
+        partial = self._effective_layout(job).partial_count > 1
+        return comm_dtype_for(t, self.config, None if partial else input_dtype_of(spec, t.dtype, t.device))
 
     def _agree_on(self, signature: tuple[Any, ...] | None, error: str | None = None) -> None:
         """Every rank maps the same jobs (``signature``); a rank that could not build its own (``error``) votes 0."""

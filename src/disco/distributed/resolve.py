@@ -150,7 +150,10 @@ def resolve_layouts(
     return process_group_layouts(params, config, ids)
 
 
-def comm_dtype_for(t: Tensor, config: DistributedConfig) -> torch.dtype:
-    """The wire dtype: the tensor's own (exact: distributed equals single device bit for bit) unless the user
-    opted into a lossy ``comm_dtype``."""
-    return config.comm_dtype if config.comm_dtype is not None else t.dtype
+def comm_dtype_for(t: Tensor, config: DistributedConfig, input_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The wire dtype of pieces like ``t``: ``config.comm_dtype`` where the user set one (a lossy one is their
+    choice), else ``input_dtype`` (the spec's: the dtype every engine casts a piece to before computing, so sending
+    it is exact and distributed equals single device bit for bit), else the tensor's own."""
+    if config.comm_dtype is not None:
+        return config.comm_dtype
+    return t.dtype if input_dtype is None else input_dtype

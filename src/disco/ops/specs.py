@@ -13,7 +13,10 @@ Every spec provides:
 * ``batch_ndim(shape)``: leading dims that are independent problems (3-D expert stacks): a tensor sharded only
   on those dims can be computed in place, piece by piece;
 * ``result_shape(shape)``: the shape of one result (the input's, or e.g. a vector of norms);
-* ``needs_whole``: ``False`` when the spec is element-wise, so a local piece can be mapped in place.
+* ``needs_whole``: ``False`` when the spec is element-wise, so a local piece can be mapped in place;
+* ``result_dtype(dtype, device)`` and ``input_dtype(dtype, device)`` (optional): the dtype of the results, and the
+  one each piece is cast to before it is sent or stacked (the engines read them with ``getattr``: a spec without
+  them keeps its input's dtype).
 """
 
 from __future__ import annotations
@@ -85,9 +88,13 @@ class LMOSpec:
             (a >= 4-D weight seen as ``out x prod(rest)``) or ``"transposed"`` (a 2-D / 3-D weight stored
             ``fan_in x fan_out``, e.g. Hugging Face's ``Conv1D``: the LMO and its norm factor run on ``X.mT``, the
             ``fan_out x fan_in`` matrix, and the result is transposed back to the stored layout).
-        result_in_compute_dtype: matrix norms of the Newton-Schulz backends return the compute dtype's result
-            (bf16 computing in bf16 from fp32) instead of casting it to the input's: an optimizer holds every
-            result until it commits, so this halves that memory; the values are those the cast would keep.
+        result_in_compute_dtype: matrix norms of the Newton-Schulz backends take their input and return their
+            result in the compute dtype when it is narrower than the input's (bf16 computing from fp32): the
+            engines cast each direction to it before it travels or is stacked (``input_dtype``: half the bytes on
+            the wire, and on one process the same cast at the same point, so distributed stays bitwise equal to
+            one process), and an optimizer holding every result until it commits holds half the memory. The
+            first matmul reads the input in the compute dtype anyway; what changes is that the Frobenius norm
+            is taken of the rounded input.
     """
 
     norm: str = "spectral"
@@ -153,6 +160,9 @@ class LMOSpec:
 
     def result_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(shape)
+
+    def input_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        return self.result_dtype(dtype, device)  # the compute dtype where it is narrower, under the same conditions
 
     def result_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
         # only matrix norms hand ``out_dtype`` to the backend; row and element-wise norms return the input's
