@@ -262,7 +262,7 @@ def test_stack_layouts_whole_heads_per_rank():
 # ---- distributed -----------------------------------------------------------------------------------------------
 def _mesh(layout, world):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate, Shard
 
     if layout == "tp":  # heads sharded colwise: the output dim (dim 1 for a transposed weight)
         return init_device_mesh("cpu", (world,)), None
@@ -270,6 +270,8 @@ def _mesh(layout, world):
         return init_device_mesh("cpu", (world,)), [Shard(0)]
     if layout == "fsdp_tp":
         return init_device_mesh("cpu", (2, 2)), [Shard(0), Shard(1)]
+    if layout == "hsdp":
+        return init_device_mesh("cpu", (2, 2)), [Replicate(), Shard(0)]
     if layout == "fsdp_tp_heads":
         return init_device_mesh("cpu", (2, 2)), [Shard(0), Shard(0)]
     raise ValueError(layout)
@@ -335,6 +337,7 @@ DIST = [
     ("conv1d", "fsdp_tp", 4, 6, False),
     ("gqa", "fsdp_tp_heads", 4, 8, True),  # 2 whole heads per rank over both axes
     ("uneven", "fsdp_tp_heads", 4, 1, False),
+    ("gqa", "hsdp", 4, 8, False),  # whole heads per shard, but replicas: one owner per stack, results back
 ]
 
 
