@@ -259,6 +259,17 @@ def test_stack_layouts_whole_heads_per_rank():
     assert blocks_of(opt.settings_of(opt.param_groups[0]), (32, 12), "w") == (8,) * 4
 
 
+def test_stack_layouts_fsdp_over_tp_strided():
+    """FSDP2 over colwise TP (``_StridedShard(0, 2)`` then ``Shard(0)``): each rank holds 2 whole heads, in the
+    order the same placements give the heads stack; two blocks of 16 rows are cut by the shards."""
+    lay = Layout((32, 12), (0, 1, 2, 3), (2, 2), (Placement("strided_shard", 0, 2), Placement("shard", 0)))
+    for rank, first in enumerate([0, 16, 8, 24]):
+        st = stack_layouts(lay, 0, (4,) * 8, rank)
+        assert st is not None and st[0].layout.local_shape(rank) == (2, 4, 12)
+        assert st[0].layout.index_lists(rank)[0] == [first // 4, first // 4 + 1]
+    assert stack_layouts(lay, 0, (16, 16), 0) is None
+
+
 # ---- distributed -----------------------------------------------------------------------------------------------
 def _mesh(layout, world):
     from torch.distributed.device_mesh import init_device_mesh
