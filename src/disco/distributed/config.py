@@ -24,8 +24,11 @@ class DistributedConfig:
     Options:
         prefetch_count: buckets whose gather is in flight ahead of the one being computed.
         async_gpu_parallelism: issue the results' return asynchronously (overlaps the next bucket's compute).
-        comm_dtype: dtype on the wire; ``None`` (default) sends each tensor in its own dtype (exact). A lossy
-            ``torch.bfloat16`` halves the bytes of fp32 tensors (see the README for its measured error).
+        comm_dtype: dtype on the wire; ``None`` (default) sends each piece in the dtype its spec computes from
+            (``input_dtype``: bf16 for a bf16 compute dtype, which one process casts to at the same point, else
+            the tensor's own), so that distributed equals one process bit for bit. Set, it decides the wire: a
+            lossy ``torch.bfloat16`` halves the bytes of fp32 pieces under fp32 compute (see the README for its
+            measured error); ``torch.float32`` sends fp32 pieces under bf16 compute (still exact, twice the bytes).
         bucket_size: most tensors per exchange (``None``: one exchange per key and shape).
         split_replicas: spread the work over replicas too (HSDP, DDP): every matrix computed once globally.
             ``False`` keeps each replica's work inside the replica (repeated per replica, less traffic across).
