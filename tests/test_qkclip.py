@@ -175,15 +175,19 @@ def test_fused_rows_and_conv1d_columns_with_bias_equal_separate_weights():
     torch.testing.assert_close(conv_b.data, torch.cat([sep[2].data, sep[3].data, bv]))
 
 
-def test_record_logits_equals_record_qk_with_mask_and_offsets():
+@pytest.mark.parametrize("block", [1 << 24, 7])  # 7 logits at a time: one query row per block
+def test_record_logits_equals_record_qk_with_mask_and_offsets(block, monkeypatch):
+    import disco.optim.qkclip as qkclip
+
+    monkeypatch.setattr(qkclip, "_BLOCK_ELEMENTS", block)
     g = torch.Generator().manual_seed(7)
-    q, k = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 6, 5, generator=g)
+    q, k = torch.randn(2, 4, 4, 5, generator=g), torch.randn(2, 2, 6, 5, generator=g)  # GQA: 2 heads per key
     mask = torch.rand(2, 1, 4, 6, generator=g) > 0.3
     mask[..., 0] = True
     a, b = MaxLogitRecorder(), MaxLogitRecorder()
     a.record_qk("x", q, k, scale=0.5, causal=True, q_offset=2, mask=mask)
     allowed = mask & (torch.arange(6)[None, :] <= 2 + torch.arange(4)[:, None])
-    logits = (0.5 * q @ k.transpose(-1, -2)).masked_fill(~allowed, -math.inf)
+    logits = (0.5 * q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)).masked_fill(~allowed, -math.inf)
     b.record_logits("x", logits)
     torch.testing.assert_close(a.maxima()["x"], b.maxima()["x"])
 

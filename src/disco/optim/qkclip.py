@@ -224,6 +224,9 @@ def _scale(t: Tensor, axis: int, factor: Tensor) -> None:
         local.copy_(local.float() * f.float().view(shape))
 
 
+_BLOCK_ELEMENTS = 1 << 24  # logits computed at once by record_qk (64 MiB in fp32)
+
+
 class MaxLogitRecorder:
     """A running max per head of each attention layer's pre-softmax logits, kept without autograd.
 
@@ -292,11 +295,17 @@ class MaxLogitRecorder:
             pos_q = q_offset + torch.arange(Tq, device=q.device)
             allowed = (k_offset + torch.arange(Tk, device=q.device))[None, :] <= pos_q[:, None]
         best = torch.full((H,), -math.inf, dtype=dtype, device=q.device)
-        for b in range(B):  # one sequence at a time bounds the memory at H * Tq * Tk
-            qb = q[b].to(dtype).view(Hkv, H // Hkv, Tq, D)
-            s = torch.einsum("grid,gjd->grij", qb, k[b].to(dtype)).reshape(H, Tq, Tk) * scale
-            ok = allowed if mask is None else allowed & mask[b if mask.shape[0] > 1 else 0]
-            best = torch.maximum(best, s.masked_fill(~ok, -math.inf).reshape(H, -1).amax(dim=1))
+        rows = max(1, _BLOCK_ELEMENTS // (H * Tk))  # query rows per block: bounded memory at long context
+        for b in range(B):
+            kb = k[b].to(dtype)
+            for i in range(0, Tq, rows):
+                qb = q[b, :, i : i + rows].to(dtype)
+                n = qb.shape[1]
+                s = torch.einsum("grid,gjd->grij", qb.reshape(Hkv, H // Hkv, n, D), kb).reshape(H, n, Tk) * scale
+                ok = allowed[i : i + rows]
+                if mask is not None:
+                    ok = ok & mask[b if mask.shape[0] > 1 else 0][..., i : i + rows, :]
+                best = torch.maximum(best, s.masked_fill(~ok, -math.inf).reshape(H, -1).amax(dim=1))
         self._update(name, best.float())
 
     def _update(self, name: str, per_head: Tensor) -> None:
