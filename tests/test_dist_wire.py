@@ -130,3 +130,43 @@ def test_input_dtype_is_the_narrower_compute_dtype():
 
     (res,) = engine.map([Job(0, torch.randn(8, 4))], spec)
     assert seen == [torch.bfloat16] and res.dtype == torch.bfloat16
+
+
+def _ddp_step(model, opt, rank, world_size):
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(8, 64, generator=g)
+        if world_size == 1:  # one process: the mean of the ranks' losses
+            loss = 0.5 * (model(x[:4]).square().mean() + model(x[4:]).square().mean())
+        else:
+            loss = model(x[rank * 4 : rank * 4 + 4]).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _ddp_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 97, bias=False), nn.Linear(97, 32), nn.Linear(32, 18, bias=False))
+
+
+def _body_ddp(rank, world_size, wrapper):
+    from disco.distributed import create_auto_config
+
+    model = _ddp_model()
+    named = list(model.named_parameters())
+    if wrapper:
+        model = nn.parallel.DistributedDataParallel(model)
+    config = create_auto_config(average_gradients=not wrapper)  # without DDP: the engine averages (Partial pieces)
+    opt = build_optimizer(named, torch.bfloat16, distributed_config=config)
+    return _ddp_step(model, opt, rank, world_size)
+
+
+@pytest.mark.parametrize("wrapper", [True, False])
+def test_bf16_compute_ddp_bitwise_equal_to_one_process(wrapper):
+    model = _ddp_model()
+    want = _ddp_step(model, build_optimizer(list(model.named_parameters()), torch.bfloat16), 0, 1)
+    for got in run_ranks(_body_ddp, 2, wrapper, timeout=120):
+        for n in want:
+            assert torch.equal(got[n], want[n]), n
