@@ -451,3 +451,15 @@ def test_training_cli_logs_max_logits(tmp_path, capsys):
     assert "max_logit" not in (tmp_path / "b" / "muon" / "metrics.jsonl").read_text()
     assert main([*common, "--out", str(tmp_path / "c"), "--qk-clip-tau", "-1"]) == 2
     assert "--qk-clip-tau -1.0: must be" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_tau(tmp_path, capsys):
+    from disco.train.cli import main
+
+    common = ["--optimizers", "muon", "--eval-every", "0", "--seq-len", "32", "--batch-size", "4", "--threads", "1"]
+    common += ["--out", str(tmp_path)]
+    assert main([*common, "--steps", "2", "--qk-clip-tau", "0.1"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--steps", "3", "--qk-clip-tau", "0.2", "--resume"]) == 2
+    assert "qk_clip_tau 0.1 -> 0.2" in capsys.readouterr().err
+    assert main([*common, "--steps", "3", "--qk-clip-tau", "0.1", "--resume"]) == 0
