@@ -111,9 +111,15 @@ def check_blocks(p: Tensor, block: int, at: str) -> None:
         raise ValueError(f"{where}: a >= 4-D weight may be sharded on dim 0 only, not as {lay.describe()}")
     s_lay = lay.derive(scale_shape(tuple(p.shape), block), {d: d for d in range(p.dim())})
     n = p.shape[-1]
-    for rank in range(len(lay.ranks)):
-        cols = lay.index_lists(lay.ranks[rank])[last]
-        blocks = s_lay.index_lists(lay.ranks[rank])[last]
+    axes = [a for a, pl in enumerate(lay.placements) if pl.is_shard and pl.dim == last]
+    seen = set()
+    for rank in lay.ranks:  # one rank per position along the axes that cut the last dim: the same on every rank
+        key = tuple(lay.coord(rank)[a] for a in axes)
+        if key in seen:
+            continue
+        seen.add(key)
+        cols = lay.index_lists(rank)[last]
+        blocks = s_lay.index_lists(rank)[last]
         want = [j for b in blocks for j in range(b * block, min((b + 1) * block, n))]
         if cols != want:
             raise ValueError(
