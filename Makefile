@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench install clean package
+.PHONY: run test lint docs bench install clean package
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check src tests examples
 	$(PY) -m mypy --strict src/disco
 
-test: lint
+# The documentation site, warnings as errors (a broken link, a page or docstring mkdocs cannot read); the Python
+# blocks of README.md and docs/*.md are run by tests/test_docs_blocks.py.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --quiet --site-dir build/site
+
+test: lint docs
 	$(PY) -m pytest -q tests $(ARGS)
 
 # The wheel, installed into a fresh venv with nothing else of this checkout, runs the README's quickstart.

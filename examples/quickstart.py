@@ -1,4 +1,4 @@
-"""Quickstart: the seed example of DESIGN.md section 3, on CPU, with a tiny TorchTitan-named model.
+"""Quickstart: the original seed example of Disco, on CPU, with a tiny TorchTitan-named model.
 
 Run it with ``python examples/quickstart.py``. It routes the parameters with ``create_disco_param_groups``,
 builds ``Disco`` with exactly the seed's keyword arguments (``.cuda()`` dropped), trains a few steps on random

@@ -20,6 +20,11 @@ With ``transformers.Trainer``::
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       optimizer_cls_and_kwargs=hf.trainer_optimizer(model, "muon", lr=0.02))
 
+The plain ``optimizer_cls_and_kwargs=(disco.Disco, {...})`` (or ``Muon``, ``Scion``, ``NorMuon``, ``Dion``...)
+gives the optimizer ``Trainer``'s own groups, without names: a group that holds a weight they would route wrong
+(GPT-2's ``Conv1D``, a tied, embedding or head weight, an unrouted vector) is refused before any step, naming
+the weight and this fix (:mod:`disco.groups.trainer`).
+
 ``trainer_optimizer`` returns ``(optimizer class, kwargs)`` whose ``params`` are the routed groups (``Trainer``
 uses a ``params`` entry of the kwargs instead of its own weight-decay groups); build it once per ``Trainer``
 (``Trainer`` pops ``params`` from the dict). ``Trainer``'s own scheduler (``lr_scheduler_type``, warmup)
