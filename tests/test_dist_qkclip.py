@@ -158,11 +158,12 @@ def _cp_body(rank, world_size):
             layout="bthd",
         )
     seen = clip.step()
-    bad = None
-    try:
-        QKClip(heads, TAU, rec, mesh=init_device_mesh("cpu", (2,), mesh_dim_names=("pp",)))
-    except ValueError as e:
-        bad = str(e)
+    bad = []
+    for mesh in (init_device_mesh("cpu", (2,), mesh_dim_names=("pp",)), None):
+        try:
+            QKClip(heads, TAU, rec, mesh=mesh)
+        except ValueError as e:
+            bad.append(str(e))
     return seen, _full(model), bad
 
 
@@ -184,4 +185,4 @@ def test_context_parallel_equals_one_process():
         torch.testing.assert_close(seen["layers.0.attention"], ref_seen["layers.0.attention"], rtol=1e-6, atol=0)
         for name, w in ref_w.items():
             torch.testing.assert_close(weights[name], w, rtol=1e-12, atol=0, msg=name)
-        assert bad is not None and "'pp'" in bad and "batch_dims=" in bad
+        assert len(bad) == 2 and "'pp'" in bad[0] and "batch_dims=" in bad[0] and "needs mesh=" in bad[1]

@@ -194,7 +194,7 @@ def test_record_logits_equals_record_qk_with_mask_and_offsets(block, monkeypatch
 
 def test_bad_inputs_raise_clear_errors():
     w, w2 = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(8, 4))
-    for tau in (0.0, -1.0, float("inf"), float("nan")):
+    for tau in (0.0, -1.0, float("inf"), float("nan"), True, "1"):
         with pytest.raises(ValueError, match="tau"):
             QKClipSettings(tau)
     with pytest.raises(ValueError, match=r"shape \(8, 4\)"):

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["AttentionHeads", "MaxLogitRecorder", "QKClip", "QKClipSettings", "QKScales", "qk_clip_scales"]
 
 #: mesh dim names that split the batch or the sequence (their maxima are reduced with max) or the heads (gathered)
-BATCH_DIM_NAMES = ("dp", "dp_replicate", "dp_shard", "cp", "dp_cp", "dp_shard_cp", "fsdp", "ddp", "hsdp")
+BATCH_DIM_NAMES = ("dp", "dp_replicate", "dp_shard", "cp", "dp_cp", "dp_shard_cp", "fsdp", "ddp")
 HEAD_DIM_NAMES = ("tp",)
 
 
@@ -334,7 +334,8 @@ class QKClipSettings:
     head_dims: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau) or self.tau <= 0:
+        ok = isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool)
+        if not ok or not math.isfinite(self.tau) or self.tau <= 0:
             raise ValueError(f"QKClip: tau must be a finite number > 0, got {self.tau!r}")
 
     def dims(self, mesh: DeviceMesh | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -398,6 +399,11 @@ class QKClip:
             h.check(name)
         self.heads = dict(heads)
         self.mesh = mesh
+        if mesh is None and _world_size() > 1:
+            raise ValueError(
+                "QKClip on several ranks needs mesh= (the ranks' maxima are reduced over its batch dims); ranks"
+                " that share no data (pipeline stages) pass a mesh with batch_dims=() and head_dims=()"
+            )
         self.batch_dims, self.head_dims = self.settings.dims(mesh)
         self.last_max_logits: dict[str, Tensor] = {}
 
@@ -473,6 +479,12 @@ def _reduce(flat: Tensor, mesh: DeviceMesh | None, batch: tuple[str, ...], heads
     parts = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, flat, group=group)
     return torch.stack(parts)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _same_size(flat: Tensor, group: Any, dim: str) -> None:
