@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import operator
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -221,10 +222,59 @@ def parse_settings(cls: type[S], group: Mapping[str, Any], explicit: set[str] | 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in group:
-            values[f.name] = _typed(group[f.name], hints[f.name], f.name, at)
+            values[f.name] = _constant(_typed(group[f.name], hints[f.name], f.name, at))
+        elif f.default is not dataclasses.MISSING:
+            values[f.name] = _constant(f.default)
     settings = cls(**values)
     settings.check(at)
     return settings
+
+
+class Constant(float):
+    """A float setting that ``torch.compile`` treats as a constant: the graph holds its value and a guard on it
+    (a new value recompiles), as torch.optim's own float ``lr``, instead of a symbolic input.
+
+    Why: Dynamo traces a plain float that changed between calls (a schedule's ``lr``, a step count) as a
+    symbolic input, and torch 2.13's inductor then bakes the value it had at compile time into a Scalar argument
+    (``add_(alpha=)``, ``addcdiv_(value=)``, ``lerp_(weight=)``) whenever the same float also feeds a tensor op,
+    under a cache key that does not hold the value (pytorch/pytorch#194976, #197889): later steps silently used
+    an earlier learning rate. Dynamo specializes float subclasses (``float(x) == value`` guards), so every setting
+    parsed here is one. Arithmetic on it gives plain floats: it is written out below because Dynamo's own
+    delegation to ``float``'s slots fails when the other operand is symbolic (a size under dynamic shapes).
+    """
+
+    __slots__ = ()
+
+
+def _delegate(op: Callable[..., Any], reflected: bool = False) -> Callable[..., Any]:
+    def method(self: Constant, *other: Any) -> Any:
+        return op(*other, float(self)) if reflected else op(float(self), *other)
+
+    return method
+
+
+_BINARY: dict[str, Callable[[Any, Any], Any]] = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv,
+    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow,
+}  # fmt: skip
+_OTHER: dict[str, Callable[..., Any]] = {
+    "neg": operator.neg, "pos": operator.pos, "abs": operator.abs, "eq": operator.eq, "ne": operator.ne,
+    "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
+}  # fmt: skip
+for _name, _binary in _BINARY.items():
+    setattr(Constant, f"__{_name}__", _delegate(_binary))
+    setattr(Constant, f"__r{_name}__", _delegate(_binary, reflected=True))
+for _name, _op in _OTHER.items():
+    setattr(Constant, f"__{_name}__", _delegate(_op))
+
+
+def _constant(value: Any) -> Any:
+    """``value`` with its floats (alone or in a tuple) as :class:`Constant`."""
+    if type(value) is float:
+        return Constant(value)
+    if type(value) is tuple:
+        return tuple(_constant(v) for v in value)
+    return value
 
 
 def _typed(value: Any, hint: Any, key: str, at: str) -> Any:

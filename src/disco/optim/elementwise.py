@@ -31,14 +31,20 @@ def adamw(p: Tensor, g: Tensor, state: dict[str, Tensor], s: Any) -> None:
     b1, b2 = s.betas
     lr, wd, eps = s.lr, s.weight_decay, s.adam_eps
     state["step"] += 1
-    t = float(state["step"])
+    # Compiled, the count stays a tensor (as in torch.optim.AdamW): a float read from it would break the graph
+    # and come back as a symbolic input that torch 2.13's inductor bakes in at its first value (contract.Constant).
+    t: float | Tensor = state["step"].double() if torch.compiler.is_compiling() else float(state["step"])
     m, v = local_piece(state["exp_avg"]), local_piece(state["exp_avg_sq"])
     m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     if wd:
         p.mul_(1 - lr * wd)
     denom = (v / (1 - b2**t)).sqrt_().add_(eps)
-    p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+    step_size = lr / (1 - b1**t)
+    if isinstance(step_size, Tensor):
+        p.sub_(m / denom * step_size)
+    else:
+        p.addcdiv_(m, denom, value=-step_size)
 
 
 def lion(p: Tensor, g: Tensor, state: dict[str, Tensor], s: Any) -> None:
