@@ -27,7 +27,7 @@ lint: $(STAMP)
 # The documentation site, warnings as errors (a broken link, a page or docstring mkdocs cannot read); the Python
 # blocks of README.md and docs/*.md are run by tests/test_docs_blocks.py.
 docs: $(STAMP)
-	$(PY) -m mkdocs build --strict --quiet --site-dir build/site
+	$(PY) -m mkdocs build --strict --site-dir build/site  # no --quiet: it hides the warnings --strict counts
 
 test: lint docs
 	$(PY) -m pytest -q tests $(ARGS)
