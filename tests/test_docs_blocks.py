@@ -61,3 +61,27 @@ def test_block_runs_as_pasted(page, line, code, tmp_path):
     script.write_text(code)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, f"{page.name}:{line}\n{code}\n{proc.stderr[-3000:]}"
+
+
+def _mkdocs(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "--site-dir", str(site)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=config.parent, timeout=600)
+
+
+def test_docs_build_strict_and_a_broken_link_fails_it(tmp_path):
+    """What ``make docs`` runs: the site builds with warnings as errors; a copy with one broken link does not."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    proc = _mkdocs(ROOT / "mkdocs.yml", tmp_path / "site")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "site" / "api" / "index.html").read_text().count("Disco") > 10  # from the docstrings
+    copy = tmp_path / "copy"
+    (copy / "docs").mkdir(parents=True)
+    for page in (ROOT / "docs").iterdir():
+        (copy / "docs" / page.name).write_bytes(page.read_bytes())
+    (copy / "src").symlink_to(ROOT / "src", target_is_directory=True)
+    (copy / "mkdocs.yml").write_text((ROOT / "mkdocs.yml").read_text())
+    with (copy / "docs" / "benchmarks.md").open("a") as f:
+        f.write("\n[a page that is not there](nowhere.md)\n")
+    proc = _mkdocs(copy / "mkdocs.yml", tmp_path / "site2")
+    assert proc.returncode != 0 and "nowhere.md" in proc.stderr, proc.stderr[-3000:]
