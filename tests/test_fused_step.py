@@ -45,6 +45,21 @@ def test_direction_and_momentum_bitwise(shape, nesterov):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16, M.INT8_BLOCK])
+def test_direction_made_in_the_engines_input_dtype_is_the_cast(shape, nesterov, state_dtype):
+    """``out_dtype`` (the spec's ``input_dtype``): each block rounded as it is made equals the full-precision
+    direction cast afterwards, as the engine would cast it."""
+    g = torch.randn(shape, generator=_gen(5))
+    state = M.init_momentum(torch.empty(shape), state_dtype, 64)
+    mom = M.Momentum(state, g, state_dtype, 64)
+    M.write_momentum(torch.randn(shape, generator=_gen(6)), mom, 0.5)  # a momentum that is not zero
+    want = M.direction(g, mom, 0.95, nesterov).to(torch.bfloat16)
+    got = M.direction(g, mom, 0.95, nesterov, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("o_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("decay", [1.0, 1 - 0.02 * 0.1])
 def test_weight_update_bitwise(shape, o_dtype, decay):

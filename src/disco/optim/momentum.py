@@ -193,26 +193,40 @@ class Momentum:
             _rows(self.buf)[r0:r1].copy_(values)
 
 
-def direction(g: Tensor, mom: Momentum, beta: float, nesterov: bool) -> Tensor:
-    """The LMO's input, in ``g``'s dtype: ``lerp(G, M, beta^2)`` (Nesterov: ``lerp(G, lerp(M, G, 1 - beta),
-    beta)`` in one pass, leaving ``M`` as it is) or ``lerp(M, G, 1 - beta)``. Writes nothing of the state."""
+def direction(g: Tensor, mom: Momentum, beta: float, nesterov: bool, out_dtype: torch.dtype | None = None) -> Tensor:
+    """The LMO's input: ``lerp(G, M, beta^2)`` (Nesterov: ``lerp(G, lerp(M, G, 1 - beta), beta)`` in one pass,
+    leaving ``M`` as it is) or ``lerp(M, G, 1 - beta)``. Writes nothing of the state.
+
+    ``out_dtype``: the dtype the engine casts the direction to (the spec's ``input_dtype``, bf16 for a bf16
+    compute dtype); each block is then rounded into it as it is made, so the full-precision direction is never
+    written out and cast again (the same values: one rounding of the same result). ``None``: ``g``'s dtype (the
+    momentum buffer's for plain momentum in the legacy state).
+    """
+    buf = mom.buf
     if mom.plain(g):
-        buf = mom.buf
         assert buf is not None
-        if nesterov:
-            return g.lerp(buf.to(g.dtype), beta * beta)
-        return buf.lerp(g.to(buf.dtype), 1 - beta)
-    compute = mom.compute or g.dtype
-    out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+        legacy = g.lerp(buf.to(g.dtype), beta * beta) if nesterov else None
+        if out_dtype is None or out_dtype == g.dtype or buf.dtype != g.dtype:
+            U = legacy if legacy is not None else buf.lerp(g.to(buf.dtype), 1 - beta)
+            return U if out_dtype is None else U.to(out_dtype)
+        del legacy
+        compute: torch.dtype = g.dtype
+    else:
+        compute = mom.compute or g.dtype
+    out = torch.empty(g.shape, dtype=out_dtype or g.dtype, device=g.device)
     G, U = _rows(g), _rows(out)
+    B = _rows(buf) if mom.plain(g) and buf is not None else None  # read only: a copy if buf is not contiguous
     rows, n = G.shape
     m = torch.empty((min(rows, max(1, CHUNK_BYTES // (4 * max(n, 1)))), n), dtype=compute, device=g.device)
     for r0, r1 in _spans(rows, n):
-        Mc, Gc = mom.read(r0, r1, m[: r1 - r0]), G[r0:r1]
+        Mc = B[r0:r1] if B is not None else mom.read(r0, r1, m[: r1 - r0])
+        Gc = G[r0:r1]
         if not nesterov:
-            U[r0:r1].copy_(Mc.lerp_(Gc.to(compute), 1 - beta))
+            torch.lerp(Mc, Gc.to(compute), 1 - beta, out=m[: r1 - r0])
+            U[r0:r1].copy_(m[: r1 - r0])
         elif Gc.dtype == compute:
-            torch.lerp(Gc, Mc, beta * beta, out=U[r0:r1])  # never in place: Gc is the gradient
+            torch.lerp(Gc, Mc, beta * beta, out=m[: r1 - r0])  # never in place: Gc is the gradient
+            U[r0:r1].copy_(m[: r1 - r0])
         else:
             U[r0:r1].copy_(Gc.to(compute).lerp_(Mc, beta * beta))  # .to made a copy: a new dtype
     return out

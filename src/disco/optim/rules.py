@@ -321,9 +321,12 @@ class LMORule(Rule):
         return s.lmo_spec(p.shape, transposed=s.transposed, result_in_compute_dtype=True)
 
     @staticmethod
-    def prepare(it: Item, ctx: StepContext) -> tuple[Tensor, Callable[[], Tensor], MomentumWrite | None]:
+    def prepare(
+        it: Item, ctx: StepContext, out_dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Callable[[], Tensor], MomentumWrite | None]:
         """The LMO's input, as a template (the gradient: same shape, dtype, device) and the function that computes
         it when the engine stacks it, and the momentum update ``finish`` applies. Nothing is written now.
+        ``out_dtype``: the dtype the engine casts the input to (its spec's ``input_dtype``): made in it directly.
 
         Nesterov's ``lerp(G, M', beta)`` with ``M' = lerp(M, G, 1 - beta)`` is ``lerp(G, M, beta^2)``: one pass
         that leaves ``M`` untouched, so the commit updates it in place (``lerp_``) and no ``M'`` is kept. A
@@ -341,7 +344,7 @@ class LMORule(Rule):
             state_store.write_momentum(g, mom, beta)
 
         like = g if s.nesterov or mom.buf is None or s.state_dtype is not None else mom.buf
-        return like, lambda: state_store.direction(g, mom, beta, s.nesterov), write
+        return like, lambda: state_store.direction(g, mom, beta, s.nesterov, out_dtype), write
 
     @staticmethod
     def _decay(s: LMOSettings) -> float:
@@ -380,14 +383,17 @@ class LMORule(Rule):
         local_piece(it.param).copy_(W)
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
-        prepared = [self.prepare(it, ctx) for it in items]
+        specs = [
+            split.split_spec(lmo_settings(it), it.param.shape, self.spec(lmo_settings(it), it.param)) for it in items
+        ]
+        # each direction made in the dtype the engine would cast it to (bf16 compute: bf16), block by block
+        prepared = [self.prepare(it, ctx, _input_dtype(spec, it.param)) for it, spec in zip(items, specs)]
         streamed = ctx.streamed
         jobs = []
-        for it, (like, make, momentum) in zip(items, prepared):
+        for it, (like, make, momentum), spec in zip(items, prepared, specs):
             consume = None
             if streamed is not None and it.settings.commit == "streaming":
                 consume = functools.partial(self._commit_now, it, ctx, momentum, streamed)
-            spec = split.split_spec(lmo_settings(it), it.param.shape, self.spec(lmo_settings(it), it.param))
             jobs.append(Job(it.index, like, spec, make=make, consume=consume))
         if torch.compiler.is_compiling():
             # Inductor's CPU backend crashes (KeyError: 'bufN', pytorch#196570) when the momentum lerp, a
@@ -480,6 +486,14 @@ class LMORule(Rule):
                 if id(group) not in light_groups:
                     for p in group["params"]:
                         p.grad = None
+
+
+def _input_dtype(spec: Any, p: Tensor) -> torch.dtype | None:
+    """``spec.input_dtype`` for ``p``'s gradient where the spec has one (``None``: keep the direction's dtype).
+    Read from ``p.grad``'s dtype and device (``grad_of`` may redistribute: called once, in ``prepare``)."""
+    f = getattr(spec, "input_dtype", None)
+    g = p.grad
+    return None if f is None or g is None else f(g.dtype, g.device)
 
 
 def lmo_settings(it: Item) -> LMOSettings:
