@@ -120,7 +120,7 @@ def test_compressed_sync_with_the_same_batch_equals_one_process(layout):
 def compressed_reference(replicas: int):
     """Dion with compressed data-parallel sync, simulated in one process in float64: each replica keeps its own
     momentum; P and R are averaged over replicas; every replica applies the same update."""
-    X = {n: t.double() for n, t in _full(0).items()}
+    X = {n: t.double().T for n, t in _full(0).items()}
     probe = Dion([nn.Parameter(torch.zeros(s)) for s in SHAPES.values()], **KW)
     Q = {n: probe.state[p]["Q"].double() for n, p in zip(SHAPES, probe.param_groups[0]["params"])}
     M = {n: [torch.zeros_like(X[n]) for _ in range(replicas)] for n in SHAPES}
@@ -128,7 +128,8 @@ def compressed_reference(replicas: int):
     for step in range(STEPS):
         grads = [_full(100 + step + 1000 * k) for k in range(replicas)]
         for n in SHAPES:
-            B = [M[n][k] + grads[k][n].double() for k in range(replicas)]
+            # the default orientation ("columns"): Algorithm 1 on the transposes, M and X kept transposed here
+            B = [M[n][k] + grads[k][n].double().T for k in range(replicas)]
             P = sum(b @ Q[n] for b in B) / replicas
             P, Rq = torch.linalg.qr(P)
             P = P * torch.sign(torch.diagonal(Rq))
@@ -136,9 +137,9 @@ def compressed_reference(replicas: int):
             for k in range(replicas):
                 M[n][k] = B[k] - (1 - mu) * P @ R.T
             Q[n] = R / (R.norm(dim=0, keepdim=True) + eps)
-            m, c = X[n].shape
+            c, m = X[n].shape  # X[n] is the transposed weight
             X[n] = (1 - lr * wd) * X[n] - lr * math.sqrt(m / c) * P @ Q[n].T
-    return {n: x.float() for n, x in X.items()}
+    return {n: x.T.float() for n, x in X.items()}
 
 
 @pytest.mark.parametrize("layout", ["ddp", "hsdp"])
@@ -156,8 +157,9 @@ def test_compressed_sync_moves_low_rank_factors_only():
     per_step = sum(o[1][-1] for o in out)  # bytes the engine counted, both ranks, one step
     mn = sum(m * n for m, n in SHAPES.values()) * 4 * 2  # a gradient all-reduce: m n per rank
     r = {n: math.ceil(0.25 * min(s)) for n, s in SHAPES.items()}
-    # each rank all-reduces P (m r) and R (n r); the owner of each P sends it to the other replica (m r)
-    low = sum((2 * (m + n) * r[k] + m * r[k]) * 4 for k, (m, n) in SHAPES.items())
+    # each rank all-reduces P (n r: it spans the columns) and R (m r); the owner of each P sends it to the other
+    # replica (n r)
+    low = sum((2 * (m + n) * r[k] + n * r[k]) * 4 for k, (m, n) in SHAPES.items())
     assert per_step == low, (per_step, low)
     assert per_step < mn
 

@@ -19,11 +19,19 @@ def _grads(shape, steps, seed=1):
     return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(steps)]
 
 
-def reference_dion(X, Q, grads, *, lr, mu, wd, eps=1e-8, power_iters=1):
-    """Algorithm 1 per matrix, in float64: returns the final X (2-D), with the same start Q."""
+def reference_dion(X, Q, grads, *, lr, mu, wd, eps=1e-8, power_iters=1, orientation="columns"):
+    """Algorithm 1 per matrix, in float64: returns the final X (2-D), with the same start Q. ``"columns"`` runs it
+    on the transposes (``P`` spans the columns), the scale ``sqrt(m / n)`` staying the weight's."""
+    if orientation == "columns":
+        scale = math.sqrt(X.shape[0] / X.shape[1])
+        out = _algorithm_1(X.T, Q, [g.T for g in grads], lr, mu, wd, eps, power_iters, scale)
+        return out.T
+    return _algorithm_1(X, Q, grads, lr, mu, wd, eps, power_iters, math.sqrt(X.shape[0] / X.shape[1]))
+
+
+def _algorithm_1(X, Q, grads, lr, mu, wd, eps, power_iters, scale):
     X, Q = X.clone(), Q.clone()
     M = torch.zeros_like(X)
-    m, n = X.shape
     for G in grads:
         B = M + G
         P = B @ Q
@@ -35,27 +43,28 @@ def reference_dion(X, Q, grads, *, lr, mu, wd, eps=1e-8, power_iters=1):
         R = B.T @ P
         M = B - (1 - mu) * P @ R.T
         Q = R / (R.norm(dim=0, keepdim=True) + eps)
-        X = (1 - lr * wd) * X - lr * math.sqrt(m / n) * P @ Q.T
+        X = (1 - lr * wd) * X - lr * scale * P @ Q.T
     return X
 
 
 @pytest.mark.parametrize("method", ["qr", "cqr", "rcqr"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25])
 @pytest.mark.parametrize("power_iters", [1, 2])
-def test_dion_equals_reference(method, fraction, power_iters):
-    W = nn.Parameter(torch.randn(24, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+@pytest.mark.parametrize(("orientation", "shape"), [("columns", (24, 16)), ("columns", (16, 24)), ("rows", (24, 16))])
+def test_dion_equals_reference(method, fraction, power_iters, orientation, shape):
+    W = nn.Parameter(torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     X0 = W.detach().clone()
     opt = Dion(
         [W], lr=0.05, mu=0.9, weight_decay=0.1, rank_fraction=fraction, qr_method=method, cqr_warmup_steps=1,
-        power_iters=power_iters,
+        power_iters=power_iters, orientation=orientation,
     )  # fmt: skip
     Q0 = opt.state[W]["Q"].clone()
-    assert Q0.shape == (16, dion_rank(24, 16, fraction))
-    grads = _grads((24, 16), STEPS)
+    assert Q0.shape == (shape[0] if orientation == "columns" else shape[1], dion_rank(*shape, fraction))
+    grads = _grads(shape, STEPS)
     for g in grads:
         W.grad = g.clone()
         opt.step()
-    want = reference_dion(X0, Q0, grads, lr=0.05, mu=0.9, wd=0.1, power_iters=power_iters)
+    want = reference_dion(X0, Q0, grads, lr=0.05, mu=0.9, wd=0.1, power_iters=power_iters, orientation=orientation)
     torch.testing.assert_close(W.detach(), want, atol=1e-9, rtol=0)
 
 
@@ -69,21 +78,24 @@ def test_orthonormalize_gives_orthonormal_columns_in_fp32(method):
     assert (O - ref).abs().max() < 1e-4  # the same basis (positive-diagonal R) whatever the method
 
 
-def test_expert_stack_and_conv_are_per_matrix():
+@pytest.mark.parametrize("orientation", ["columns", "rows"])
+def test_expert_stack_and_conv_are_per_matrix(orientation):
     E = nn.Parameter(torch.randn(3, 12, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     C = nn.Parameter(torch.randn(8, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
     E0, C0 = E.detach().clone(), C.detach().clone()
-    opt = Dion([E, C], lr=0.05, mu=0.9, weight_decay=0.0, rank_fraction=0.5, qr_method="qr")
+    opt = Dion([E, C], lr=0.05, mu=0.9, weight_decay=0.0, rank_fraction=0.5, qr_method="qr", orientation=orientation)
     QE, QC = opt.state[E]["Q"].clone(), opt.state[C]["Q"].clone()
-    assert QE.shape == (3, 10, 5) and QC.shape == (12, 4)
+    cols = orientation == "columns"
+    assert QE.shape == ((3, 12, 5) if cols else (3, 10, 5)) and QC.shape == ((8, 4) if cols else (12, 4))
     ge, gc = _grads((3, 12, 10), STEPS, 5), _grads((8, 3, 2, 2), STEPS, 6)
     for a, b in zip(ge, gc):
         E.grad, C.grad = a.clone(), b.clone()
         opt.step()
     for k in range(3):
-        want = reference_dion(E0[k], QE[k], [g[k] for g in ge], lr=0.05, mu=0.9, wd=0.0)
+        want = reference_dion(E0[k], QE[k], [g[k] for g in ge], lr=0.05, mu=0.9, wd=0.0, orientation=orientation)
         torch.testing.assert_close(E.detach()[k], want, atol=1e-9, rtol=0)
-    want = reference_dion(C0.reshape(8, 12), QC, [g.reshape(8, 12) for g in gc], lr=0.05, mu=0.9, wd=0.0)
+    gcm = [g.reshape(8, 12) for g in gc]
+    want = reference_dion(C0.reshape(8, 12), QC, gcm, lr=0.05, mu=0.9, wd=0.0, orientation=orientation)
     torch.testing.assert_close(C.detach().reshape(8, 12), want, atol=1e-9, rtol=0)
 
 

@@ -1,20 +1,29 @@
 """Dion: low-rank orthonormalized updates with error feedback (Ahn et al., arXiv 2504.05295, Algorithms 1 and 3).
 
-Composed from the engine's movements only; no whole matrix is ever gathered. For a weight of layout ``L``
-(rows ``m`` sharded over the axes that shard dim ``md``, columns ``n`` over those that shard ``nd``)::
+Composed from the engine's movements only; no whole matrix is ever gathered. The power iteration runs on
+``A = B^T`` (``orientation="columns"``, the default: ``P`` spans the weight's columns) or on ``A = B``
+(``orientation="rows"``: the paper's Algorithm 1 as written). The orientation is a setting, the same for every
+layout, never read from the sharding: every layout computes the same math as one process. With ``A`` of shape
+``(a, c)``, its dim ``a`` sharded over some axes and ``c`` over others::
 
-    B = M + G                                     # local
-    P = B Q                                       # P: (m/outer, r), a Partial sum over the axes sharding n
-    [P <- mean over replicas]                     # compressed sync: (m r) numbers, not (m n)
-    P = orthonormalize(P)                         # map: reduced to one owner, rows returned
-    (power_iters > 1: R = B^T P, all_reduce(over=md); P = B R; orthonormalize again)
-    R = B^T P;  all_reduce(R, over=md)            # R: (n/inner, r)
+    B = M + G                                     # local ([G <- mean over replicas]: see below)
+    P = A Q                                       # P: (a/.., r), a Partial sum over the axes sharding c
+    [P <- mean over replicas]                     # compressed sync: (a r) numbers, not (m n)
+    P = orthonormalize(P)                         # map: reduced to one owner, returned to the holders
+    (power_iters > 1: R = A^T P, all_reduce(over=a); P = A R; orthonormalize again)
+    R = A^T P;  all_reduce(R, over=a)             # R: (c/.., r)
     [R <- mean over replicas]
-    M = B - (1 - mu) P R^T                        # local: error feedback
-    Q = R / ||R||_col;  all_reduce(||R||^2, over=nd)
-    X = (1 - lr wd) X - lr sqrt(m / n) P Q^T      # local
+    M = B - (1 - mu) (P R^T as B)                 # local: error feedback
+    Q = R / ||R||_col;  all_reduce(||R||^2, over=c)
+    X = (1 - lr wd) X - lr sqrt(m / n) (P Q^T as B)
 
-``Q`` is state of shape ``(..., n, r)`` laid out like the weight's columns (``disco.distributed.state``), so DCP
+Why ``"columns"``: FSDP (and column-parallel TP) shard a weight's rows. With ``P`` on the column side, the rows of
+``R = B P`` are local and ``P`` (``n x r``) is only reduced and handed back, where the row side would gather ``P``'s
+``m r`` to an owner *and* all-reduce ``R`` (``n r``). Compressed data-parallel sync averages ``P`` and ``R``
+(``(m + n) r`` numbers) only where that is less than the gradient (``(m + n) r < m n``); else the gradient itself is
+averaged over the replicas (``m n``) and nothing else crosses them.
+
+``Q`` is state of shape ``(..., c, r)`` laid out like the weight's dim ``c`` (``disco.distributed.state``), so DCP
 saves and reshards it.
 """
 
@@ -62,18 +71,34 @@ def _mn(p: Tensor) -> tuple[int, int]:
     return int(shape[-2]), int(shape[-1])
 
 
-def p_layout(lay: Layout, r: int, md: int, nd: int) -> Layout:
-    """The layout of ``P = B Q`` (rows like ``B``, Partial over the axes that shard ``B``'s columns)."""
+ORIENTATIONS = ("columns", "rows")
+
+
+def sides(p: Tensor, orientation: str) -> tuple[int, int]:
+    """``(a, c)``: the dim of ``p`` whose side ``P`` spans (``A``'s rows) and the other one (``A``'s columns).
+
+    From the orientation only, never from the sharding. Conv weights are ``out x (in*k*k)``: their column side is
+    ``c = 1`` standing for the flattened dims.
+    """
+    md, nd = _dims(p)
+    return (nd, md) if orientation == "columns" else (md, nd)
+
+
+def p_layout(lay: Layout, r: int, a: int, c: int, a_size: int) -> Layout:
+    """The layout of ``P = A Q``: ``(*batch, a_size, r)``, rows sharded like dim ``a``, Partial over the axes that
+    shard dim ``c`` (or, for conv weights, any flattened column dim)."""
+    row = min(a, c)  # P's row dim sits after the batch dims
     placements: list[Placement] = []
     for pl in lay.placements:
-        if pl.is_shard and pl.dim >= nd:
-            placements.append(PARTIAL)
-        elif pl.is_shard:
-            placements.append(pl)
-        else:
+        if not pl.is_shard:
             placements.append(REPLICATE)
-    shape = (*lay.shape[:md], lay.shape[md], r)
-    return lay.with_placements(placements, shape=shape)
+        elif pl.dim < row:
+            placements.append(pl)  # a batch (expert) dim
+        elif pl.dim == a:
+            placements.append(Placement(pl.kind, row, pl.split_factor))
+        else:
+            placements.append(PARTIAL)
+    return lay.with_placements(placements, shape=(*lay.shape[:row], a_size, r))
 
 
 @dataclass(frozen=True)
@@ -90,7 +115,9 @@ class DionSettings(Settings):
             Default ``150``.
         rcqr_oversample: sketch rows per column, ``>= 1``. Default ``1.25``.
         epsilon: added to the column norms of ``R``, ``>= 0``. Default ``1e-8``.
-        replicate_mesh_grad_sync: average ``P`` and ``R`` over the replicas. Default ``True``.
+        replicate_mesh_grad_sync: sync over the replicas in the optimizer: ``P`` and ``R`` averaged where
+            ``(m + n) r < m n``, else the gradient. Default ``True``.
+        orientation: ``"columns"`` (default: ``P`` spans the weight's columns) or ``"rows"`` (``P = B Q``).
         momentum_dtype, Q_dtype: state dtypes (``None``: the parameter's). Default ``None``. ``state_dtype`` is
             another name of ``momentum_dtype`` (as for the LMO rules); ``B = M + G`` is computed in the wider of
             the two dtypes, so a bf16 momentum only rounds when it is stored.
@@ -107,6 +134,7 @@ class DionSettings(Settings):
     rcqr_oversample: float = 1.25
     epsilon: float = 1e-8
     replicate_mesh_grad_sync: bool = True
+    orientation: str = "columns"
     momentum_dtype: torch.dtype | None = None
     Q_dtype: torch.dtype | None = None
 
@@ -122,6 +150,7 @@ class DionSettings(Settings):
         if self.cqr_warmup_steps < 0:
             raise ValueError(f"{at}: cqr_warmup_steps={self.cqr_warmup_steps!r} must be an int >= 0")
         check_choice(self, "qr_method", at, QR_METHODS)
+        check_choice(self, "orientation", at, ORIENTATIONS)
 
 
 @register_rule
@@ -146,13 +175,12 @@ class DionRule(Rule):
 
     def init_state(self, settings: Settings, p: Tensor) -> dict[str, Any]:
         assert isinstance(settings, DionSettings)
-        n, r = _mn(p)[1], self.rank(settings, p)
-        q_shape = (*p.shape[:-2], n, r) if p.dim() == 3 else (n, r)
-        nd = _dims(p)[1]
+        r = self.rank(settings, p)
+        q_shape, follows = _q_shape(p, settings.orientation, r)
         q_dtype = settings.Q_dtype or p.dtype
-        if p.dim() <= 3:
-            Q = derived_zeros(p, q_shape, {len(q_shape) - 2: nd, **({0: 0} if p.dim() == 3 else {})}, dtype=q_dtype)
-        else:  # conv: the columns are the flattened input dims, never sharded (checked in bind)
+        if follows is not None:
+            Q = derived_zeros(p, q_shape, follows, dtype=q_dtype)
+        else:  # conv's flattened input dims, never sharded (checked in bind)
             Q = torch.zeros(q_shape, dtype=q_dtype, device=p.device)
         M = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=settings.momentum_dtype or p.dtype)
         return {"momentum_buffer": M, "Q": Q, "step": torch.zeros((), dtype=torch.float32)}
@@ -164,7 +192,7 @@ class DionRule(Rule):
                 continue
             state = ctx.state_of(it.param)
             p, Q = it.param, state["Q"]
-            md, nd = _dims(p)
+            _, follows = _q_shape(p, dion_settings(it).orientation, Q.shape[-1])
             lay = engine.layout(it.index) if engine.has_layouts else None
             if lay is not None and p.dim() >= 4 and any(pl.is_shard and pl.dim >= 1 for pl in lay.placements):
                 raise ValueError(
@@ -172,8 +200,8 @@ class DionRule(Rule):
                     f"they may be sharded on dim 0 only, not as {lay.describe()}"
                 )
             full = _q_start(tuple(Q.shape), Q.dtype)
-            if lay is not None and p.dim() <= 3:
-                q_lay = lay.derive(tuple(Q.shape), {Q.dim() - 2: nd, **({0: 0} if p.dim() == 3 else {})})
+            if lay is not None and follows is not None:
+                q_lay = lay.derive(tuple(Q.shape), follows)
                 idx = q_lay.index_lists(engine.current_rank)
                 piece = full[torch.meshgrid(*[torch.tensor(i, dtype=torch.long) for i in idx], indexing="ij")]
                 if not isinstance(Q, DTensor) and tuple(piece.shape) != tuple(Q.shape):
@@ -187,34 +215,55 @@ class DionRule(Rule):
         engine = ctx.engine
         settings = [dion_settings(it) for it in items]
         lays = [engine.layout(it.index) for it in items]
-        dims = [_dims(it.param) for it in items]
+        dims = [sides(it.param, s.orientation) for it, s in zip(items, settings)]
+        flip = [s.orientation == "columns" for s in settings]
+        Q = [local_piece(ctx.state_of(it.param)["Q"]) for it in items]
+        # compressed sync where P and R are fewer numbers than the gradient; else the gradient is averaged
+        sync = [
+            s.replicate_mesh_grad_sync and compresses(it.param, q.shape[-1]) for it, s, q in zip(items, settings, Q)
+        ]
+        grads = [ctx.grad_of(it.param) for it in items]
+        full = [
+            k
+            for k, s in enumerate(settings)
+            if s.replicate_mesh_grad_sync
+            and not sync[k]
+            and math.prod(lays[k].mesh_shape[a] for a in lays[k].replica_axes()) > 1
+        ]
+        if full:
+            mean = [grads[k].clone() for k in full]  # never averaged in place: the gradient is the caller's
+            engine.all_reduce(mean, [lays[k] for k in full], over="replicas", op="avg")
+            for k, g in zip(full, mean):
+                grads[k] = g
         B = []
-        for it in items:
+        for it, g in zip(items, grads):
             M = local_piece(ctx.state_of(it.param)["momentum_buffer"])
-            g = ctx.grad_of(it.param)
             wide = torch.promote_types(M.dtype, g.dtype)  # a narrower stored momentum is widened, never G
             B.append(_matrix(M.to(wide) + g.to(wide)))
-        Q = [local_piece(ctx.state_of(it.param)["Q"]).to(b.dtype) for it, b in zip(items, B)]
-        sync = [s.replicate_mesh_grad_sync for s in settings]
+        A = [b.mT if f else b for b, f in zip(B, flip)]  # the power iteration's matrix (a view)
+        Q = [q.to(b.dtype) for q, b in zip(Q, B)]
         specs = [self._spec(s, ctx.state_of(it.param)) for it, s in zip(items, settings)]
-        p_lays = [p_layout(lay, q.shape[-1], md, nd) for lay, q, (md, nd) in zip(lays, Q, dims)]
-        P = [b @ q for b, q in zip(B, Q)]  # P: (m/outer, r), Partial over the axes sharding n
+        p_lays = [
+            p_layout(lay, q.shape[-1], a, c, _mn(it.param)[1 if f else 0])
+            for it, lay, q, (a, c), f in zip(items, lays, Q, dims, flip)
+        ]
+        P = [x @ q for x, q in zip(A, Q)]  # P: (a/.., r), Partial over the axes sharding c
         iters = [s.power_iters for s in settings]
         for it_round in range(max(iters)):
             # each parameter runs its own group's count (the same subset on every rank: items are agreed)
             on = [k for k, n in enumerate(iters) if n > it_round]
             if it_round:  # another power iteration: P = B (B^T P)
                 sub = self._reduce_rows(
-                    [B[k].mT @ P[k] for k in on], [lays[k] for k in on], [dims[k] for k in on], engine
+                    [A[k].mT @ P[k] for k in on], [lays[k] for k in on], [dims[k] for k in on], engine
                 )
                 for k, r in zip(on, sub):
-                    P[k] = B[k] @ r
+                    P[k] = A[k] @ r
             on_P = [P[k] for k in on]
             self._replica_mean(on_P, [p_lays[k] for k in on], [sync[k] for k in on], engine)
             jobs = [Job(items[k].index, p, specs[k], p_lays[k]) for k, p in zip(on, on_P)]
             for k, p in zip(on, engine.map(jobs, out="input")):
-                P[k] = p  # P: (m/outer, r), orthonormal columns of the whole P
-        R = self._reduce_rows([b.mT @ p for b, p in zip(B, P)], lays, dims, engine)  # R: (n/inner, r)
+                P[k] = p  # P: (a/.., r), orthonormal columns of the whole P
+        R = self._reduce_rows([x.mT @ p for x, p in zip(A, P)], lays, dims, engine)  # R: (c/.., r)
         self._replica_mean(R, lays, sync, engine)
         sq = [r.pow(2).sum(dim=-2, keepdim=True) for r in R]  # column norms: partial sums over the rows of R
         self._reduce_cols(sq, lays, dims, engine)
@@ -223,14 +272,16 @@ class DionRule(Rule):
 
         def commit() -> list[Tensor]:
             updates = []
-            for it, s, b, p, r, q in zip(items, settings, B, P, R, Q_new):
+            for it, s, b, p, r, q, f in zip(items, settings, B, P, R, Q_new, flip):
                 m, n = _mn(it.param)
                 state = ctx.state_of(it.param)
                 M = local_piece(state["momentum_buffer"])
-                M.copy_((b - (1 - s.mu) * (p @ r.mT)).reshape(M.shape))  # error feedback
+                pr = r @ p.mT if f else p @ r.mT  # P R^T of A, as B
+                M.copy_((b - (1 - s.mu) * pr).reshape(M.shape))  # error feedback
                 local_piece(state["Q"]).copy_(q)
                 X = local_piece(it.param)
-                update = (math.sqrt(m / n) * (p @ q.mT)).reshape(X.shape)
+                pq = q @ p.mT if f else p @ q.mT
+                update = (math.sqrt(m / n) * pq).reshape(X.shape)
                 if s.weight_decay:
                     X.mul_(1 - s.lr * s.weight_decay)
                 X.add_(update.to(X.dtype), alpha=-s.lr)
@@ -272,6 +323,24 @@ class DionRule(Rule):
         ks = [k for k, s in enumerate(sync) if s]
         if ks:
             engine.all_reduce([parts[k] for k in ks], [lays[k] for k in ks], over="replicas", op="avg")
+
+
+def compresses(p: Tensor, r: int) -> bool:
+    """Whether averaging ``P`` and ``R`` (``(m + n) r`` numbers per matrix) moves less than the gradient (``m n``)."""
+    m, n = _mn(p)
+    return (m + n) * r < m * n
+
+
+def _q_shape(p: Tensor, orientation: str, r: int) -> tuple[tuple[int, ...], dict[int, int] | None]:
+    """``Q``'s global shape ``(*batch, c_size, r)`` and ``{Q dim: p dim}`` it is laid out by (``None``: conv's
+    flattened input dims, never sharded)."""
+    m, n = _mn(p)
+    c = sides(p, orientation)[1]
+    c_size = m if orientation == "columns" else n
+    shape = (*p.shape[:-2], c_size, r) if p.dim() == 3 else (c_size, r)
+    if p.dim() >= 4 and c != 0:
+        return shape, None
+    return shape, {len(shape) - 2: c, **({0: 0} if p.dim() == 3 else {})}
 
 
 def dion_settings(it: Item) -> DionSettings:
@@ -325,8 +394,14 @@ class Dion(SpectralOptimizer):
             clear error); for plain tensors they build the process-group config.
         replicate_mesh_grad_sync: ``True`` (default): replicas do not all-reduce gradients (DDP under
             ``no_sync``, or ``fully_shard`` on the shard mesh only); Dion averages ``P`` and ``R`` over the
-            replicas instead, ``(m + n) r`` numbers per matrix instead of ``m n``. Replicas' momenta then differ:
-            call ``synchronize_for_checkpoint()`` before saving. ``False``: gradients are already synchronized.
+            replicas instead, ``(m + n) r`` numbers per matrix instead of ``m n``, for the matrices where that is
+            fewer (``(m + n) r < m n``); the others' gradients are averaged (``m n``, so full rank never moves
+            more than the gradient). Replicas' momenta then differ: call ``synchronize_for_checkpoint()`` before
+            saving. ``False``: gradients are already synchronized.
+        orientation: ``"columns"`` (default): the power iteration runs on ``B^T``, ``P`` spans the columns
+            (``n x r``) and ``Q`` is ``m x r``: under FSDP (rows sharded) ``P`` is only reduced and handed back, and
+            ``R``'s rows are local. ``"rows"``: ``P = B Q`` as in the paper's Algorithm 1. Chosen per group, never
+            from the sharding, so every layout gives one process's result.
         rank_fraction: ``r / min(m, n)``. Default 1.0. rank_multiple_of: round ``r`` up to this. Default 1.
         lr: 0.01. mu: momentum, 0.95. betas: element-wise groups' betas, (0.9, 0.95). weight_decay: 0.01.
         epsilon: column-norm and Adam epsilon, 1e-8. power_iters: power iterations per step, 1.
@@ -346,6 +421,7 @@ class Dion(SpectralOptimizer):
         outer_shard_mesh: Any = None,
         inner_shard_mesh: Any = None,
         replicate_mesh_grad_sync: bool = True,
+        orientation: str = "columns",
         rank_fraction: float = 1.0,
         rank_multiple_of: int = 1,
         lr: float = 0.01,
@@ -378,6 +454,7 @@ class Dion(SpectralOptimizer):
             cqr_warmup_steps=cqr_warmup_steps,
             rcqr_oversample=rcqr_oversample,
             replicate_mesh_grad_sync=replicate_mesh_grad_sync,
+            orientation=orientation,
             momentum_dtype=mp.momentum_dtype,
             Q_dtype=mp.Q_dtype,
             # for "muon" groups (disco's LMO rule)

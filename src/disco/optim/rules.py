@@ -101,7 +101,7 @@ class ElementwiseSettings(Settings):
         check_range(self, "adam_eps", at, lo=0.0)
         for k, b in enumerate(self.betas):
             if not (math.isfinite(b) and 0.0 <= b < 1.0):
-                raise ValueError(f"{at}: betas[{k}]={b!r} is invalid; it must be a finite number in [0, 1)")
+                raise ValueError(f"{at}: Invalid beta parameter at index {k}: {b!r}; betas[{k}] must be in [0, 1)")
 
 
 @dataclass(frozen=True)
