@@ -29,6 +29,15 @@ def _rank_threads():
         yield
 
 
+@pytest.fixture
+def medium_precision():
+    """fp32 matmul precision "medium" in this process (the ranks set it in ``_body``), restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    yield "medium"
+    torch.set_float32_matmul_precision(before)
+
+
 def full_tensors(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {n: (torch.randn(s, generator=g) / 8).to(dtype) for n, s in SHAPES.items()}
@@ -92,8 +101,10 @@ def _dtensor_params(layout: str, world_size: int, dtype: torch.dtype) -> dict[st
     return {n: nn.Parameter(distribute_tensor(t, mesh, place, src_data_rank=None)) for n, t in full.items()}
 
 
-def _body(rank, world_size, kind, layout, dtype):
+def _body(rank, world_size, kind, layout, dtype, precision="highest"):
     from torch.distributed.tensor import distribute_tensor
+
+    torch.set_float32_matmul_precision(precision)  # what a user may set in every process
 
     params = _fsdp2_params(dtype) if layout == "fsdp2" else _dtensor_params(layout, world_size, dtype)
     opt = build_optimizer(kind, list(params.items()))
@@ -146,3 +157,35 @@ def test_bf16_params_fsdp2_x3_within_one_ulp(kind):
         for n in want:
             assert got[n].dtype == torch.bfloat16
             assert _ulps_bf16(got[n], want[n]).max().item() <= 1.0, n
+
+
+@pytest.mark.parametrize("kind", ["muon", "scion"])
+def test_expert_stacks_match_one_process_under_medium_precision(kind, medium_precision):
+    """With fp32 matmul precision "medium" (set by the user), a batched CPU matmul may run in bf16 where a single
+    one does not: one process's stack of 5 experts and a rank's lone expert must still use the same kernel."""
+    want, _ = reference(kind, torch.float32)
+    out = run_ranks(_body, 3, kind, "fsdp2", torch.float32, medium_precision, timeout=120)
+    assert [shards["experts.w1"][0] for _, shards, _ in out] == [2, 2, 1]
+    for got, _, _ in out:
+        for n in want:
+            assert _relative(got[n], want[n]) <= 1e-6, (n, _relative(got[n], want[n]))
+
+
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+@pytest.mark.parametrize("backend", ["gram_newtonschulz5", "newtonschulz5", "gram_polar_express"])
+def test_an_expert_rounds_alike_in_any_stack(precision, backend):
+    """One process: the LMO of each expert is bitwise the same whether its stack holds 5, 2 or 1 of them, under
+    every fp32 matmul precision (what makes in-place computing on uneven shards exact)."""
+    from disco.ops import LMOSpec
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        spec = LMOSpec(backend=backend, compute_dtype=torch.float32)
+        G = torch.randn(1, 5, 24, 16, generator=torch.Generator().manual_seed(0))
+        whole = spec(G)[0]
+        for part in (slice(0, 2), slice(2, 4), slice(4, 5)):
+            assert torch.equal(spec(G[:, part])[0], whole[part]), part
+            assert torch.equal(spec(G[0, part].mT.unsqueeze(0).mT)[0], whole[part])  # a transposed stack too
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -90,17 +90,40 @@ def _normalised(G: Tensor, safety: float, eps: float, dtype: torch.dtype) -> tup
     return X.reshape(math.prod(X.shape[:-2]), *X.shape[-2:]), tall  # explicit: -1 is ambiguous for 0 elements
 
 
+def _per_matrix(A: Tensor) -> bool:
+    """Whether a batch ``A`` runs as one ``mm`` per matrix. On CPU a batch of one always does: ``mm`` reads a
+    transposed operand in place where ``bmm`` copies it (at 2048 x 512 bf16 up to half the time, one matrix less
+    memory), with bit-identical results. So does every fp32 batch under a matmul precision below "highest": there
+    CPU ``bmm`` / ``baddbmm`` multiply in bf16 or fp32 depending on the batch size, so an expert would round
+    differently in one process's stack of 5 than on a rank holding 1 or 2 of them; one ``mm`` per matrix makes
+    every expert's result independent of the stack it is in (the compute dtype, fp32, decides the precision)."""
+    if A.device.type != "cpu":
+        return False
+    return A.size(0) == 1 or (A.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest")
+
+
 def _bmm(A: Tensor, B: Tensor) -> Tensor:
-    """``torch.bmm``; a batch of one as ``mm``, which reads a transposed operand in place where CPU ``bmm`` copies
-    it (on CPU: bit-identical results; at 2048 x 512 bf16 up to half the time, and one matrix less memory)."""
-    return torch.mm(A[0], B[0]).unsqueeze(0) if A.size(0) == 1 else torch.bmm(A, B)
+    """``torch.bmm``, or one ``mm`` per matrix (``_per_matrix``)."""
+    if not _per_matrix(A):
+        return torch.bmm(A, B)
+    if A.size(0) == 1:
+        return torch.mm(A[0], B[0]).unsqueeze(0)
+    out = A.new_empty(A.size(0), A.size(1), B.size(2))
+    for i in range(A.size(0)):
+        torch.mm(A[i], B[i], out=out[i])
+    return out
 
 
 def _baddbmm(C: Tensor, A: Tensor, B: Tensor, *, beta: float, alpha: float = 1.0) -> Tensor:
-    """``torch.baddbmm``; a batch of one as ``addmm`` (see ``_bmm``)."""
+    """``torch.baddbmm``, or one ``addmm`` per matrix (``_per_matrix``)."""
+    if not _per_matrix(A):
+        return torch.baddbmm(C, A, B, beta=beta, alpha=alpha)
     if A.size(0) == 1:
         return torch.addmm(C[0], A[0], B[0], beta=beta, alpha=alpha).unsqueeze(0)
-    return torch.baddbmm(C, A, B, beta=beta, alpha=alpha)
+    out = A.new_empty(A.size(0), A.size(1), B.size(2))
+    for i in range(A.size(0)):
+        torch.addmm(C[i], A[i], B[i], beta=beta, alpha=alpha, out=out[i])
+    return out
 
 
 def _restore(Y: Tensor, G: Tensor, out_dtype: torch.dtype | None) -> Tensor:
