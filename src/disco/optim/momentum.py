@@ -205,11 +205,9 @@ def direction(g: Tensor, mom: Momentum, beta: float, nesterov: bool, out_dtype: 
     buf = mom.buf
     if mom.plain(g):
         assert buf is not None
-        legacy = g.lerp(buf.to(g.dtype), beta * beta) if nesterov else None
         if out_dtype is None or out_dtype == g.dtype or buf.dtype != g.dtype:
-            U = legacy if legacy is not None else buf.lerp(g.to(buf.dtype), 1 - beta)
+            U = g.lerp(buf.to(g.dtype), beta * beta) if nesterov else buf.lerp(g.to(buf.dtype), 1 - beta)
             return U if out_dtype is None else U.to(out_dtype)
-        del legacy
         compute: torch.dtype = g.dtype
     else:
         compute = mom.compute or g.dtype
