@@ -84,14 +84,15 @@ def sides(p: Tensor, orientation: str) -> tuple[int, int]:
     return (nd, md) if orientation == "columns" else (md, nd)
 
 
-def p_layout(lay: Layout, r: int, a: int, c: int, a_size: int) -> Layout:
+def p_layout(lay: Layout, r: int, a: int, c: int, a_size: int, over_replicas: bool = False) -> Layout:
     """The layout of ``P = A Q``: ``(*batch, a_size, r)``, rows sharded like dim ``a``, Partial over the axes that
-    shard dim ``c`` (or, for conv weights, any flattened column dim)."""
+    shard dim ``c`` (or, for conv weights, any flattened column dim), and over the replica axes too when
+    ``over_replicas`` (compressed sync: each replica's piece is its ``P`` over the replica count)."""
     row = min(a, c)  # P's row dim sits after the batch dims
     placements: list[Placement] = []
     for pl in lay.placements:
         if not pl.is_shard:
-            placements.append(REPLICATE)
+            placements.append(PARTIAL if over_replicas and pl.kind == "replicate" else REPLICATE)
         elif pl.dim < row:
             placements.append(pl)  # a batch (expert) dim
         elif pl.dim == a:
@@ -244,9 +245,12 @@ class DionRule(Rule):
         Q = [q.to(b.dtype) for q, b in zip(Q, B)]
         specs = [self._spec(s, ctx.state_of(it.param)) for it, s in zip(items, settings)]
         p_lays = [
-            p_layout(lay, q.shape[-1], a, c, _mn(it.param)[1 if f else 0])
-            for it, lay, q, (a, c), f in zip(items, lays, Q, dims, flip)
+            p_layout(lay, q.shape[-1], a, c, _mn(it.param)[1 if f else 0], over_replicas=y)
+            for it, lay, q, (a, c), f, y in zip(items, lays, Q, dims, flip, sync)
         ]
+        # compressed sync: P's mean over the replicas is reduced to its owner with the Partial sum over the shards,
+        # the orthonormal P returned to every holder (no all-reduce of P and then a broadcast of the result)
+        replicas = [math.prod(lay.mesh_shape[x] for x in lay.replica_axes()) if y else 1 for lay, y in zip(lays, sync)]
         P = [x @ q for x, q in zip(A, Q)]  # P: (a/.., r), Partial over the axes sharding c
         iters = [s.power_iters for s in settings]
         for it_round in range(max(iters)):
@@ -258,8 +262,7 @@ class DionRule(Rule):
                 )
                 for k, r in zip(on, sub):
                     P[k] = A[k] @ r
-            on_P = [P[k] for k in on]
-            self._replica_mean(on_P, [p_lays[k] for k in on], [sync[k] for k in on], engine)
+            on_P = [P[k] / replicas[k] if replicas[k] > 1 else P[k] for k in on]
             jobs = [Job(items[k].index, p, specs[k], p_lays[k]) for k, p in zip(on, on_P)]
             for k, p in zip(on, engine.map(jobs, out="input")):
                 P[k] = p  # P: (a/.., r), orthonormal columns of the whole P
