@@ -447,6 +447,10 @@ def test_training_cli_logs_max_logits(tmp_path, capsys):
     assert main([*common, "--out", str(tmp_path / "a"), "--qk-clip-tau", "0.1"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "a" / "muon" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["max_logit"] > 0.1 and r["clipped_heads"] > 0 for r in rows)
+    layers = rows[0]["max_logit_layers"]
+    assert (
+        sorted(layers) == [f"layers.{i}.attention" for i in range(4)] and max(layers.values()) == rows[0]["max_logit"]
+    )
     assert main([*common, "--out", str(tmp_path / "b")]) == 0
     assert "max_logit" not in (tmp_path / "b" / "muon" / "metrics.jsonl").read_text()
     assert main([*common, "--out", str(tmp_path / "c"), "--qk-clip-tau", "-1"]) == 2

@@ -447,13 +447,19 @@ class QKClip:
         self.last_max_logits = maxima
         return maxima
 
-    def summary(self) -> dict[str, float]:
-        """For logging after :meth:`step`: the largest logit and how many heads were clipped."""
-        vals = list(self.last_max_logits.values())
-        if not vals:
+    def summary(self) -> dict[str, Any]:
+        """For logging after :meth:`step` (the maxima of the step's forward, before its clip): ``max_logit``,
+        ``clipped_heads`` (how many were over ``tau``) and ``max_logit_layers`` (each layer's largest)."""
+        if not self.last_max_logits:
             return {}
-        allv = torch.cat(vals)
-        return {"max_logit": float(allv.max()), "clipped_heads": int((allv > self.tau).sum())}
+        names = sorted(self.last_max_logits)
+        per_layer = torch.stack([self.last_max_logits[n].max() for n in names]).tolist()  # one host sync
+        clipped = sum(int((v > self.tau).sum()) for v in self.last_max_logits.values())
+        return {
+            "max_logit": max(per_layer),
+            "clipped_heads": clipped,
+            "max_logit_layers": dict(zip(names, per_layer, strict=True)),
+        }
 
 
 def _reduce(flat: Tensor, mesh: DeviceMesh | None, batch: tuple[str, ...], heads: tuple[str, ...]) -> Tensor:
