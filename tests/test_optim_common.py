@@ -242,7 +242,7 @@ def test_groups_added_or_changed_after_construction_are_planned_at_the_next_step
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8, 8))
     opt = Disco([a], lr=0.1, momentum=0.0, compute_dtype=torch.float64)
-    opt.add_param_group({"params": [b], "param_names": ["b"], "backend": "svd"})
+    opt.add_param_group({"params": [b], "backend": "svd"})
     assert "momentum_buffer" in opt.state[b]  # state exists before any step
     opt.param_groups[0]["norm_factor"] = "original"
     ga, gb = torch.randn(16, 8), torch.randn(8, 8)

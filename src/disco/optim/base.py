@@ -45,6 +45,8 @@ class SpectralOptimizer(Optimizer):
         self._rules: dict[type[Rule], Rule] = {}
         self._parsed: dict[int, tuple[tuple[Any, ...], Settings]] = {}  # id(group) -> (its values, settings)
         self._engine_params: tuple[int, ...] = ()
+        self._named: bool | None = None  # whether the groups name their parameters (all or none, as torch.optim)
+        self._check_defaults(defaults)  # the arguments first, as torch.optim does, then the parameters
         super().__init__(params, defaults)
         self.distributed_config = distributed_config
         self._track_next: tuple[str, ...] | None | Literal[False] = False
@@ -58,13 +60,43 @@ class SpectralOptimizer(Optimizer):
         self._engine = self._build_engine()
 
     # ---- groups and validation --------------------------------------------------------------------------
+    def _check_defaults(self, defaults: dict[str, Any]) -> None:
+        """The constructor's arguments, checked before its parameters (types, ranges, names): a message names
+        the argument, its value and what is valid."""
+        algo = defaults.get("algorithm")
+        if isinstance(algo, str) and algo in RULES:
+            group = dict(defaults)
+            for alias, key in RULES[algo].settings_for(algo).aliases.items():
+                if alias in group:
+                    group.setdefault(key, group[alias])
+            parse_settings(RULES[algo].settings_for(algo), group, None, type(self).__name__)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        gi = len(self.param_groups)
+        if not isinstance(param_group, dict):
+            raise TypeError(f"group {gi}: param_group must be a dict, but got {type(param_group).__name__}")
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError(
+                f"group {gi}: optimizer parameters need to be organized in ordered collections, but the ordering "
+                "of tensors in sets will change between runs. Please use a list instead"
+            )
         params = [params] if isinstance(params, Tensor) else list(params)
         names = param_group.get("param_names")
-        if params and all(isinstance(p, tuple) for p in params):  # named parameters, as torch.optim accepts
+        named = [isinstance(p, tuple) for p in params]
+        if any(named):  # named parameters, as torch.optim accepts
+            if not all(named):
+                raise ValueError(
+                    f"group {gi}: all optimizer params should be with/without names. Some param names are missing: "
+                    f"{named.count(True)} of {len(params)} parameters are (name, tensor) pairs; name all or none"
+                )
             names, params = [n for n, _ in params], [p for _, p in params]
-        gi = len(self.param_groups)
+        for j, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(
+                    f"group {gi}: optimizer can only optimize Tensors, but parameter {j} is {type(p).__name__}"
+                )
+        self._check_named(gi, names is not None)
         if names is None:
             from ..groups.trainer import check_trainer_group  # transformers.Trainer's groups: refused if misrouted
 
@@ -74,10 +106,15 @@ class SpectralOptimizer(Optimizer):
         if len(names) != len(params):
             raise ValueError(f"group {gi}: {len(names)} param_names for {len(params)} params")
         seen = dict(self._seen)
-        for p, n in zip(params, names):
+        for j, (p, n) in enumerate(zip(params, names)):
             if id(p) in seen:
+                what = (
+                    "optimizer contains a parameter group with duplicate parameters"
+                    if any(q is p for q in params[:j])
+                    else "some parameters appear in more than one parameter group"
+                )
                 raise ValueError(
-                    f"parameter {n!r} (shape {tuple(p.shape)}) is already in a group as "
+                    f"group {gi}: {what}: parameter {n!r} (shape {tuple(p.shape)}) is already in a group as "
                     f"{seen[id(p)]!r}; a parameter may belong to one group only, once"
                 )
             seen[id(p)] = n
@@ -92,12 +129,24 @@ class SpectralOptimizer(Optimizer):
         for k, v in self.defaults.items():  # what torch.optim would fill in; the rule reads what it needs
             group.setdefault(k, v)
         settings = self._parse(group, where, explicit)
-        validation.check_params(group, where)
+        validation.check_params(group, where, type(self).__name__)
         self._rule(group).check_group(group, settings, where)
         self._seen = seen
         super().add_param_group(group)
         if hasattr(self, "_engine"):  # added after construction: state now, a new engine at the next step()
             self._init_state()
+
+    def _check_named(self, gi: int, named: bool) -> None:
+        """Every group names its parameters or none does (``torch.optim``'s rule: ``state_dict`` keys)."""
+        if self._named is None:
+            self._named = named
+        elif self._named != named:
+            raise ValueError(
+                f"group {gi}: all optimizer param groups should be with/without names. cannot add param group "
+                f"{'with' if named else 'without'} names to the optimizer (the first group "
+                f"{'names' if self._named else 'does not name'} its parameters: give (name, tensor) pairs or "
+                "param_names in every group, or in none)"
+            )
 
     def _parse(self, group: Group, where: str, explicit: set[str] | None) -> Settings:
         """The group's settings, checked against its rule (``explicit``: the keys given for this group)."""

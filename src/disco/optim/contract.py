@@ -299,9 +299,16 @@ def _typed(value: Any, hint: Any, key: str, at: str) -> Any:
         if typing.get_origin(t) is tuple and isinstance(value, (tuple, list)):
             args = typing.get_args(t)
             if len(value) == len(args) and all(_is_number(v) for v in value):
-                return tuple(float(v) for v in value)
+                if len({isinstance(v, Tensor) for v in value}) > 1:  # torch.optim refuses the mix too
+                    raise ValueError(
+                        f"{at}: {key}={value!r}: {key} must be either both floats or both Tensors (one number each)"
+                    )
+                return tuple(float(v.item() if isinstance(v, Tensor) else v) for v in value)
     if isinstance(value, Tensor) and value.numel() != 1:
-        raise ValueError(f"{at}: {key} is a tensor of {value.numel()} elements; it must be a single number")
+        raise ValueError(
+            f"{at}: Tensor {key} must be 1-element, got a tensor of shape {tuple(value.shape)}; {key} must be "
+            "a single number (a float, an int or a 1-element tensor)"
+        )
     wanted = " or ".join(_type_name(t) for t in options)
     raise TypeError(f"{at}: {key}={value!r} has type {type(value).__name__}; it must be {wanted}")
 
@@ -315,6 +322,8 @@ def _is_number(value: Any) -> bool:
 def _type_name(t: Any) -> str:
     if t is type(None):
         return "None"
+    if t is float:
+        return "a number (a float, an int or a 1-element tensor)"
     if typing.get_origin(t) is tuple:
         return f"a tuple of {len(typing.get_args(t))} numbers"
     return "torch.dtype" if t is torch.dtype else getattr(t, "__name__", str(t))
@@ -326,8 +335,8 @@ def _range(s: Settings, key: str, at: str, *, lo: float, hi: float = math.inf, h
         return
     ok = math.isfinite(value) and lo <= value and (value < hi if hi_open else value <= hi)
     if not ok:
-        bound = f"[{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ValueError(f"{at}: {key}={value!r} is invalid; it must be a finite number in {bound}")
+        bound = f"[{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+        raise ValueError(f"{at}: Invalid {key} value: {value!r}; {key} must be a finite number in {bound}")
 
 
 def _choice(s: Settings, key: str, at: str, valid: Sequence[Any]) -> None:

@@ -85,8 +85,7 @@ def torch_group_keys(group: dict[str, Any]) -> dict[str, Any]:
             value = out.pop(theirs)
             out.setdefault(ours, tuple(value) if ours == "coefficients" and isinstance(value, list) else value)
     if "adjust_lr_fn" in out:  # an alias of norm_factor (LMOSettings.aliases), None spelled out
-        if out["adjust_lr_fn"] not in _ADJUST:
-            raise ValueError(f"adjust_lr_fn must be one of {list(_ADJUST)}, got {out['adjust_lr_fn']!r}")
+        _check_adjust(out["adjust_lr_fn"])
         out["adjust_lr_fn"] = _ADJUST[out["adjust_lr_fn"]]
     return out
 
@@ -106,15 +105,14 @@ def muon_group_defaults(
     nonfinite: str,
 ) -> dict[str, Any]:
     """The group settings of torch-style Muon arguments (``adjust_lr_fn`` picks the norm factor)."""
-    if adjust_lr_fn not in _ADJUST:
-        raise ValueError(f"adjust_lr_fn must be one of {list(_ADJUST)}, got {adjust_lr_fn!r}")
+    _check_adjust(adjust_lr_fn)
     return dict(
         algorithm="muon",
         lr=lr,
         weight_decay=weight_decay,
         momentum=momentum,
         nesterov=nesterov,
-        coefficients=tuple(ns_coefficients),
+        coefficients=tuple(ns_coefficients) if isinstance(ns_coefficients, list) else ns_coefficients,
         eps=eps,
         backend_steps=ns_steps,
         norm_factor=_ADJUST[adjust_lr_fn],
@@ -123,3 +121,11 @@ def muon_group_defaults(
         compute_dtype=compute_dtype,
         nonfinite=nonfinite,
     )
+
+
+def _check_adjust(adjust_lr_fn: Any) -> None:
+    if not isinstance(adjust_lr_fn, (str, type(None))) or adjust_lr_fn not in _ADJUST:
+        raise ValueError(
+            f"Adjust learning rate function {adjust_lr_fn} is not supported: adjust_lr_fn={adjust_lr_fn!r} must "
+            f"be one of {list(_ADJUST)}"
+        )

@@ -34,16 +34,27 @@ def where(gi: int, names: Sequence[str], params: Sequence[Tensor]) -> str:
     return f"group {gi} [{shown}{', ...' if len(params) > 3 else ''}]"
 
 
-def check_params(group: Group, at: str) -> None:
+class ComplexParameterError(ValueError, RuntimeError):
+    """A complex parameter, refused when its group is added. A ``RuntimeError`` as ``torch.optim.Muon``'s (which
+    raises at the first step) and a ``ValueError`` as every other refusal of a parameter here."""
+
+
+def check_params(group: Group, at: str, owner: str = "disco's optimizers") -> None:
     """Refuse parameters the math does not cover: complex ones (their imaginary part would be dropped)."""
     for p, n in zip(group["params"], group["param_names"]):
         if p.is_complex():
-            raise ValueError(
-                f"{at}: parameter {describe(n, p)} is complex ({p.dtype}); disco's optimizers are real: "
-                "optimize torch.view_as_real(p) as a real parameter instead"
+            raise ComplexParameterError(
+                f"{at}: {owner} does not support complex parameters: {describe(n, p)} is {p.dtype}; optimize "
+                "torch.view_as_real(p) as a real parameter instead"
             )
         if not p.is_floating_point():
             raise ValueError(f"{at}: parameter {describe(n, p)} has dtype {p.dtype}; only floating point is trained")
+
+
+def label(s: Any, key: str) -> str:
+    """``key`` with the other names a group may give it (``backend_steps (ns_steps)``: torch.optim.Muon's)."""
+    aliases = [a for a, k in getattr(type(s), "aliases", {}).items() if k == key]
+    return f"{key} ({', '.join(aliases)})" if aliases else key
 
 
 def check_orthogonalization(s: Any, at: str) -> None:
@@ -57,19 +68,19 @@ def check_orthogonalization(s: Any, at: str) -> None:
     if s.backend in ops.ITERATIVE_BACKENDS:
         if not 1 <= s.backend_steps < 100:
             raise ValueError(
-                f"{at}: backend_steps={s.backend_steps!r} is invalid for backend {s.backend!r}; it must be an int "
-                "in [1, 100) (0 would skip the orthogonalization)"
+                f"{at}: Invalid {label(s, 'backend_steps')} value: {s.backend_steps!r} for backend {s.backend!r}; "
+                "it must be an int in [1, 100) (0 would skip the orthogonalization)"
             )
         if s.coefficients is not None:
             try:
                 ops.get_table(s.coefficients)
             except (ValueError, TypeError) as e:
                 raise ValueError(
-                    f"{at}: coefficients={s.coefficients!r} are invalid ({e}); valid: a table name "
+                    f"{at}: {label(s, 'coefficients')}={s.coefficients!r} are invalid ({e}); valid: a table name "
                     f"({ops.table_names()}), an (a, b, c) triple of numbers, or a list of such triples"
                 ) from None
     if not (s.eps is None or (math.isfinite(s.eps) and s.eps >= 0)):
-        raise ValueError(f"{at}: eps={s.eps!r} is invalid; it must be a finite number in [0, inf]")
+        raise ValueError(f"{at}: Invalid eps value: {s.eps!r}; eps must be a finite number in [0, inf)")
     if s.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"{at}: compute_dtype={s.compute_dtype!r}; valid: {list(COMPUTE_DTYPES)}")
 
