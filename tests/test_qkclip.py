@@ -467,3 +467,16 @@ def test_resume_refuses_another_tau(tmp_path, capsys):
     assert main([*common, "--steps", "3", "--qk-clip-tau", "0.2", "--resume"]) == 2
     assert "qk_clip_tau 0.1 -> 0.2" in capsys.readouterr().err
     assert main([*common, "--steps", "3", "--qk-clip-tau", "0.1", "--resume"]) == 0
+
+
+def test_low_precision_weights_are_scaled_in_fp32_and_rounded_once():
+    g = torch.Generator().manual_seed(11)
+    w32 = torch.randn(8, 6, generator=g)
+    wq, wk = nn.Parameter(w32.bfloat16()), nn.Parameter(w32.flip(0).bfloat16())
+    rec = MaxLogitRecorder()
+    rec.record_logits("l", torch.tensor([9.0, 1.0]).view(1, 2, 1, 1))
+    QKClip({"l": AttentionHeads(wq, wk, n_heads=2, head_dim=4)}, 3.0, rec).step()
+    f = torch.tensor([1 / 3, 1.0], dtype=F64).sqrt().repeat_interleave(4)[:, None]
+    assert wq.dtype == torch.bfloat16
+    assert torch.equal(wq.data, (w32.bfloat16().float() * f.float()).bfloat16())
+    assert torch.equal(wk.data, (w32.flip(0).bfloat16().float() * f.float()).bfloat16())
