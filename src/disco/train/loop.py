@@ -363,7 +363,7 @@ def train_optimizer(
                 lr_now = opt.param_groups[0]["lr"]
                 record = {"step": step, "train_loss": train_loss, "lr": lr_now, "tokens_per_s": speed, "wall_s": wall()}
                 if qk_clip is not None:
-                    record.update(qk_clip.summary())  # max_logit before this step's clip, clipped_heads
+                    record.update(qk_clip.summary())  # max_logit(_layers) before this step's clip, clipped_heads
                 if track_now and tracked is not None:
                     norms = tracked.get_norms_at_current_step()
                     record["norms"] = {k: _scalar(v) for k, v in norms.items()}
