@@ -98,8 +98,8 @@ def test_the_orientations_differ():
 
 def test_fsdp_bytes_counted_exactly_per_orientation():
     """2 ranks, rows sharded. ``columns``: ``P`` (``n x r``) goes to its owner and back (``2 n r`` over both ranks)
-    and the column norms of ``R`` are all-reduced (``r`` per rank). ``rows``: the other rank's half of ``P`` (``m x r``) is
-    gathered and returned (``m r``) and ``R`` (``n x r``) all-reduced by each rank (``2 n r``)."""
+    and the column norms of ``R`` are all-reduced (``r`` per rank). ``rows``: the other rank's half of ``P``
+    (``m x r``) is gathered and returned (``m r``) and ``R`` (``n x r``) all-reduced by each rank (``2 n r``)."""
     totals = {}
     for orientation in ("columns", "rows"):
         out = run_ranks(

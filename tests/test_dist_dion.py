@@ -21,6 +21,7 @@ def _rank_threads():
     with rank_threads():
         yield
 
+
 SHAPES = {"a": (97, 64), "c": (18, 32)}
 STEPS = 3
 KW = dict(lr=0.05, mu=0.9, weight_decay=0.1, rank_fraction=0.5, qr_method="rcqr")

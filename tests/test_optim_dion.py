@@ -144,6 +144,7 @@ def test_groups_choose_algorithms_and_state():
         ({"qr_method": "svd"}, ["qr_method", "'svd'"]),
         ({"mu": 1.0}, ["mu"]),
         ({"rank_multiple_of": 0}, ["rank_multiple_of"]),
+        ({"orientation": "diagonal"}, ["orientation", "'diagonal'"]),
     ],
 )
 def test_bad_settings_are_refused(kwargs, words):

@@ -404,7 +404,8 @@ class Dion(SpectralOptimizer):
         orientation: ``"columns"`` (default): the power iteration runs on ``B^T``, ``P`` spans the columns
             (``n x r``) and ``Q`` is ``m x r``: under FSDP (rows sharded) ``P`` is only reduced and handed back, and
             ``R``'s rows are local. ``"rows"``: ``P = B Q`` as in the paper's Algorithm 1. Chosen per group, never
-            from the sharding, so every layout gives one process's result.
+            from the sharding, so every layout gives one process's result. State saved before the setting
+            existed is ``"rows"`` (its ``Q`` is ``n x r``): resume it with ``orientation="rows"``.
         rank_fraction: ``r / min(m, n)``. Default 1.0. rank_multiple_of: round ``r`` up to this. Default 1.
         lr: 0.01. mu: momentum, 0.95. betas: element-wise groups' betas, (0.9, 0.95). weight_decay: 0.01.
         epsilon: column-norm and Adam epsilon, 1e-8. power_iters: power iterations per step, 1.
