@@ -153,3 +153,17 @@ def test_status_bytes_are_counted_apart_from_the_planned_payload(out):
         owned = len(r["owned"])
         assert r["status_bytes"] == (4 * owned, 4 * (3 - owned))
     assert got[0]["status_bytes"] == got[1]["status_bytes"][::-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_record_flags_exactly_the_non_finite_members(dtype):
+    from disco.distributed.agreement import Outcomes
+
+    stack = torch.full((4, 64, 64), 1.0, dtype=dtype)
+    # a finite member whose sum exceeds fp16's range (131072 > 65504): fp16 must be summed wider
+    stack[1] = 32.0 if dtype == torch.float16 else torch.finfo(dtype).max / 2**14
+    stack[2, 3, 5] = float("nan")
+    stack[3, 0, 0] = float("-inf")
+    outcomes = Outcomes()
+    outcomes.record([10, 11, 12, 13], stack)
+    assert outcomes.nonfinite == {12, 13}

@@ -127,11 +127,12 @@ class Outcomes:
         """Flag the members of a result stack that hold a NaN or an infinity.
 
         A sum is non-finite iff an entry is (or the sum overflows, which results of a bounded LMO never reach): one
-        pass instead of ``isfinite().all()``'s four."""
+        pass instead of ``isfinite().all()``'s four. bf16 has fp32's range, so its sum stays in bf16 (``dtype=``
+        would first copy the whole stack to fp32); only fp16's sum (65504 at most) is taken in fp32."""
         if result.numel() == 0:
             return
         flat = result.reshape(result.shape[0], -1)
-        acc = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else None
+        acc = torch.float32 if flat.dtype == torch.float16 else None
         ok = torch.isfinite(flat.sum(dim=1, dtype=acc)).tolist()
         self.nonfinite.update(k for k, fine in zip(positions, ok) if not fine)
 
