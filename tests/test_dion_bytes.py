@@ -142,3 +142,19 @@ def test_compressed_sync_only_where_it_moves_less_than_the_gradient():
         torch.testing.assert_close(got["w"], want["w"], atol=1e-5, rtol=0)
     # microsoft/dion averages the gradient at full rank too; at r = 1/4 it moves (m + n) r per rank, as here
     assert sum(o[1] for o in out) / 2 <= dion_reference_bytes([shapes["w"]], "ddp", 2, 1.0)
+
+
+def test_the_dion_model_counts_batches_padding_and_the_sketch():
+    # fsdp x 2, r = 16: per batch of 2, P (n r) reduce-scattered and all-gathered, column norms 2 r
+    assert dion_reference_bytes([(64, 64)] * 2, "fsdp", 2, 0.25) == (2 * 64 * 16 + 2 * 16) * 4
+    # a third matrix is padded into a batch of its own
+    assert dion_reference_bytes([(64, 64)] * 3, "fsdp", 2, 0.25) == 2 * (2 * 64 * 16 + 2 * 16) * 4
+    # fsdp_tp 2 x 2, (m, n) = (64, 32), r = 8: Q unshard m r / 2, P all-reduce n r, sketch k = 128 and three r x r,
+    # R all-reduce 2 m r / 2, column norms 2 r
+    m, n, r = 64, 32, 8
+    want = m * r / 2 + n * r + (128 * r + 3 * r * r) + 2 * m * r / 2 + 2 * r
+    assert dion_reference_bytes([(m, n)] * 2, "fsdp_tp", 4, 0.25) == want * 4
+    # ddp x 2 at full rank: the gradients all-reduced (a batch of 2) and P (the longer side) all-gathered
+    assert dion_reference_bytes([(40, 24)] * 2, "ddp", 2, 1.0) == (2 * 40 * 24 + 40 * 24) * 4
+    with pytest.raises(ValueError, match="layout"):
+        dion_reference_bytes([(4, 4)], "hsdp", 2, 0.5)
