@@ -1,5 +1,5 @@
-"""Optimizers: ``Disco``, ``Muon``, ``Scion``, ``Dion``, ``Dion2``, ``NorMuon``, ``PolarGrad``, ``AdaMuon`` (and their
-element-wise groups).
+"""Optimizers: ``Disco``, ``Muon``, ``Scion``, ``Dion``, ``Dion2``, ``NorMuon``, ``PolarGrad``, ``AdaMuon``, ``MuonBP``
+(and their element-wise groups), and ``QKClip`` (MuonClip's QK-clip, applied after a step).
 
 Importing registers them."""
 
@@ -13,18 +13,22 @@ from .muon import Muon
 from .muonbp import MuonBP
 from .normuon import NorMuon
 from .polargrad import PolarGrad
+from .qkclip import AttentionHeads, MaxLogitRecorder, QKClip
 from .scion import Scion
 
 __all__ = [
     "AdaMuon",
+    "AttentionHeads",
     "Dion",
     "Dion2",
     "DionMixedPrecisionConfig",
     "Disco",
+    "MaxLogitRecorder",
     "Muon",
     "MuonBP",
     "NorMuon",
     "PolarGrad",
+    "QKClip",
     "Scion",
     "SpectralOptimizer",
 ]
