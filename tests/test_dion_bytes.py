@@ -158,3 +158,20 @@ def test_the_dion_model_counts_batches_padding_and_the_sketch():
     assert dion_reference_bytes([(40, 24)] * 2, "ddp", 2, 1.0) == (2 * 40 * 24 + 40 * 24) * 4
     with pytest.raises(ValueError, match="layout"):
         dion_reference_bytes([(4, 4)], "hsdp", 2, 0.5)
+
+
+def test_bench_dion_prints_disco_against_dion(capsys):
+    import json
+
+    from disco.bench.dion import main
+    from disco.distributed.shapes import transformer
+
+    argv = ["--ranks", "2", "--layouts", "fsdp,ddp", "--width", "32", "--fractions", "0.25", "--steps", "1"]
+    assert main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    dion = [r for r in rows if r["method"] == "dion r=0.25"]
+    assert [r["layout"] for r in dion] == ["fsdp", "ddp"]
+    shapes = [s.shape for s in transformer(2, 32, 128)]
+    for r in dion:
+        assert r["dion_mib"] == dion_reference_bytes(shapes, r["layout"], 2, 0.25) / 2**20
+        assert 0 < r["sent_mib"] <= r["dion_mib"] and r["x_dion"] == r["sent_mib"] / r["dion_mib"]
