@@ -14,8 +14,9 @@ from disco.distributed.launch import HOST, RankError
 
 __all__ = ["HOST", "RankError", "run_ranks"]
 
-# Added to the launcher's preload: the test modules the ranks import use pytest.
-PRELOAD = ["pytest"]
+# Added to the launcher's preload: the test modules the ranks import use pytest; session_setup applies the
+# session's torch settings (DISCO_TEST_MATMUL_PRECISION) in every rank.
+PRELOAD = ["pytest", "session_setup"]
 
 
 def run_ranks(

@@ -97,8 +97,8 @@ def test_per_group_lmos():
     groups = [
         {"params": [emb], "norm_factor": "embed_sqrt", "backend": "identity", "param_names": ["tok_embeddings"]},
         {"params": [hidden], "param_names": ["layers.0.w"]},
-        {"params": [bias, gain], "norm_factor": "bias_rms", "backend": "identity"},
-        {"params": [], "norm_factor": "sign"},
+        {"params": [bias, gain], "norm_factor": "bias_rms", "backend": "identity", "param_names": ["b", "g"]},
+        {"params": [], "norm_factor": "sign", "param_names": []},  # all groups named or none, as torch.optim
     ]
     lr = 0.05
     opt = Scion(groups, lr=lr, momentum_beta=0.0, spectral_radius=1.0)
