@@ -3,6 +3,9 @@
 import os
 import sys
 
+import pytest
+import torch
+
 # tests/ is not a package: make its helpers (dist_harness) importable, here and in the rank processes.
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 if _TESTS not in sys.path:
@@ -17,4 +20,20 @@ os.environ.setdefault("DISCO_CPU_BF16", "0")
 
 # DISCO_TEST_MATMUL_PRECISION=medium|high|highest: torch.set_float32_matmul_precision for the whole session, here
 # and in the rank processes (session_setup is imported by both).
+# The forkserver of the rank processes starts a fresh interpreter: tests/ on its path too, so that it imports it.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, os.environ.get("PYTHONPATH")) if p)
 import session_setup  # noqa: E402, F401
+
+
+@pytest.fixture
+def fp32_matmuls():
+    """fp32 matmuls in fp32 for this test, whatever the session's precision (``DISCO_TEST_MATMUL_PRECISION``):
+    for tests of an update's formula against a reference computed differently (another op order, float64), where
+    "medium" (bf16 matmuls on AMX CPUs and GPUs) flips bf16 roundings of nearly equal inputs. The library under
+    "medium" is tested by ``tests/test_cpu_independence.py`` and the precision tests of ``test_optim_scion``."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -25,7 +25,7 @@ def _two_steps(opt, params, grads):
 
 
 @pytest.mark.parametrize("constrained", [True, False])
-def test_update_by_hand(constrained):
+def test_update_by_hand(constrained, fp32_matmuls):
     torch.manual_seed(0)
     W = torch.nn.Parameter(torch.randn(40, 24) * 0.1)
     lr, beta, radius = 0.1, 0.9, 3.0
