@@ -89,6 +89,9 @@ def test_keys_of_another_rule_are_refused_in_an_elementwise_group():
         (lambda p: Dion(p, power_iters=0), ValueError, "power_iters=0 must be an int >= 1"),
         (lambda p: Dion(p, qr_method="lu"), ValueError, "qr_method='lu' is invalid"),
         (lambda p: Disco(p, backend="magic"), ValueError, "unknown backend 'magic'"),
+        # arguments for the optimizer's AdamW groups are checked at construction too, groups or not
+        (lambda p: Dion(p, betas=(0.9, 1.0)), ValueError, r"^Dion: Invalid beta parameter at index 1: 1.0"),
+        (lambda p: Dion2(p, adam_eps=-1.0), ValueError, r"^Dion2: Invalid adam_eps value: -1.0"),
         (lambda p: Disco(p, nonfinite="ignore"), ValueError, "nonfinite='ignore' is invalid"),
     ],
 )

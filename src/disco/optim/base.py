@@ -64,12 +64,23 @@ class SpectralOptimizer(Optimizer):
         """The constructor's arguments, checked before its parameters (types, ranges, names): a message names
         the argument, its value and what is valid."""
         algo = defaults.get("algorithm")
-        if isinstance(algo, str) and algo in RULES:
-            group = dict(defaults)
-            for alias, key in RULES[algo].settings_for(algo).aliases.items():
+        if not (isinstance(algo, str) and algo in RULES):
+            return
+        main = RULES[algo].settings_for(algo)
+        checked = {main: set(defaults)}
+        own = set(main.keys())
+        for other in sorted(RULES):  # arguments for the optimizer's other groups (Dion's AdamW betas)
+            cls = RULES[other].settings_for(other)
+            accepted = set(cls.keys())
+            keys = {k for k in defaults if k in accepted and k not in own}
+            if keys and cls not in checked:
+                checked[cls] = keys
+        for cls, keys in checked.items():
+            group = {k: defaults[k] for k in keys}
+            for alias, key in cls.aliases.items():
                 if alias in group:
                     group.setdefault(key, group[alias])
-            parse_settings(RULES[algo].settings_for(algo), group, None, type(self).__name__)
+            parse_settings(cls, group, None, type(self).__name__)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         gi = len(self.param_groups)
