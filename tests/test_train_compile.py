@@ -1,6 +1,7 @@
 """``torch.compile(opt.step)`` with an embedding group (``embed_sqrt``, identity backend) equals the eager step.
 
-The one compile test of the suite (a cold compile costs seconds). Inductor's CPU (C++) backend crashes with
+A cold compile costs seconds (``tests/test_compile_step.py`` compiles every optimizer class). Inductor's CPU (C++)
+backend crashes with
 ``InductorError: KeyError: 'bufN'`` when one graph holds a row reduction between two in-place writes, as in
 ``buf.lerp_(g); p.add_(buf / ||buf||_rows)``: its outer-loop fusion promotes the mutation's output to a local
 buffer and then looks for a read of it (pytorch/pytorch#196570; torch 2.13). Since the typed engine (commit
