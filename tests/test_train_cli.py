@@ -340,11 +340,12 @@ def test_trackers_get_losses_and_norms(kind, tiny, monkeypatch):
         fake = types.SimpleNamespace(SummaryWriter=lambda log_dir: made.append(_FakeWriter(log_dir)) or made[-1])
         monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     argv = [*tiny, "--optimizers", "disco", "--steps", "2", "--track-norms-every", "2", "--eval-every", "1"]
-    assert call([*argv, "--log", kind]) == 0
+    assert call([*argv, "--log", kind, "--qk-clip-tau", "0.01"]) == 0
     (run,) = made
     assert run.finished
     tags = {tag for _, data in run.logged for tag in data}
-    assert {"loss/train", "loss/val", "lr", "tokens_per_s"} <= tags
+    assert {"loss/train", "loss/val", "lr", "tokens_per_s", "qk_clip/max_logit", "qk_clip/clipped_heads"} <= tags
+    assert any(t.startswith("qk_clip/max_logit/") for t in tags)
     assert any(t.startswith("norms/track_update_") for t in tags)
     assert {step for step, _ in run.logged} == {1, 2}
     if kind == "wandb":

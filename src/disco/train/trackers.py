@@ -28,11 +28,16 @@ class Tracker(Protocol):
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
-    """A ``metrics.jsonl`` record as flat scalar tags: ``loss/train``, ``loss/val``, ``lr``, ``norms/<key>``."""
+    """A ``metrics.jsonl`` record as flat scalar tags: ``loss/train``, ``loss/val``, ``lr``, ``norms/<key>``, and
+    with QK-clip ``qk_clip/max_logit``, ``qk_clip/clipped_heads``, ``qk_clip/max_logit/<layer>``."""
     out = {"loss/train": record["train_loss"], "lr": record["lr"], "tokens_per_s": record["tokens_per_s"]}
     if "val_loss" in record:
         out["loss/val"] = record["val_loss"]
     out.update({f"norms/{k}": v for k, v in (record.get("norms") or {}).items()})
+    for key in ("max_logit", "clipped_heads"):
+        if key in record:
+            out[f"qk_clip/{key}"] = record[key]
+    out.update({f"qk_clip/max_logit/{k}": v for k, v in (record.get("max_logit_layers") or {}).items()})
     return {k: float(v) for k, v in out.items()}
 
 
