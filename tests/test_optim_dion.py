@@ -69,7 +69,7 @@ def test_dion_equals_reference(method, fraction, power_iters, orientation, shape
 
 
 @pytest.mark.parametrize("method", ["qr", "cqr", "rcqr"])
-def test_orthonormalize_gives_orthonormal_columns_in_fp32(method):
+def test_orthonormalize_gives_orthonormal_columns_in_fp32(method, fp32_matmuls):
     P = torch.randn(5, 96, 24, generator=torch.Generator().manual_seed(3))
     O = orthonormalize(P, method)
     eye = torch.eye(24).expand(5, 24, 24)

@@ -85,6 +85,10 @@ def _full(seed):
 
 def _body(rank, world_size, layout, scope, extra=None):
     from torch.distributed.device_mesh import init_device_mesh
+
+    # compared with fp32 references to 1e-5: fp32 matmuls in fp32 whatever the session's precision (conftest's
+    # fp32_matmuls, on the rank side)
+    torch.set_float32_matmul_precision("highest")
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world_size,) if layout == "fsdp" else (2, 2))
@@ -111,7 +115,7 @@ def _reference():
 
 
 @pytest.mark.parametrize(("layout", "world"), [("fsdp", 3), ("hsdp", 4), ("fsdp_tp", 4)])
-def test_global_selection_distributed_equals_one_process(layout, world):
+def test_global_selection_distributed_equals_one_process(layout, world, fp32_matmuls):
     want = _reference()
     out = run_ranks(_body, world, layout, "global", timeout=120)
     for got, _ in out:
@@ -146,7 +150,7 @@ def reference_local(W, grads, *, shards, lr, fraction, ef_decay, wd):
 
 
 @pytest.mark.parametrize(("layout", "world", "shards"), [("fsdp", 3, 3), ("fsdp_tp", 4, 2)])
-def test_local_selection_equals_the_per_shard_reference(layout, world, shards):
+def test_local_selection_equals_the_per_shard_reference(layout, world, shards, fp32_matmuls):
     out = run_ranks(_body, world, layout, "local", {"backend": "svd"}, timeout=120)  # the exact polar factor
     grads = [{n: g.double() for n, g in _full(100 + step).items()} for step in range(STEPS)]
     kw = {k: v for k, v in KW.items() if k != "compute_dtype"}
