@@ -269,3 +269,20 @@ def test_explain_shows_every_role():
         assert ("tied: lm_head.weight" in rows[c.name]) == bool(c.tied_with), c.name
     assert rows["moe.w"].split()[2] == f"{EXPERTS}x{DIM}x{DIM}"  # an expert stack shows its three dims
     assert set(rows) == set(EXPECTED_ROLES)
+
+
+@pytest.mark.parametrize(
+    "rules, error, message",
+    [
+        (
+            5,
+            TypeError,
+            r"must be a rule \(a dict with a 'str_match' regex\), a list of rules or their JSON string, got 5",
+        ),
+        ('[{"str_match": "x"', ValueError, "is a string but not valid JSON"),
+        ({1, 2}, TypeError, "got {1, 2} \\(set\\)"),
+    ],
+)
+def test_split_rules_of_the_wrong_shape_are_named(rules, error, message):
+    with pytest.raises(error, match=message):
+        compile_split_rules(rules)

@@ -214,9 +214,17 @@ def compile_split_rules(rules: Any) -> list[SplitRule]:
     if rules is None:
         return []
     if isinstance(rules, str):
-        rules = json.loads(rules)
+        try:
+            rules = json.loads(rules)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"extra_param_group_split_rules is a string but not valid JSON: {e}") from None
     if isinstance(rules, (Mapping, SplitRule)):
         rules = [rules]
+    if not isinstance(rules, (list, tuple)):
+        raise TypeError(
+            f"extra_param_group_split_rules must be a rule (a dict with a 'str_match' regex), a list of rules or "
+            f"their JSON string, got {rules!r} ({type(rules).__name__})"
+        )
     compiled = []
     for i, rule in enumerate(rules):
         if isinstance(rule, SplitRule):
