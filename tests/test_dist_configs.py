@@ -20,6 +20,7 @@ def _rank_threads():
     with rank_threads():
         yield
 
+
 # build_optimizer puts the matrices first, then the bias: the optimizer's own parameter numbering.
 FLAT_ORDER = ["a.weight", "b.weight", "c.weight", "e.weight", "b.bias"]
 TP_DIMS = {0: 0, 1: 1, 2: 0, 3: 1, 4: 0}

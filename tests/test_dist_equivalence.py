@@ -23,6 +23,7 @@ def _rank_threads():
     with rank_threads():
         yield
 
+
 SHAPES = {
     "a.weight": (97, 64),
     "b.weight": (32, 97),

@@ -20,6 +20,7 @@ def _rank_threads():
     with rank_threads():
         yield
 
+
 SHAPES = {"a": (97, 64), "c": (18, 32), "e": (4, 10, 6)}
 STEPS = 3
 KW = dict(lr=0.05, momentum=0.9, beta2=0.9, weight_decay=0.1, compute_dtype=torch.float32)
