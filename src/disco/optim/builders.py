@@ -22,13 +22,37 @@ def _route(model: nn.Module, kwargs: dict[str, Any]) -> tuple[list[dict[str, Any
         return create_disco_param_groups(model, kwargs)
 
 
+def head_split_rules(model: nn.Module) -> list[dict[str, Any]]:
+    """Split rules giving each attention head its own LMO in the training CLI's GPT (``layers.N.attention``):
+    ``wq`` / ``wk`` / ``wv`` by head, a fused ``wqkv`` (rows ``[q; k; v]``) into q, k, v and each by head.
+    Under TP, which shards heads colwise, every head is then whole on one rank: no exchange over TP."""
+    for name, module in model.named_modules():
+        head_dim = getattr(module, "head_dim", None)
+        fused = getattr(module, "wqkv", None)
+        proj = fused if isinstance(fused, nn.Linear) else getattr(module, "wq", None)
+        if isinstance(head_dim, int) and isinstance(proj, nn.Linear) and name.endswith("attention"):
+            dim = proj.in_features
+            heads = dim // head_dim
+            if isinstance(fused, nn.Linear):
+                return [{"str_match": r"\.attention\.wqkv\.weight$", "split_sizes": [dim] * 3, "num_heads": heads}]
+            return [{"str_match": r"\.attention\.w[qkv]\.weight$", "num_heads": heads}]
+    raise ValueError("split_heads=True needs the training CLI's GPT attention (layers.N.attention.wq / wqkv)")
+
+
 @register_optimizer("muon", default_lr=0.02, doc="disco.Muon on hidden matrices, AdamW (lr 3e-3) on the rest")
 def build_muon(
-    model: nn.Module, *, lr: float, weight_decay: float = 0.0, adamw_lr: float = 3e-3, **kwargs: Any
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    adamw_lr: float = 3e-3,
+    split_heads: bool = False,
+    **kwargs: Any,
 ) -> Optimizer:
     from .muon import Muon
 
-    return Muon(_hidden_and_adamw_side(model, adamw_lr), lr=lr, weight_decay=weight_decay, **kwargs)
+    groups = _hidden_and_adamw_side(model, adamw_lr, head_split_rules(model) if split_heads else [])
+    return Muon(groups, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
 @register_optimizer("normuon", default_lr=0.02, doc="disco.NorMuon on hidden matrices, AdamW (lr 3e-3) on the rest")
@@ -63,13 +87,17 @@ def build_dion2(
     return Dion2(groups, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
-def _hidden_and_adamw_side(model: nn.Module, adamw_lr: float) -> list[dict[str, Any]]:
-    """Hidden matrices in the optimizer's default group; embeddings, head and vectors in AdamW groups."""
+def _hidden_and_adamw_side(
+    model: nn.Module, adamw_lr: float, hidden_rules: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Hidden matrices in the optimizer's default group (or ``hidden_rules``' groups); embeddings, head and
+    vectors in AdamW groups."""
     side = {**_ADAMW_SIDE, "lr": adamw_lr}
     groups, _ = _route(
         model,
         {
             "extra_param_group_split_rules": [
+                *(hidden_rules or []),
                 {"str_match": r"(^|\.)(tok_embeddings|output)\.weight$", **side},
             ],
             "vector_algorithm": "adamw",
@@ -111,7 +139,9 @@ def build_dion_full(model: nn.Module, *, lr: float, weight_decay: float = 0.0, *
 
 
 @register_optimizer("disco", default_lr=0.02, doc="disco.Disco: spectral hidden, embed_sqrt / unembed_sqrt, bias_rms")
-def build_disco(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> Optimizer:
+def build_disco(
+    model: nn.Module, *, lr: float, weight_decay: float = 0.0, split_heads: bool = False, **kwargs: Any
+) -> Optimizer:
     from .disco import Disco
 
     opt_kwargs = {  # the rest are Disco's defaults (disco.optim.defaults)
@@ -119,6 +149,7 @@ def build_disco(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwa
         "weight_decay": weight_decay,
         "name_of_embedding": "tok_embeddings",
         "extra_param_group_split_rules": [
+            *(head_split_rules(model) if split_heads else []),
             {"str_match": r"(^|\.)tok_embeddings\.weight$", "norm_factor": "embed_sqrt", "backend": "identity"},
             {"str_match": r"(^|\.)output\.weight$", "norm_factor": "unembed_sqrt", "backend": "identity"},
         ],
@@ -129,13 +160,16 @@ def build_disco(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwa
 
 
 @register_optimizer("scion", default_lr=0.02, doc="disco.Scion, unconstrained, spectral hidden / row-norm embeddings")
-def build_scion(model: nn.Module, *, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> Optimizer:
+def build_scion(
+    model: nn.Module, *, lr: float, weight_decay: float = 0.0, split_heads: bool = False, **kwargs: Any
+) -> Optimizer:
     from .scion import Scion
 
     groups, _ = _route(
         model,
         {
             "extra_param_group_split_rules": [
+                *(head_split_rules(model) if split_heads else []),
                 {"str_match": r"(^|\.)tok_embeddings\.weight$", "norm_factor": "embed_sqrt", "backend": "identity"},
                 {"str_match": r"(^|\.)output\.weight$", "norm_factor": "unembed_sqrt", "backend": "identity"},
             ],

@@ -81,7 +81,7 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 #: intervals, logging, ``--out`` and ``--parallel`` (DCP reshards) may change.
 TRAJECTORY_KEYS = (
     "model", "batch_size", "seq_len", "lr", "weight_decay", "optimizer_kwargs", "init", "warmup_steps",
-    "cooldown_frac", "grad_clip", "seed", "data", "val_fraction", "dtype", "qk_clip_tau",
+    "cooldown_frac", "grad_clip", "seed", "data", "val_fraction", "dtype", "qk_clip_tau", "split_heads",
 )  # fmt: skip
 
 

@@ -200,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="QK-clip (MuonClip): after each step scale the q/k rows of every head whose max attention logit"
         " exceeds TAU (e.g. 100; 0: off); max_logit and clipped_heads are logged (docs/qkclip.md)",
     )
+    p.add_argument(
+        "--split-heads",
+        action="store_true",
+        default=None,
+        help="muon, disco, scion: orthogonalize each attention head on its own (q, k, v apart when fused)",
+    )
     return p
 
 

@@ -68,6 +68,7 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     compile: bool = False
     qk_clip_tau: float = 0.0  # > 0: QK-clip (MuonClip) caps each head's max logit after every step
+    split_heads: bool = False  # muon, disco, scion: one LMO per attention head (and q, k, v apart if fused)
 
 
 # ---- reading a config file ------------------------------------------------------------------------------------

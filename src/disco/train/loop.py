@@ -92,6 +92,8 @@ def build_optimizer(cfg: TrainConfig, spec: OptimizerSpec, model: nn.Module, wor
         kwargs.setdefault("mesh", world.mesh)
     if "parallel" in accepted:
         kwargs.setdefault("parallel", world.parallel)
+    if cfg.split_heads and "split_heads" in accepted:
+        kwargs.setdefault("split_heads", True)
     lr = float(cfg.lr.get(spec.name, spec.default_lr))
     opt = spec.build(model, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
     for group in opt.param_groups:
