@@ -269,7 +269,7 @@ def test_shim_delegates_to_the_package_launcher(monkeypatch):
     assert run_ranks(_pid_body, 3, 7, timeout=5, preload=["json"], tag="x") == ["sentinel"]
     [(fn, world_size, args, kwargs)] = calls
     assert fn is _pid_body and world_size == 3 and args == (7,)
-    assert kwargs == {"timeout": 5, "preload": ["pytest", "json"], "tag": "x"}
+    assert kwargs == {"timeout": 5, "preload": ["pytest", "session_setup", "json"], "tag": "x"}
 
 
 def test_preload_modules_are_imported_in_the_ranks():

@@ -227,6 +227,9 @@ def _rank_entry(
             store = FileStore(rdzv[1], world_size)
             store.set_timeout(td)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=td)
+        # every rank connected before any body runs: a rank whose body returns at once would otherwise tear its
+        # side of the mesh down while a slower rank is still connecting (its error, not its body's, comes back)
+        dist.barrier()
         result = fn(rank, world_size, *args, **kwargs)
         msg = ("ok", pickle.dumps(_portable(result), protocol=pickle.HIGHEST_PROTOCOL))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
