@@ -214,7 +214,7 @@ class AdaMuon(SpectralOptimizer):
         super().__init__(params, defaults, distributed_config=distributed_config)
 
 
-@register_optimizer("adamuon", default_lr=1e-3, doc="disco.AdaMuon on hidden matrices, AdamW (lr 3e-3) on the rest")
+@register_optimizer("adamuon", default_lr=0.01, doc="disco.AdaMuon on hidden matrices, AdamW (lr 3e-3) on the rest")
 def build_adamuon(
     model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, adamw_lr: float = 3e-3, **kwargs: Any
 ) -> torch.optim.Optimizer:

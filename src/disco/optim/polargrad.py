@@ -253,7 +253,7 @@ class PolarGrad(SpectralOptimizer):
         super().__init__(params, defaults, distributed_config=distributed_config)
 
 
-@register_optimizer("polargrad", default_lr=0.01, doc="disco.PolarGrad on hidden matrices, AdamW (lr 3e-3) on the rest")
+@register_optimizer("polargrad", default_lr=0.2, doc="disco.PolarGrad on hidden matrices, AdamW (lr 3e-3) on the rest")
 def build_polargrad(
     model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, adamw_lr: float = 3e-3, **kwargs: Any
 ) -> torch.optim.Optimizer:
