@@ -99,7 +99,7 @@ class AdaMuonRule(LMORule):
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         engine = ctx.engine
         prepared = [self.prepare(it, ctx) for it in items]
-        specs = [self.spec(adamuon_settings(it), it.param) for it in items]
+        specs = [self.spec(it.settings_as(AdaMuonSettings), it.param) for it in items]
         jobs = [
             Job(it.index, like, spec, make=_signed(make)) for it, (like, make, _), spec in zip(items, prepared, specs)
         ]
@@ -108,7 +108,7 @@ class AdaMuonRule(LMORule):
         dims = [matrix_dims(spec, it.param) for it, spec in zip(items, specs)]
         new_v, normalized, squares = [], [], []
         for it, O, spec, ds in zip(items, results, specs, dims):
-            s = adamuon_settings(it)
+            s = it.settings_as(AdaMuonSettings)
             V = local_piece(ctx.state_of(it.param)["second_moment"])
             P = O.to(V.dtype) / lmo_factor(spec, it.param.shape)
             V_new = V.lerp(P * P, 1 - s.beta2)
@@ -119,7 +119,7 @@ class AdaMuonRule(LMORule):
         reduce_per_matrix(squares, lays, dims, engine)
         updates = []
         for it, O, On, sq, spec in zip(items, results, normalized, squares, specs):
-            s = adamuon_settings(it)
+            s = it.settings_as(AdaMuonSettings)
             norm = sq.sqrt()
             target = s.rms_target * math.sqrt(matrix_numel(spec, it.param))
             # a zero O' (zero gradient) takes a zero step rather than 0/0
@@ -140,12 +140,6 @@ class AdaMuonRule(LMORule):
 def _signed(make: Callable[[], Tensor]) -> Callable[[], Tensor]:
     """``sign(make())``: the sign-stabilised input of the LMO, made per piece when the engine stacks it."""
     return lambda: torch.sign(make())
-
-
-def adamuon_settings(it: Item) -> AdaMuonSettings:
-    s = it.settings
-    assert isinstance(s, AdaMuonSettings), type(s)
-    return s
 
 
 class AdaMuon(SpectralOptimizer):

@@ -193,7 +193,7 @@ class DionRule(Rule):
                 continue
             state = ctx.state_of(it.param)
             p, Q = it.param, state["Q"]
-            _, follows = _q_shape(p, dion_settings(it).orientation, Q.shape[-1])
+            _, follows = _q_shape(p, it.settings_as(DionSettings).orientation, Q.shape[-1])
             lay = engine.layout(it.index) if engine.has_layouts else None
             if lay is not None and p.dim() >= 4 and any(pl.is_shard and pl.dim >= 1 for pl in lay.placements):
                 raise ValueError(
@@ -214,7 +214,7 @@ class DionRule(Rule):
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         engine = ctx.engine
-        settings = [dion_settings(it) for it in items]
+        settings = [it.settings_as(DionSettings) for it in items]
         lays = [engine.layout(it.index) for it in items]
         dims = [sides(it.param, s.orientation) for it, s in zip(items, settings)]
         flip = [s.orientation == "columns" for s in settings]
@@ -344,12 +344,6 @@ def _q_shape(p: Tensor, orientation: str, r: int) -> tuple[tuple[int, ...], dict
     if p.dim() >= 4 and c != 0:
         return shape, None
     return shape, {len(shape) - 2: c, **({0: 0} if p.dim() == 3 else {})}
-
-
-def dion_settings(it: Item) -> DionSettings:
-    s = it.settings
-    assert isinstance(s, DionSettings), type(s)
-    return s
 
 
 def _q_start(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:

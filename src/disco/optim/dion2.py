@@ -141,7 +141,7 @@ class Dion2Rule(Rule):
         sq = [b.double().pow(2).sum(dim=1) for b in B]
         engine.all_reduce(sq, lays, over=1, op="sum")  # whole row norms of this rank's rows
         rows = [torch.tensor(lay.index_lists(rank)[0], dtype=torch.long) for lay in lays]
-        settings = [dion2_settings(it) for it in items]
+        settings = [it.settings_as(Dion2Settings) for it in items]
         glob = [k for k, s in enumerate(settings) if s.selection_scope == "global"]
         norms = []
         for k in glob:
@@ -187,12 +187,6 @@ class Dion2Rule(Rule):
             return updates
 
         return commit
-
-
-def dion2_settings(it: Item) -> Dion2Settings:
-    s = it.settings
-    assert isinstance(s, Dion2Settings), type(s)
-    return s
 
 
 class Dion2(SpectralOptimizer):

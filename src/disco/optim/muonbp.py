@@ -87,16 +87,16 @@ class MuonBPRule(LMORule):
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         prepared = [self.prepare(it, ctx) for it in items]
-        full = [full_step(ctx.state_of(it.param), muonbp_settings(it).period) for it in items]
+        full = [full_step(ctx.state_of(it.param), it.settings_as(MuonBPSettings).period) for it in items]
         jobs = []
         for it, (like, make, _), whole in zip(items, prepared, full):
-            spec = self.spec(muonbp_settings(it), it.param)
+            spec = self.spec(it.settings_as(MuonBPSettings), it.param)
             jobs.append(Job(it.index, like, spec if whole else block_spec(spec), make=make))
         results = ctx.engine.map(jobs) if jobs else []
 
         def commit() -> list[Tensor]:
             for it, O, (_, _, momentum), whole in zip(items, results, prepared, full):
-                s = muonbp_settings(it)
+                s = it.settings_as(MuonBPSettings)
                 if not whole:  # the block step's lr, weight decay included
                     it = dataclasses.replace(it, settings=dataclasses.replace(s, lr=s.lr * s.block_lr_ratio))
                 self.finish(it, ctx, O, momentum)
@@ -104,12 +104,6 @@ class MuonBPRule(LMORule):
             return results
 
         return commit
-
-
-def muonbp_settings(it: Item) -> MuonBPSettings:
-    s = it.settings
-    assert isinstance(s, MuonBPSettings), type(s)
-    return s
 
 
 class MuonBP(SpectralOptimizer):

@@ -116,7 +116,7 @@ class NorMuonRule(LMORule):
         engine = ctx.engine
         prepared = [self.prepare(it, ctx) for it in items]
         jobs = [
-            Job(it.index, like, self.spec(normuon_settings(it), it.param), make=make)
+            Job(it.index, like, self.spec(it.settings_as(NorMuonSettings), it.param), make=make)
             for it, (like, make, _) in zip(items, prepared)
         ]
         results = engine.map(jobs) if jobs else []
@@ -129,7 +129,7 @@ class NorMuonRule(LMORule):
         new_v, norms = [], []
         for it, lay, s, cd in zip(items, lays, rows, cdims):
             n = math.prod(lay.shape[d] for d in cd)
-            beta2, eps = normuon_settings(it).beta2, normuon_settings(it).normuon_eps
+            beta2, eps = it.settings_as(NorMuonSettings).beta2, it.settings_as(NorMuonSettings).normuon_eps
             v = local_piece(ctx.state_of(it.param)["row_var"])
             v_new = v.to(s.dtype).lerp(s / n, 1 - beta2)
             inv = 1.0 / (v_new.sqrt() + eps)
@@ -156,12 +156,6 @@ class NorMuonRule(LMORule):
             return updates
 
         return commit
-
-
-def normuon_settings(it: Item) -> NorMuonSettings:
-    s = it.settings
-    assert isinstance(s, NorMuonSettings), type(s)
-    return s
 
 
 class NorMuon(SpectralOptimizer):

@@ -141,14 +141,14 @@ class PolarGradRule(LMORule):
         super().check_group(group, settings, at)
 
     def _prepare(self, it: Item, ctx: StepContext) -> tuple[Tensor, Callable[[], Tensor] | None, MomentumWrite | None]:
-        if polargrad_settings(it).polar_first:
+        if it.settings_as(PolarGradSettings).polar_first:
             return ctx.grad_of(it.param), None, None  # the gradient itself is decomposed; read only
         return self.prepare(it, ctx)
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
         engine = ctx.engine
         prepared = [self._prepare(it, ctx) for it in items]
-        specs = [self.spec(polargrad_settings(it), it.param) for it in items]
+        specs = [self.spec(it.settings_as(PolarGradSettings), it.param) for it in items]
         jobs = [Job(it.index, like, spec, make=make) for it, (like, make, _), spec in zip(items, prepared, specs)]
         results = engine.map(jobs) if jobs else []
         lays = [engine.layout(it.index) for it in items]
@@ -166,9 +166,9 @@ class PolarGradRule(LMORule):
             c = lmo_factor(spec, it.param.shape)
             nu = per_matrix(s / c, O)  # <U, P> with P = O / c
             P = O.to(s.dtype) / c
-            if polargrad_settings(it).polar_first:
+            if it.settings_as(PolarGradSettings).polar_first:
                 M = local_piece(ctx.state_of(it.param)["momentum_buffer"])
-                M_new = M.to(s.dtype).lerp(P, 1 - polargrad_settings(it).momentum)
+                M_new = M.to(s.dtype).lerp(P, 1 - it.settings_as(PolarGradSettings).momentum)
                 new_momenta.append(M_new)
                 updates.append((M_new * nu).to(O.dtype))
             else:
@@ -185,12 +185,6 @@ class PolarGradRule(LMORule):
             return updates
 
         return commit
-
-
-def polargrad_settings(it: Item) -> PolarGradSettings:
-    s = it.settings
-    assert isinstance(s, PolarGradSettings), type(s)
-    return s
 
 
 class PolarGrad(SpectralOptimizer):

@@ -32,7 +32,7 @@ from ..distributed.engine import Engine, Job, local_piece
 from ..ops.specs import LMOSpec
 from . import constraints, elementwise, split, validation
 from . import momentum as state_store
-from .contract import Group, Rule, Settings, check_choice, check_range, register_rule
+from .contract import Group, Rule, S, Settings, check_choice, check_range, register_rule
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,11 @@ class Item:
     name: str
     index: int
     settings: Settings
+
+    def settings_as(self, cls: type[S]) -> S:
+        """``settings``, typed as the settings class the calling rule declared."""
+        assert isinstance(self.settings, cls), type(self.settings)
+        return self.settings
 
 
 @dataclass
@@ -313,7 +318,7 @@ class LMORule(Rule):
         return {**state_store.init_momentum(p, settings.state_dtype, settings.state_block), **extra}
 
     def planned_jobs(self, items: Sequence[Item]) -> list[Job]:
-        return [Job(it.index, local_piece(it.param), self.spec(lmo_settings(it), it.param)) for it in items]
+        return [Job(it.index, local_piece(it.param), self.spec(it.settings_as(LMOSettings), it.param)) for it in items]
 
     @staticmethod
     def spec(s: LMOSettings, p: Tensor) -> LMOSpec:
@@ -332,7 +337,7 @@ class LMORule(Rule):
         that leaves ``M`` untouched, so the commit updates it in place (``lerp_``) and no ``M'`` is kept. A
         ``state_dtype`` momentum is read and written by row blocks in the compute dtype (``disco.optim.momentum``).
         """
-        s = lmo_settings(it)
+        s = it.settings_as(LMOSettings)
         beta = s.momentum
         g = ctx.grad_of(it.param)
         if s.is_light:
@@ -355,14 +360,14 @@ class LMORule(Rule):
     def finish(cls, it: Item, ctx: StepContext, O: Tensor, momentum: MomentumWrite | None) -> None:
         if momentum is not None:
             momentum()
-        s = lmo_settings(it)
+        s = it.settings_as(LMOSettings)
         # one read-modify-write of the weight (bitwise mul_ then add_); a bf16 O is widened block by block
         state_store.update_weight(local_piece(it.param), O, cls._decay(s), -s.lr * s.scale)
 
     @classmethod
     def updated(cls, it: Item, O: Tensor) -> Tensor:
         """``finish``'s new weight, out of place (the local piece), for a constraint to read."""
-        s = lmo_settings(it)
+        s = it.settings_as(LMOSettings)
         W = local_piece(it.param).mul(cls._decay(s))
         return W.add_(O.to(W.dtype), alpha=-s.lr * s.scale)
 
@@ -383,9 +388,8 @@ class LMORule(Rule):
         local_piece(it.param).copy_(W)
 
     def compute(self, items: Sequence[Item], ctx: StepContext) -> Commit:
-        specs = [
-            split.split_spec(lmo_settings(it), it.param.shape, self.spec(lmo_settings(it), it.param)) for it in items
-        ]
+        settings = [it.settings_as(LMOSettings) for it in items]
+        specs = [split.split_spec(s, it.param.shape, self.spec(s, it.param)) for it, s in zip(items, settings)]
         # each direction made in the dtype the engine would cast it to (bf16 compute: bf16), block by block
         prepared = [self.prepare(it, ctx, _input_dtype(spec, it.param)) for it, spec in zip(items, specs)]
         streamed = ctx.streamed
@@ -449,7 +453,7 @@ class LMORule(Rule):
         if not self._light_stepped:
             return None
         for it in items:
-            if not lmo_settings(it).is_light:
+            if not it.settings_as(LMOSettings).is_light:
                 continue
             key, g = id(it.param), it.param.grad
             shape = tuple(it.param.shape)
@@ -467,12 +471,12 @@ class LMORule(Rule):
         return None
 
     def end_step(self, items: Sequence[Item], all_groups: Sequence[Group]) -> None:
-        light = [it for it in items if lmo_settings(it).is_light]
+        light = [it for it in items if it.settings_as(LMOSettings).is_light]
         for it in light:
             p = it.param
             if p.grad is not None:
                 # p.grad = M / (1 - beta) now; leave beta/(1-beta) * M so the next backward yields the EMA.
-                local_piece(p.grad).mul_(lmo_settings(it).momentum)
+                local_piece(p.grad).mul_(it.settings_as(LMOSettings).momentum)
                 self._light_grads[id(p)] = weakref.ref(p.grad)
                 if id(p) in self._hooked:
                     self._light_versions[id(p)] = p.grad._version
@@ -494,9 +498,3 @@ def _input_dtype(spec: Any, p: Tensor) -> torch.dtype | None:
     f = getattr(spec, "input_dtype", None)
     g = p.grad
     return None if f is None or g is None else f(g.dtype, g.device)
-
-
-def lmo_settings(it: Item) -> LMOSettings:
-    s = it.settings
-    assert isinstance(s, LMOSettings), type(s)
-    return s
