@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from disco.bench.common import Column, emit, environment
+from disco.bench.common import Column, add_device_argument, emit, environment, resolve_device, synchronize
 
 
 def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, float]:
@@ -32,7 +32,8 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, float]:
     from disco.optim.phases import nonfinite_flags as _nonfinite
 
     torch.set_num_threads(cfg["threads"])
-    mesh = init_device_mesh("cpu", (world,))
+    device = cfg["device"]
+    mesh = init_device_mesh(device, (world,))
     gen = torch.Generator().manual_seed(0)
     shapes = [s.shape for s in transformer(cfg["layers"], cfg["width"], 4 * cfg["width"])]
     params = [
@@ -60,9 +61,11 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, float]:
         fn()
         out = []
         for _ in range(repeat):
+            synchronize(device)
             dist.barrier()
             t0 = time.perf_counter()
             fn()
+            synchronize(device)
             t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             out.append(float(t))
@@ -83,14 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=512, help="model width (default 512)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    add_device_argument(ap)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = ap.parse_args(argv)
     from disco.distributed.launch import run_ranks
 
+    try:
+        args.device = resolve_device(args.device, args.ranks)
+    except ValueError as e:
+        ap.error(str(e))
     cfg = vars(args)
-    rows = run_ranks(_bench_rank, args.ranks, cfg, timeout=600, preload=["disco", "disco.bench.checks"])
+    preload = ["disco", "disco.bench.checks"]
+    rows = run_ranks(_bench_rank, args.ranks, cfg, timeout=600, preload=preload, device=args.device)
     r = rows[0]
     table = [{"what": k.removesuffix("_ms"), "ms": v, "of_step": v / r["step_ms"]} for k, v in r.items()]
     columns: list[Column] = [("what", "what"), ("ms", "ms", ".2f"), ("of_step", "share of step", ".2%")]
-    emit(table, args.json, columns, {"benchmark": "checks", **environment(), "config": cfg})
+    emit(table, args.json, columns, {"benchmark": "checks", **environment(args.device), "config": cfg})
     return 0

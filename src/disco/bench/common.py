@@ -1,7 +1,13 @@
-"""Shared helpers for the benchmarks: timing, a fixed-width table, one-JSON-object output, launching ranks."""
+"""Shared helpers for the benchmarks: the device, timing, a fixed-width table, one-JSON-object output, ranks.
+
+Every benchmark takes ``--device auto|cpu|cuda``: ``auto`` (the default; ``DISCO_DEVICE`` overrides it) is CUDA
+where there is one GPU per rank, else the CPU (:func:`disco.distributed.launch.choose_device`); on CUDA the ranks
+talk over NCCL and every timing waits for the GPU (``torch.cuda.synchronize``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -86,10 +92,32 @@ def cpu_model() -> tuple[str, list[str]]:
     return name, [f for f in CPU_FLAGS if f in flags]
 
 
-def environment() -> dict[str, Any]:
-    """Where the numbers come from: torch version, device, threads, machine, CPU model and its relevant flags."""
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda`` (default: ``DISCO_DEVICE``, else ``auto``); read it with :func:`resolve_device`."""
+    from disco.distributed.launch import DEVICES
+
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=None,
+        help="auto (default, or DISCO_DEVICE): cuda when there is a GPU per rank, else cpu",
+    )
+
+
+def resolve_device(device: str | None, ranks: int = 1) -> str:
+    """``"cpu"`` or ``"cuda"`` for ``--device`` (``None``: ``DISCO_DEVICE``, else ``auto``) and ``ranks`` processes
+    (``auto`` picks CUDA only with one GPU per rank, so that every rank count of a run uses the same device)."""
+    from disco.distributed.launch import choose_device
+
+    return choose_device(ranks, device, name="--device")
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Where the numbers come from: torch version, device (and the GPU's name on CUDA), threads, machine, CPU model
+    and its relevant flags."""
     name, flags = cpu_model()
     env: dict[str, Any] = {
+        "device": device,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
@@ -97,8 +125,9 @@ def environment() -> dict[str, Any]:
         "cpu_flags": " ".join(flags) or "-",
         "python": platform.python_version(),
     }
-    if torch.cuda.is_available():
-        env["cuda_device"] = torch.cuda.get_device_name()
+    if device == "cuda":
+        env["gpu"] = f"{torch.cuda.get_device_name()} x {torch.cuda.device_count()}"
+        env["cuda"] = torch.version.cuda
     return env
 
 
@@ -120,7 +149,8 @@ def emit(
     print_table(rows, columns, file=out)
 
 
-def _sync(device: torch.device | str | None) -> None:
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for the GPU's queued work when ``device`` is CUDA (a timer read before it would time the launch only)."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -131,12 +161,12 @@ def time_call(
     """Median wall time of ``fn()`` in seconds over ``repeat`` calls, after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(max(1, repeat)):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -152,13 +182,13 @@ def time_interleaved(
     for _ in range(warmup):
         for fn in fns:
             fn()
-    _sync(device)
+    synchronize(device)
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(max(1, repeat)):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             times[i].append(time.perf_counter() - t0)
     return times
 
@@ -169,9 +199,17 @@ def parse_ints(text: str) -> list[int]:
 
 
 def launch_ranks(
-    fn: Callable[..., Any], world: int, cfg: dict[str, Any], *, timeout_s: float, preload: Sequence[str], name: str
+    fn: Callable[..., Any],
+    world: int,
+    cfg: dict[str, Any],
+    *,
+    timeout_s: float,
+    preload: Sequence[str],
+    name: str,
+    device: str = "cpu",
 ) -> list[Any]:
-    """``fn(rank, world, cfg)`` on ``world`` gloo ranks (``disco.distributed.launch.run_ranks``); results by rank.
+    """``fn(rank, world, cfg)`` on ``world`` ranks (``disco.distributed.launch.run_ranks``) on ``device`` (gloo
+    on ``"cpu"``, NCCL on ``"cuda"``); results by rank.
 
     What the ranks print is replayed on stderr, so that the table or the JSON object stays alone on stdout. A
     failure or a timeout raises ``RuntimeError`` / ``TimeoutError`` naming the benchmark and the rank count.
@@ -180,7 +218,7 @@ def launch_ranks(
 
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            return run_ranks(fn, world, cfg, timeout=timeout_s, preload=list(preload))
+            return run_ranks(fn, world, cfg, timeout=timeout_s, preload=list(preload), device=device)
         except RankError as e:
             raise RuntimeError(f"bench {name}: {world} ranks: {e}") from e
         except TimeoutError as e:

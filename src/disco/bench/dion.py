@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from disco.bench.common import Column, emit, environment
+from disco.bench.common import Column, add_device_argument, emit, environment, resolve_device, synchronize
 
 if TYPE_CHECKING:
     from disco.optim.base import SpectralOptimizer
@@ -105,11 +105,11 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> list[dict[str, An
     from disco.distributed.shapes import transformer
 
     torch.set_num_threads(cfg["threads"])
-    layout = cfg["layout"]
+    layout, device = cfg["layout"], cfg["device"]
     if layout == "fsdp_tp":
-        mesh, placements = init_device_mesh("cpu", (world // 2, 2)), [Shard(0), Shard(1)]
+        mesh, placements = init_device_mesh(device, (world // 2, 2)), [Shard(0), Shard(1)]
     else:
-        mesh, placements = init_device_mesh("cpu", (world,)), [Shard(0)]
+        mesh, placements = init_device_mesh(device, (world,)), [Shard(0)]
     shapes = [s.shape for s in transformer(cfg["layers"], cfg["width"], 4 * cfg["width"])]
     gen = torch.Generator().manual_seed(0)
     fulls = [torch.randn(s, generator=gen) for s in shapes]
@@ -118,9 +118,9 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> list[dict[str, An
 
     def params() -> list[nn.Parameter]:
         if layout == "ddp":
-            ps = [nn.Parameter(f.clone()) for f in fulls]
+            ps = [nn.Parameter(f.to(device, copy=True)) for f in fulls]
             for p in ps:
-                p.grad = torch.randn(p.shape, generator=mine)
+                p.grad = torch.randn(p.shape, generator=mine).to(device)
             return ps
         ps = [nn.Parameter(distribute_tensor(f.clone(), mesh, placements, src_data_rank=None)) for f in fulls]
         for p, g in zip(ps, grads):
@@ -131,9 +131,11 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> list[dict[str, An
         opt.step()
         times, sent, mean = [], [], []
         for _ in range(cfg["steps"]):
+            synchronize(device)
             dist.barrier()
             t0 = time.perf_counter()
             opt.step()
+            synchronize(device)
             b = float(opt.engine.stats.bytes_sent)  # the engine counts per step
             t = torch.tensor([time.perf_counter() - t0, b], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -172,10 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     ap.add_argument("--qr-method", default="rcqr", choices=["qr", "cqr", "rcqr"], help="Dion's qr_method")
+    add_device_argument(ap)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = ap.parse_args(argv)
     from disco.distributed.launch import run_ranks
 
+    try:
+        args.device = resolve_device(args.device, max(int(x) for x in args.ranks.split(",")))
+    except ValueError as e:
+        ap.error(str(e))
     cfg = {**vars(args), "fractions": [float(x) for x in args.fractions.split(",")]}
     rows: list[dict[str, Any]] = []
     for layout in args.layouts.split(","):
@@ -185,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             if layout == "ddp" and world < 2:
                 continue
             run = {**cfg, "layout": layout}
-            rows += run_ranks(_bench_rank, world, run, timeout=1200, preload=["disco", "disco.bench.dion"])[0]
+            preload = ["disco", "disco.bench.dion"]
+            rows += run_ranks(_bench_rank, world, run, timeout=1200, preload=preload, device=args.device)[0]
     columns: list[Column] = [
         ("layout", "layout"),
         ("ranks", "ranks"),
@@ -197,5 +205,5 @@ def main(argv: list[str] | None = None) -> int:
         ("dion_mib", "dion MiB", ".3f"),
         ("x_dion", "x_dion", ".2f"),
     ]
-    emit(rows, args.json, columns, {"benchmark": "dion", **environment(), "config": cfg})
+    emit(rows, args.json, columns, {"benchmark": "dion", **environment(args.device), "config": cfg})
     return 0

@@ -1,6 +1,6 @@
-"""``python -m disco bench dist``: a distributed Muon step on CPU gloo ranks against two naive peers.
+"""``python -m disco bench dist``: a distributed Muon step on gloo (CPU) or NCCL (GPU) ranks against two naive peers.
 
-For each rank count (default 1, 2, 4) the benchmark starts that many gloo processes (with
+For each rank count (default 1, 2, 4) the benchmark starts that many processes (with
 ``disco.distributed.launch.run_ranks``: a ``forkserver`` that preloads torch and disco), builds a transformer-shaped
 set of matrices (``--layers`` x (q, k, v, out: ``w x w``; fc ``4w x w``; proj ``w x 4w``)) as DTensors
 ``Shard(0)`` over all ranks (FSDP2's layout; ``distribute_tensor(..., src_data_rank=None)``), gives them random
@@ -23,7 +23,9 @@ packing and the update). ``--memory``: disco's peak extra memory of one more ste
 allocation timeline), the largest over ranks, beside each rank's parameter bytes; ``--commit streaming`` writes
 each parameter as its update arrives. Goals (reported, not asserted): redundancy 1.00, bytes at the lower
 bound, 2 ranks < 0.7x of 1. On a machine with fewer cores than ranks, more ranks cannot be faster: the core
-count is printed.
+count is printed. ``--device auto|cpu|cuda``: ``auto`` (default) puts each rank on its own GPU (NCCL) where there
+is one per rank for the largest rank count, else on the CPU (gloo); on CUDA each timed step ends with
+``torch.cuda.synchronize`` and ``--memory`` reads the CUDA allocator's peak.
 """
 
 from __future__ import annotations
@@ -40,7 +42,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from disco.bench.common import Column, emit, environment, launch_ranks, parse_ints
+from disco.bench.common import (
+    Column,
+    add_device_argument,
+    emit,
+    environment,
+    launch_ranks,
+    parse_ints,
+    resolve_device,
+    synchronize,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -78,7 +89,11 @@ def _matrices(layers: int, width: int) -> list[tuple[int, ...]]:
 
 
 def _timed(
-    fn: Callable[[], object], steps: int, warmup: int, compute: Callable[[], float] | None = None
+    fn: Callable[[], object],
+    steps: int,
+    warmup: int,
+    compute: Callable[[], float] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Median ms of the slowest rank per step; with ``compute``, also the median of the slowest rank's
     ``compute()`` after each step (seconds that step spent orthogonalizing)."""
@@ -89,9 +104,11 @@ def _timed(
     times: list[float] = []
     computes: list[float] = []
     for _ in range(max(1, steps)):
+        synchronize(device)
         dist.barrier()
         t0 = time.perf_counter()
         fn()
+        synchronize(device)
         elapsed = time.perf_counter() - t0
         t = torch.tensor([elapsed, compute() if compute is not None else 0.0], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -134,7 +151,8 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     from disco.distributed.layout import chunk_bound
 
     torch.set_num_threads(cfg["threads"])
-    mesh = init_device_mesh("cpu", (world,))
+    device = cfg["device"]
+    mesh = init_device_mesh(device, (world,))
     shapes = _matrices(cfg["layers"], cfg["width"])
     params: list[Any] = [nn.Parameter(t) for t in _make_params(shapes, mesh, 0)]
     grads = _make_params(shapes, mesh, 1, scale=False)
@@ -160,7 +178,9 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         "collectives": st.collectives,
         "matrices": st.matrices_computed,
     }
-    row.update(_timed(opt.step, cfg["steps"], cfg["warmup"], functools.partial(_compute_s, opt)))
+    # the engine's clock reads the host's time: on CUDA that is the launches', not the GPU's work (not shown)
+    compute = functools.partial(_compute_s, opt) if device == "cpu" else None
+    row.update(_timed(opt.step, cfg["steps"], cfg["warmup"], compute, device))
     assert isinstance(opt.engine, PlanEngine)  # DTensor parameters: the plan executor
     # pieces in and results back in the compute dtype when narrower than fp32 (exact: one process casts alike)
     wire_size = min(cdtype.itemsize, 4)
@@ -168,7 +188,7 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["memory"]:
         from disco.bench.step import peak_extra_mib
 
-        row["peak_mib"] = peak_extra_mib(opt.step)
+        row["peak_mib"] = peak_extra_mib(opt.step, device)
         row["param_mib"] = sum(p.to_local().numel() * p.element_size() for p in params) / 2**20
     out["rows"]["disco"] = row
     del opt
@@ -205,6 +225,7 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
                 eps=1e-7,
                 compute_dtype=cdtype,
             )
+            synchronize(device)
             clock["compute"] += time.perf_counter() - t0
             scale = math.sqrt(max(1.0, shape[0] / shape[1]))
             lo, hi = chunk_bound(shape[0], world, rank)
@@ -215,7 +236,7 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     naive_step()
     diff = max(float((p.to_local() - b - d).abs().max()) for p, b, d in zip(params, before, disco_delta))
     out["rows"]["naive_full_tensor"] = {
-        **_timed(naive_step, cfg["steps"], cfg["warmup"], lambda: clock["compute"]),
+        **_timed(naive_step, cfg["steps"], cfg["warmup"], lambda: clock["compute"], device),
         "bytes_sent": counted["sent"],
         "bytes_received": counted["received"],
         "collectives": counted["collectives"],
@@ -227,9 +248,11 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     # ---- torch.optim.Muon on the DTensors
     if cfg["torch_muon"]:
         topt: torch.optim.Optimizer = torch.optim.Muon(params, lr=lr, weight_decay=wd, momentum=beta)
+        synchronize(device)
         t0 = time.perf_counter()
         try:
             topt.step()
+            synchronize(device)
             err = None
         except Exception as e:  # noqa: BLE001 - reported, not raised
             err = f"{type(e).__name__}: {e}"
@@ -247,7 +270,7 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
             first_ms = float(first) * 1e3
             out["rows"]["torch_muon"] = {"ms": first_ms, "times_ms": [first_ms], "matrices": len(shapes)}
         else:
-            out["rows"]["torch_muon"] = {**_timed(topt.step, cfg["steps"], 0), "matrices": len(shapes)}
+            out["rows"]["torch_muon"] = {**_timed(topt.step, cfg["steps"], 0, None, device), "matrices": len(shapes)}
     return out
 
 
@@ -308,6 +331,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per rank count before giving up")
     ap.add_argument("--commit", choices=("atomic", "streaming"), default="atomic", help="disco.Muon's commit")
     ap.add_argument("--memory", action="store_true", help="also disco's peak extra memory of a step (max over ranks)")
+    add_device_argument(ap)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     return ap
 
@@ -324,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     if not ranks or min(ranks) < 1 or args.layers < 1 or args.width < 1 or args.steps < 1:
         print("bench dist: --ranks needs positive integers; --layers, --width, --steps must be >= 1", file=sys.stderr)
         return 2
+    try:
+        device = resolve_device(args.device, max(ranks))  # one device for every rank count of the run
+    except ValueError as e:
+        print(f"bench dist: {e}", file=sys.stderr)
+        return 2
     cfg = {
         "layers": args.layers,
         "width": args.width,
@@ -335,12 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         "torch_muon_max_s": args.torch_muon_max_s,
         "commit": args.commit,
         "memory": args.memory,
+        "device": device,
     }
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     for world in ranks:
         try:
-            got = launch_ranks(_bench_rank, world, cfg, timeout_s=args.timeout, preload=_PRELOAD, name="dist")
+            got = launch_ranks(
+                _bench_rank, world, cfg, timeout_s=args.timeout, preload=_PRELOAD, name="dist", device=device
+            )
         except (RuntimeError, TimeoutError) as e:
             print(str(e), file=sys.stderr)
             return 1
@@ -361,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "elements": sum(a * b for a, b in shapes),
         "layout": "Shard(0) over all ranks (FSDP2)",
         "cpu_cores": os.cpu_count(),
-        **environment(),
+        **environment(device),
         "threads_per_rank": cfg["threads"],
         "compute_dtype": args.compute_dtype,
         "notes": "; ".join(notes) if notes else "none",

@@ -25,7 +25,10 @@ prints the measured value, the peer's, their ratio, the target and whether it is
 9. ``state``: optimizer-state bytes per parameter of a Muon group with ``state_dtype`` bf16 and ``"int8_block"``
    against float32 momentum (counted, not timed).
 
-``--quick`` shrinks every case (a smoke run: the numbers mean nothing).
+``--quick`` shrinks every case (a smoke run: the numbers mean nothing). ``--device auto|cpu|cuda``: ``auto`` (the
+default; ``DISCO_DEVICE`` overrides it) runs the one-process rows on a GPU where there is one and the 2-rank rows
+on two GPUs (NCCL) where there are two, each on the CPU otherwise; the header names the CPU, its flags and the GPU,
+and each row's ``device`` column says where it ran. On a GPU, ``cpu dtype`` reports the GPU's default dtype.
 """
 
 from __future__ import annotations
@@ -43,7 +46,15 @@ from typing import Any
 
 import torch
 
-from disco.bench.common import Column, emit, environment, launch_ranks
+from disco.bench.common import (
+    Column,
+    add_device_argument,
+    emit,
+    environment,
+    launch_ranks,
+    resolve_device,
+    synchronize,
+)
 
 COLUMNS: list[Column] = [
     ("goal", "goal"),
@@ -53,6 +64,7 @@ COLUMNS: list[Column] = [
     ("ratio", "ratio", ".3f"),
     ("target", "target"),
     ("met", "met"),
+    ("device", "device"),
 ]
 
 
@@ -75,24 +87,26 @@ def _row(
             "met": met}  # fmt: skip
 
 
-def _best_ms(fn: Callable[[], object], repeat: int) -> float:
+def _best_ms(fn: Callable[[], object], repeat: int, device: str = "cpu") -> float:
     fn()
     times = []
     for _ in range(repeat):
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return min(times) * 1e3
 
 
-def gram_rows(m: int, n: int, repeat: int) -> list[dict[str, Any]]:
+def gram_rows(m: int, n: int, repeat: int, device: str = "cpu") -> list[dict[str, Any]]:
     from disco.ops import gram_newton_schulz, newton_schulz
 
-    G = torch.randn(m, n, generator=torch.Generator().manual_seed(0))
+    G = torch.randn(m, n, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
-        plain = _best_ms(functools.partial(newton_schulz, G, compute_dtype=dtype), repeat)
-        gram = _best_ms(functools.partial(gram_newton_schulz, G, compute_dtype=dtype), repeat)
+        plain = _best_ms(functools.partial(newton_schulz, G, compute_dtype=dtype), repeat, device)
+        gram = _best_ms(functools.partial(gram_newton_schulz, G, compute_dtype=dtype), repeat, device)
         name = "bf16" if dtype == torch.bfloat16 else "fp32"
         rows.append(_row("3 gram", f"NS / Gram NS ms, {m}x{n} {name}", plain, gram, ">= 1.3x", lambda r: r >= 1.3))
     return rows
@@ -125,19 +139,23 @@ def state_rows(layers: int, width: int) -> list[dict[str, Any]]:
 
 def _matmul_rank(rank: int, world: int, cfg: dict[str, Any]) -> float:
     torch.set_num_threads(1)
-    a = torch.randn(cfg["n"], cfg["n"], dtype=torch.bfloat16)
+    a = torch.randn(cfg["n"], cfg["n"], dtype=torch.bfloat16, device=cfg["device"])
     a @ a
+    synchronize(cfg["device"])
     torch.distributed.barrier()
     t0 = time.perf_counter()
     for _ in range(cfg["reps"]):
         a @ a
+    synchronize(cfg["device"])
     return time.perf_counter() - t0
 
 
-def parallel_capacity(n: int, reps: int) -> tuple[float, float]:
+def parallel_capacity(n: int, reps: int, device: str = "cpu") -> tuple[float, float]:
     """Seconds for ``reps`` bf16 ``n x n`` matmuls in one process alone, and the slowest of two at once."""
-    cfg = {"n": n, "reps": reps}
-    one, two = (max(launch_ranks(_matmul_rank, w, cfg, timeout_s=300, preload=(), name="goals")) for w in (1, 2))
+    cfg = {"n": n, "reps": reps, "device": device}
+    one, two = (
+        max(launch_ranks(_matmul_rank, w, cfg, timeout_s=300, preload=(), name="goals", device=device)) for w in (1, 2)
+    )
     return one, two
 
 
@@ -152,7 +170,8 @@ def _paired_rank(rank: int, world: int, cfg: dict[str, Any]) -> list[tuple[float
     from disco.bench.dist import _make_params, _matrices
 
     torch.set_num_threads(1)
-    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world,))
+    device = cfg["device"]
+    mesh = torch.distributed.device_mesh.init_device_mesh(device, (world,))
     shapes = _matrices(cfg["layers"], cfg["width"])
     sharded, grads = _make_params(shapes, mesh, 0), _make_params(shapes, mesh, 1, scale=False)
     whole = [nn.Parameter(t.full_tensor()) for t in sharded]  # collective: every rank builds it
@@ -167,14 +186,17 @@ def _paired_rank(rank: int, world: int, cfg: dict[str, Any]) -> list[tuple[float
     one = disco.Muon(whole, lr=0.02, weight_decay=0.1, compute_dtype=dtype) if rank == 0 else None
     out = []
     for r in range(cfg["rounds"] + 1):  # the first round warms up
+        synchronize(device)
         dist.barrier()
         t0 = time.perf_counter()
         if one is not None:
             one.step()
+            synchronize(device)
         t1 = time.perf_counter()
         dist.barrier()
         t2 = time.perf_counter()
         many.step()
+        synchronize(device)
         t3 = torch.tensor([time.perf_counter() - t2], dtype=torch.float64)
         dist.all_reduce(t3, op=dist.ReduceOp.MAX)  # the slowest rank's step
         if r:
@@ -182,21 +204,28 @@ def _paired_rank(rank: int, world: int, cfg: dict[str, Any]) -> list[tuple[float
     return out
 
 
-def two_ranks_paired(layers: int, width: int, rounds: int) -> tuple[float, float]:
-    """Median seconds of one step on one process and on 2 gloo ranks, measured in alternation (``_paired_rank``)."""
-    cfg = {"layers": layers, "width": width, "rounds": rounds}
-    got = launch_ranks(_paired_rank, 2, cfg, timeout_s=900, preload=("disco", "disco.bench.dist"), name="goals")[0]
+def two_ranks_paired(layers: int, width: int, rounds: int, device: str = "cpu") -> tuple[float, float]:
+    """Median seconds of one step on one process and on 2 ranks, measured in alternation (``_paired_rank``)."""
+    cfg = {"layers": layers, "width": width, "rounds": rounds, "device": device}
+    preload = ("disco", "disco.bench.dist")
+    got = launch_ranks(_paired_rank, 2, cfg, timeout_s=900, preload=preload, name="goals", device=device)[0]
     return statistics.median(a for a, _ in got), statistics.median(b for _, b in got)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m disco bench goals", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
+    add_device_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
+    try:  # one process, and 2 ranks (auto: on 2 GPUs, else the CPU, whatever the one process got)
+        one_dev, two_dev = resolve_device(args.device, 1), resolve_device(args.device, 2)
+    except ValueError as e:
+        parser.error(str(e))
     torch.set_num_threads(1)
     q = args.quick
     size = ["--layers", "1", "--width", "64", "--repeat", "1"] if q else ["--layers", "4", "--width", "512"]
+    size += ["--device", one_dev]
     rows: list[dict[str, Any]] = []
 
     step = _bench("step", *size, "--threads", "1", "--memory", "--commit", "atomic,streaming", "--ortho")["rows"]
@@ -214,38 +243,51 @@ def main(argv: list[str] | None = None) -> int:
         r = by[f"{case} vs ortho", "atomic"]
         rows.append(_row(f"8 step vs ortho {case}", "ms, step vs its orthogonalizations alone", r["ours_ms"],
                          r["peer_ms"], "<= 1.10x", lambda x: x <= 1.10))  # fmt: skip
-    rows += state_rows(*((1, 64) if q else (4, 512)))
+    rows += [{**r, "device": "cpu"} for r in state_rows(*((1, 64) if q else (4, 512)))]  # counted, not timed
 
-    rows += gram_rows(*((64, 256) if q else (512, 2048)), repeat=1 if q else 3)
+    rows += gram_rows(*((64, 256) if q else (512, 2048)), repeat=1 if q else 3, device=one_dev)
 
     from disco.ops import cpu_has_native_bf16, default_compute_dtype
 
-    chosen = default_compute_dtype(torch.empty(1))
-    rows.append(_row("4 cpu dtype", f"default {chosen} (native bf16: {cpu_has_native_bf16()}); fp32 / bf16 step ms",
+    chosen = default_compute_dtype(torch.empty(1, device=one_dev))
+    native = f"native bf16: {cpu_has_native_bf16()}" if one_dev == "cpu" else "on the GPU"
+    rows.append(_row("4 cpu dtype", f"default {chosen} ({native}); fp32 / bf16 step ms",
                      by["fp32", "atomic"]["ours_ms"], by["bf16", "atomic"]["ours_ms"], "default = faster",
                      lambda x: (x >= 1) == (chosen == torch.bfloat16)))  # fmt: skip
 
-    ov = _bench("overlap", "--ranks", "0", *(["--steps", "2", "--layers", "2", "--width", "32"] if q else []))
+    ov_size = ["--steps", "2", "--layers", "2", "--width", "32"] if q else []
+    ov = _bench("overlap", "--ranks", "0", "--device", one_dev, *ov_size)
     plain, over = ov["rows"][0], ov["rows"][1]
     rows.append(_row("5 overlap", "exposed ms, overlap vs plain (1 process)", over["exposed_ms"], plain["exposed_ms"],
                      "< 1x", lambda x: x < 1))  # fmt: skip
     rows.append(_row("5 overlap", "total ms, overlap vs plain (1 process)", over["total_ms"], plain["total_ms"],
                      "report", lambda x: True))  # fmt: skip
 
-    one_s, two_s = two_ranks_paired(*((1, 64, 2) if q else (4, 512, 7)))
-    rows.append(_row("6 2 ranks", "step ms, 2 gloo ranks vs 1 process, alternated", two_s * 1e3, one_s * 1e3,
+    n_rows = len(rows)
+    for row in rows:
+        row.setdefault("device", one_dev)
+    one_s, two_s = two_ranks_paired(*((1, 64, 2) if q else (4, 512, 7)), device=two_dev)
+    backend = "gloo" if two_dev == "cpu" else "NCCL"
+    rows.append(_row("6 2 ranks", f"step ms, 2 {backend} ranks vs 1 process, alternated", two_s * 1e3, one_s * 1e3,
                      "<= 0.6x", lambda x: x <= 0.6))  # fmt: skip
-    one, two = parallel_capacity(*((128, 5) if q else (1024, 40)))
-    rows.append(_row("6 2 ranks", "parallel capacity: 2 procs vs 1, same matmuls", two, one, "1.0 = 2 cores",
+    one, two = parallel_capacity(*((128, 5) if q else (1024, 40)), device=two_dev)
+    capacity = "1.0 = 2 cores" if two_dev == "cpu" else "1.0 = 2 GPUs"
+    rows.append(_row("6 2 ranks", "parallel capacity: 2 procs vs 1, same matmuls", two, one, capacity,
                      lambda x: True))  # fmt: skip
+    for row in rows[n_rows:]:
+        row["device"] = two_dev
 
     plan = _bench("plan", "--world-sizes", "65536", "--layouts", "fsdp,hsdp,fsdp+tp",
                   "--matrices", "100" if q else "1000")["rows"]  # fmt: skip
     worst = max(plan, key=lambda r: r["total_s"])
     rows.append(_row("7 planner", f"s for 65,536 ranks ({worst['layout']}, worst)", worst["total_s"], 5.0, "<= 1x",
                      lambda x: x <= 1))  # fmt: skip
+    rows[-1]["device"] = "cpu"  # planning is arithmetic on shapes
 
-    emit(rows, args.json, COLUMNS, {"benchmark": "goals", **environment(), "quick": q})
+    meta = {"benchmark": "goals", **environment(one_dev), "quick": q}
+    if two_dev != one_dev:
+        meta["device_2_ranks"] = two_dev
+    emit(rows, args.json, COLUMNS, meta)
     return 0
 
 

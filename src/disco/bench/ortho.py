@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
-from disco.bench.common import Column, emit, environment, parse_ints, time_interleaved
+from disco.bench.common import (
+    Column,
+    add_device_argument,
+    emit,
+    environment,
+    parse_ints,
+    resolve_device,
+    time_interleaved,
+)
 from disco.ops import orthogonalize
 
 CONFIGS: list[tuple[str, str | None]] = [
@@ -108,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed calls per row (median reported)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype")
     p.add_argument("--compute-dtype", choices=sorted(DTYPES), default=None, help="matmul dtype (default: --dtype)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     rows: list[dict[str, Any]] = []
     for shape in shapes_for(parse_ints(args.sizes)):
         compute = DTYPES[args.compute_dtype] if args.compute_dtype else None
@@ -120,12 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     meta = {
         "benchmark": "ortho",
-        "device": args.device,
         "dtype": args.dtype,
         "compute_dtype": args.compute_dtype or args.dtype,
         "steps": args.steps,
         "repeat": args.repeat,
-        **environment(),
+        **environment(args.device),
     }
     emit(rows, args.json, COLUMNS, meta)
     return 0

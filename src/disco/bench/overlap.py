@@ -16,6 +16,8 @@ Be careful reading them on a CPU with one thread per rank: the hooks run the opt
 thread as backward, so moving it there lowers the exposed time but not the total time (it can even rise a
 little: more, smaller batched calls and one agreement collective per bucket). The total falls only where the
 optimizer's work runs beside backward's (a GPU stream, idle cores, communication waiting on the network).
+``--device auto|cpu|cuda``: ``auto`` (default) runs on GPUs (NCCL) where there is one per rank; each timestamp
+then waits for the GPU (``torch.cuda.synchronize``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from disco.bench.common import Column, emit, environment, launch_ranks
+from disco.bench.common import (
+    Column,
+    add_device_argument,
+    emit,
+    environment,
+    launch_ranks,
+    resolve_device,
+    synchronize,
+)
 
 _PRELOAD = ["disco", "disco.bench.overlap"]
 
@@ -52,7 +62,7 @@ def _model(cfg: dict[str, Any]) -> nn.Module:
     layers: list[nn.Module] = []
     for _ in range(cfg["layers"]):
         layers += [nn.Linear(cfg["width"], cfg["width"], bias=False), nn.Tanh()]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers).to(cfg["device"])
 
 
 def _setup(cfg: dict[str, Any], overlap: bool, fsdp: bool) -> tuple[nn.Module, Any]:
@@ -73,16 +83,22 @@ def _setup(cfg: dict[str, Any], overlap: bool, fsdp: bool) -> tuple[nn.Module, A
 
 
 def _iteration(model: nn.Module, opt: Any, x: torch.Tensor, barrier: Any) -> tuple[float, float, float]:
+    device = x.device
+
+    def now() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
     barrier()
-    t0 = time.perf_counter()
+    t0 = now()
     loss = model(x).square().mean()
-    t1 = time.perf_counter()
+    t1 = now()
     loss.backward()
-    t2 = time.perf_counter()
+    t2 = now()
     opt.step()
-    t3 = time.perf_counter()
+    t3 = now()
     opt.zero_grad()
-    t4 = time.perf_counter()
+    t4 = now()
     return t3 - t2, t2 - t1, t4 - t0
 
 
@@ -95,7 +111,7 @@ def _bench_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     times: dict[str, list[tuple[float, float, float]]] = {mode: [] for mode in runs}
     gen = torch.Generator().manual_seed(rank)
     for it in range(cfg["warmup"] + cfg["steps"]):
-        x = torch.randn(cfg["batch"], cfg["width"], generator=gen)
+        x = torch.randn(cfg["batch"], cfg["width"], generator=gen).to(cfg["device"])
         for mode, (model, opt) in runs.items():
             t = _iteration(model, opt, x, barrier)
             if it >= cfg["warmup"]:
@@ -139,6 +155,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for the multi-rank run")
+    add_device_argument(ap)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     return ap
 
@@ -151,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.layers, args.width, args.batch, args.steps, args.threads) < 1 or args.ranks < 0:
         print("bench overlap: --layers, --width, --batch, --steps, --threads must be >= 1", file=sys.stderr)
         return 2
+    try:
+        device = resolve_device(args.device, max(1, args.ranks))
+    except ValueError as e:
+        print(f"bench overlap: {e}", file=sys.stderr)
+        return 2
     cfg = {
         "layers": args.layers,
         "width": args.width,
@@ -159,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "warmup": max(0, args.warmup),
         "threads": args.threads,
+        "device": device,
     }
     threads = torch.get_num_threads()
     try:
@@ -167,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     if args.ranks:
         try:
-            got = launch_ranks(_bench_rank, args.ranks, cfg, timeout_s=args.timeout, preload=_PRELOAD, name="overlap")
+            got = launch_ranks(
+                _bench_rank, args.ranks, cfg, timeout_s=args.timeout, preload=_PRELOAD, name="overlap", device=device
+            )
         except (RuntimeError, TimeoutError) as e:
             print(str(e), file=sys.stderr)
             return 1
@@ -179,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "bucket_bytes": args.bucket_bytes,
         "cpu_cores": os.cpu_count(),
-        **environment(),
+        **environment(device),
         "threads_per_rank": args.threads,
         "exposed": "end of backward -> end of step()",
     }

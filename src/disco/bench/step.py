@@ -20,6 +20,9 @@ largest parameter difference between the two sides after the timed steps (same w
 ``--ortho`` adds, per compute dtype, the whole ``disco.Muon`` step against its orthogonalizations alone (the same
 LMO specs called on ready directions, one matrix per call, as the step calls them): what the element-wise passes,
 the checks and the bookkeeping of a step cost on top (goal: <= 1.10).
+
+``--device auto|cpu|cuda``: ``auto`` (default) steps on the GPU where there is one; there every timed step ends
+with ``torch.cuda.synchronize`` and ``--memory`` reads the CUDA allocator's peak instead of the profiler.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from disco.bench.common import Column, emit, environment, time_call
+from disco.bench.common import Column, add_device_argument, emit, environment, resolve_device, synchronize, time_call
 from disco.distributed import create_local_config
 from disco.optim.muon import Muon
 
@@ -128,9 +131,17 @@ class LoopMuon:
             p.add_(O.to(p.dtype), alpha=-self.lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
 
 
-def peak_extra_mib(fn: Callable[[], object]) -> float:
+def peak_extra_mib(fn: Callable[[], object], device: str = "cpu") -> float:
     """Peak bytes allocated above the start while ``fn`` runs (MiB), from the profiler's memory timeline: every
-    CPU allocation and free in order, not the process's RSS (which the allocator's caching blurs)."""
+    CPU allocation and free in order, not the process's RSS (which the allocator's caching blurs). On CUDA: the
+    caching allocator's peak of allocated bytes (``torch.cuda.max_memory_allocated``) over the start."""
+    if device == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
@@ -175,8 +186,8 @@ def compare(
         "ratio": ours_s / peer_s,
         "max_abs_diff": diff,
     }
-    if memory and device == "cpu":
-        ours_mib, peer_mib = peak_extra_mib(ours_step), peak_extra_mib(peer_step)
+    if memory:
+        ours_mib, peer_mib = peak_extra_mib(ours_step, device), peak_extra_mib(peer_step, device)
         row.update(ours_mib=ours_mib, peer_mib=peer_mib, mem_ratio=ours_mib / max(peer_mib, 1e-9))
     return row
 
@@ -269,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeat", type=int, default=5, help="timed steps per side (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
-    parser.add_argument("--memory", action="store_true", help="also the peak extra memory of a step (CPU)")
+    parser.add_argument("--memory", action="store_true", help="also the peak extra memory of a step")
     parser.add_argument(
         "--stack-bytes", default="auto", help="disco's stack budget: auto, none or bytes; a comma list sweeps"
     )
@@ -279,10 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ortho", action="store_true", help="also the step against its orthogonalizations alone, per dtype"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.layers < 1 or args.width < 1:
@@ -309,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**row, "stack_bytes": "auto", "commit": "atomic"})
     meta = {
         "benchmark": "step",
-        **environment(),
-        "device": args.device,
+        **environment(args.device),
         "repeat": args.repeat,
         "warmup": args.warmup,
         "shapes": f"{args.layers} x {BLOCKS[args.block][1]} at w={args.width}",

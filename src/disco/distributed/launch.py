@@ -1,22 +1,34 @@
-"""Run a function on several real ``torch.distributed`` ranks (gloo, CPU): the tests' and ``bench dist``'s launcher.
+"""Run a function on several real ``torch.distributed`` ranks (gloo on CPU, NCCL on GPUs): the tests' and the
+distributed benchmarks' launcher.
 
 Writing a distributed test::
 
-    from disco.distributed.launch import run_ranks   # tests: ``from dist_harness import run_ranks``
+    from disco.distributed.launch import rank_device_type, run_ranks   # tests: ``from dist_harness import run_ranks``
 
     def _body(rank, world_size, n):          # module level: the ranks import it by name
         import torch.distributed as dist
-        t = torch.full((n,), float(rank))
+        t = torch.full((n,), float(rank), device=rank_device_type())
         dist.all_reduce(t)
-        return t                             # comes back to the parent, pickled
+        return t                             # comes back to the parent, pickled (on the CPU)
 
     def test_sum():
         out = run_ranks(_body, 4, 3)         # out[r] is rank r's return value
         assert torch.equal(out[0], torch.full((3,), 6.0))
 
-Inside ``_body`` the default process group is initialised (gloo, ``RANK_THREADS`` torch threads, ``RANK`` /
-``WORLD_SIZE`` / ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` / ``MASTER_ADDR`` set), so ``init_device_mesh("cpu", (2, 2))``,
-``fully_shard``, ``parallelize_module`` and ``torch.distributed.checkpoint`` work directly.
+Inside ``_body`` the default process group is initialised (``RANK_THREADS`` torch threads, ``RANK`` /
+``WORLD_SIZE`` / ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` / ``MASTER_ADDR`` set), so
+``init_device_mesh(rank_device_type(), (2, 2))``, ``fully_shard``, ``parallelize_module`` and
+``torch.distributed.checkpoint`` work directly.
+
+Device: ``device="auto"`` (the default, or ``DISCO_DEVICE=auto|cpu|cuda`` when the argument is left out) runs the
+ranks on CUDA when this machine has at least one GPU per rank, else on the CPU. On CPU the process group is gloo,
+as it always was (on a machine with GPUs, CPU ranks get ``CUDA_VISIBLE_DEVICES=""``: what picks a device by
+itself, such as ``fully_shard``'s default mesh, picks the CPU too). On CUDA rank ``r`` calls
+``torch.cuda.set_device(r)`` and joins a ``"cpu:gloo,cuda:nccl"`` group: CUDA tensors travel over NCCL, CPU
+tensors (a body's bookkeeping, a ``"cpu"`` mesh) over gloo, so a body written for the CPU still runs.
+``rank_device_type()`` / ``rank_device()`` tell a body which device it got; ``device="cpu"`` pins a call to the
+CPU (a test whose oracle is a bit-for-bit CPU reference); ``device="cuda"`` demands one GPU per rank and raises
+``ValueError`` otherwise. Tensors a rank returns come back on the CPU.
 
 Rendezvous: by default the ranks meet through a ``FileStore`` in a fresh temporary directory per call (no
 ports at all). ``rendezvous="tcp"`` makes the parent host a ``TCPStore`` on a free port (``port=0``) instead
@@ -25,8 +37,8 @@ exactly 5 s when several ranks connect at once (about 1 launch in 10-60), which 
 
 What ``run_ranks`` guarantees:
 
-* return values come back in rank order; tensors are detached and cloned before pickling (DTensors are
-  refused: return ``x.full_tensor()`` or ``x.to_local()``);
+* return values come back in rank order; tensors are detached and copied to the CPU before pickling (DTensors
+  are refused: return ``x.full_tensor()`` or ``x.to_local()``);
 * an exception on any rank is raised in the parent as :class:`RankError` whose message holds every failing
   rank's number and full traceback (the first failure's type is in the headline, the original exception is
   the ``__cause__`` when it unpickles); a rank that dies without reporting (segfault, ``os._exit``) counts
@@ -34,8 +46,8 @@ What ``run_ranks`` guarantees:
 * if not every rank reports within ``timeout`` seconds (counted from the moment all ranks are started), the
   hung ranks' Python stacks are dumped, every rank and its descendants are killed, and ``TimeoutError``
   names the ranks that did not finish (with their stacks), so a deadlock fails the test instead of hanging
-  CI. The ranks' gloo timeout (``pg_timeout``) defaults to ``timeout`` + 30 s, so the launcher, not gloo,
-  catches a deadlock;
+  CI. The ranks' process-group timeout (``pg_timeout``) defaults to ``timeout`` + 30 s, so the launcher, not
+  gloo or NCCL, catches a deadlock;
 * each rank watches the parent through a pipe and kills itself if the parent dies;
 * what a rank prints (stdout and stderr) is replayed on the parent's ``sys.stdout`` (as it is when the call
   returns or raises) with a ``[rank r]`` prefix, so pytest shows it for failing tests.
@@ -72,7 +84,19 @@ from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-__all__ = ["HOST", "RANK_THREADS", "RankError", "rank_threads", "run_ranks"]
+__all__ = [
+    "DEVICES",
+    "DEVICE_ENV",
+    "HOST",
+    "RANK_THREADS",
+    "RankError",
+    "backend_for",
+    "choose_device",
+    "rank_device",
+    "rank_device_type",
+    "rank_threads",
+    "run_ranks",
+]
 
 HOST = "127.0.0.1"
 #: torch intra-op threads in each rank. A single-process reference that a test compares bit for bit with the
@@ -81,6 +105,13 @@ HOST = "127.0.0.1"
 #: ``baddbmm`` in Newton-Schulz are; on AVX2 even plain ``mm``), so a 2-thread parent differs from 1-thread ranks by
 #: a few fp32 ulps per product, which Newton-Schulz carries into the update.
 RANK_THREADS = 1
+
+#: what ``device=`` (and ``DISCO_DEVICE``) accept: ``auto`` is CUDA where every rank gets its own GPU, else CPU
+DEVICES = ("auto", "cpu", "cuda")
+#: the environment variable that picks the device when a call leaves ``device`` out (tests, ``make bench``)
+DEVICE_ENV = "DISCO_DEVICE"
+# The process-group backend per device: on CUDA, CPU tensors still go over gloo (a body's bookkeeping, CPU meshes).
+_BACKENDS = {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl"}
 
 # What the forkserver imports once, before it forks any rank (``preload`` adds to it).
 _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp"]
@@ -99,6 +130,7 @@ Status = tuple[Any, ...]  # ("ok", result bytes) | ("err", type name, traceback,
 _ctx_lock = threading.Lock()
 _ctx: ForkServerContext | None = None
 _preloaded: frozenset[str] = frozenset()
+_rank_device_type = "cpu"  # set in each rank by ``_rank_entry``
 
 
 class RankError(RuntimeError):
@@ -108,6 +140,64 @@ class RankError(RuntimeError):
         super().__init__(message)
         self.failures = failures
         self.exc_types = exc_types
+
+
+def choose_device(world_size: int, device: str | None = None, *, name: str = "device") -> str:
+    """The device ``world_size`` ranks run on: ``"cpu"`` or ``"cuda"``.
+
+    ``device``: ``"auto"``, ``"cpu"`` or ``"cuda"``; ``None`` reads ``DISCO_DEVICE`` (unset or empty: ``"auto"``).
+    ``"auto"`` is ``"cuda"`` when CUDA is available with at least ``world_size`` devices (NCCL wants one GPU per
+    rank), else ``"cpu"``. ``"cuda"`` without enough GPUs raises ``ValueError``, as does an unknown value; the
+    message names the variable, or ``name`` (the argument's name to the caller: ``--device`` for a CLI).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    source = name
+    if device is None:
+        device, source = os.environ.get(DEVICE_ENV) or "auto", DEVICE_ENV
+    if device not in DEVICES:
+        raise ValueError(f"{source}={device!r} is not a device of the launcher; valid: {list(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    available = _cuda_available()
+    count = int(torch.cuda.device_count()) if available else 0
+    if available and count >= world_size:
+        return "cuda"
+    if device == "cuda":
+        seen = f"{count} CUDA device(s)" if available else "CUDA is not available"
+        raise ValueError(f"{source}='cuda' needs one CUDA device per rank: {world_size} ranks, {seen}")
+    return "cpu"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def backend_for(device: str) -> str:
+    """The ``init_process_group`` backend of ranks on ``device`` (``"cpu"``: gloo; ``"cuda"``: NCCL for CUDA
+    tensors and gloo for CPU ones)."""
+    if device not in _BACKENDS:
+        raise ValueError(f"device must be one of {sorted(_BACKENDS)}, got {device!r}")
+    return _BACKENDS[device]
+
+
+def rank_device_type() -> str:
+    """Inside a rank of :func:`run_ranks`: ``"cuda"`` or ``"cpu"``, the device the launcher gave it (the first
+    argument of ``init_device_mesh``). Outside a rank: ``"cpu"``."""
+    return _rank_device_type
+
+
+def rank_device() -> Any:
+    """Inside a rank: its ``torch.device`` (``cuda:<local rank>`` on CUDA, else ``cpu``); outside a rank: ``cpu``."""
+    import torch
+
+    if _rank_device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _context(preload: Sequence[str]) -> tuple[ForkServerContext, list[str]]:
@@ -147,7 +237,8 @@ def _resolve(spec: FnSpec) -> Any:
 
 
 def _portable(x: Any) -> Any:
-    """Detach/clone tensors inside dicts, lists and tuples so the result pickles by value."""
+    """Detach/clone tensors inside dicts, lists and tuples so the result pickles by value; CUDA tensors are copied
+    to the CPU (the parent may have no GPU context, and compares with CPU references)."""
     import torch
 
     if isinstance(x, torch.Tensor):
@@ -157,7 +248,7 @@ def _portable(x: Any) -> Any:
             raise TypeError(
                 "a rank returned a DTensor; return x.full_tensor() or x.to_local() (and x.placements) instead"
             )
-        return x.detach().clone()
+        return x.detach().clone() if x.device.type == "cpu" else x.detach().cpu()
     if isinstance(x, dict):
         return {k: _portable(v) for k, v in x.items()}
     if isinstance(x, list):
@@ -182,6 +273,7 @@ def _watchdog(alive: Connection) -> None:
 def _rank_entry(
     rank: int,
     world_size: int,
+    placement: tuple[str, bool],
     rdzv: tuple[str, Any],
     pg_timeout: float,
     fn_spec: FnSpec,
@@ -203,18 +295,25 @@ def _rank_entry(
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
     threading.Thread(target=_watchdog, args=(alive_conn,), name="parent-watchdog", daemon=True).start()
 
+    device, hide_gpus = placement  # "cpu" | "cuda"; whether this CPU rank hides the machine's GPUs
     env: dict[str, object] = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank}
     env.update(LOCAL_WORLD_SIZE=world_size, GROUP_RANK=0, MASTER_ADDR=HOST, OMP_NUM_THREADS=1)
     if rdzv[0] == "tcp":
         env["MASTER_PORT"] = rdzv[1]
+    if hide_gpus:  # a CPU rank on a GPU machine: what picks a device by itself (fully_shard's mesh) picks the CPU
+        env["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.update({k: str(v) for k, v in env.items()})
     import torch
     import torch.distributed as dist
     from torch._C._distributed_c10d import FileStore, Store, TCPStore
 
+    global _rank_device_type
     torch.set_num_threads(RANK_THREADS)
     msg: Status
     try:
+        if device == "cuda":  # one GPU per rank (choose_device checked the count): NCCL's communicator is per device
+            torch.cuda.set_device(rank)
+        _rank_device_type = device
         for name in imports:  # asked for by this call, not preloaded by the forkserver
             importlib.import_module(name)
         fn = _resolve(fn_spec)
@@ -226,7 +325,7 @@ def _rank_entry(
         else:
             store = FileStore(rdzv[1], world_size)
             store.set_timeout(td)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=td)
+        dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size, timeout=td)
         # every rank connected before any body runs: a rank whose body returns at once would otherwise tear its
         # side of the mesh down while a slower rank is still connecting (its error, not its body's, comes back)
         dist.barrier()
@@ -378,16 +477,18 @@ def run_ranks(
     pg_timeout: float | None = None,
     rendezvous: str = "file",
     preload: Sequence[str] | None = None,
+    device: str | None = None,
     **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return results by rank.
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; return results by rank.
 
     ``timeout``: seconds for all ranks to report, counted after they are started. ``pg_timeout``: the ranks'
     ``init_process_group`` timeout (default ``timeout + 30``). ``rendezvous``: ``"file"`` (``FileStore``,
     default) or ``"tcp"`` (``TCPStore`` hosted by the parent on a free port). ``preload``: module names to
     import before ``fn`` runs, in the forkserver if this is the process's first call, else in each rank.
-    ``args`` / ``kwargs`` must pickle; ``timeout``, ``pg_timeout``, ``rendezvous`` and ``preload`` are not
-    passed on to ``fn``.
+    ``device``: ``"auto"``, ``"cpu"`` or ``"cuda"`` (:func:`choose_device`; ``None``: ``DISCO_DEVICE``, else
+    ``"auto"``). ``args`` / ``kwargs`` must pickle; ``timeout``, ``pg_timeout``, ``rendezvous``, ``preload``
+    and ``device`` are not passed on to ``fn``.
     """
     from torch._C._distributed_c10d import TCPStore
 
@@ -396,6 +497,8 @@ def run_ranks(
     if rendezvous not in ("file", "tcp"):
         raise ValueError(f"rendezvous must be 'file' or 'tcp', got {rendezvous!r}")
     spec = _fn_spec(fn)
+    chosen = choose_device(world_size, device)
+    placement = (chosen, chosen == "cpu" and _cuda_available())
     payload = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
     pg_timeout = float(timeout + 30.0 if pg_timeout is None else pg_timeout)
     ctx, imports = _context(list(preload or ()))
@@ -416,7 +519,7 @@ def run_ranks(
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_rank_entry,
-                args=(r, world_size, rdzv, pg_timeout, spec, imports, payload, send, alive_r, logs[r]),
+                args=(r, world_size, placement, rdzv, pg_timeout, spec, imports, payload, send, alive_r, logs[r]),
                 name=f"disco-rank{r}",
             )
             proc.start()
