@@ -1,4 +1,5 @@
-"""Process-group configs, the callback escape hatch, engine options and byte accounting, on real gloo ranks."""
+"""Process-group configs, the callback escape hatch, engine options and byte accounting, on real ranks (the
+launcher's device: CUDA + NCCL where every rank gets its own GPU, else CPU + gloo)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from test_dist_equivalence import SHAPES, STEPS, _assert_same, _dtensor_grad, bu
 from torch import nn
 
 from disco.distributed import create_auto_config, create_callback_config, create_dtensor_config
-from disco.distributed.launch import rank_threads
+from disco.distributed.launch import rank_device, rank_device_type, rank_threads
 from disco.distributed.layout import chunk_bound
 
 
@@ -48,7 +49,7 @@ def _body_pg(rank, world_size, kind, mode):
             d = tp_dims[i]
             lo, hi = chunk_bound(t.shape[d], 2, rank % 2)
             t = t.narrow(d, lo, hi - lo)
-        return t.clone()
+        return t.clone().to(rank_device())
 
     params = {n: nn.Parameter(piece(n, t)) for n, t in full.items()}
     config = create_auto_config(fsdp_pg, tp_pg, tp_dims)
@@ -99,13 +100,13 @@ def _body_callbacks(rank, world_size, bad):
         dist.broadcast(out, src=owner)
         return out
 
-    params = {n: nn.Parameter(t.clone()) for n, t in full.items()}
+    params = {n: nn.Parameter(t.clone().to(rank_device())) for n, t in full.items()}
     config = create_callback_config(assign_fn, gather_fn, redistribute_fn)
     opt = build_optimizer("disco", list(params.items()), distributed_config=config)
     counts = []
     for step in range(STEPS):
         for n, g in full_tensors(SHAPES, 100 + step).items():
-            params[n].grad = g
+            params[n].grad = g.to(rank_device())
         opt.step()
         counts.append(opt.engine.stats.matrices_computed)
     return {n: p.detach() for n, p in params.items()}, counts, opt.assignments
@@ -130,10 +131,10 @@ def _body_options(rank, world_size, options, split):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     if split:
-        mesh = init_device_mesh("cpu", (world_size,))
+        mesh = init_device_mesh(rank_device_type(), (world_size,))
         place = [Shard(0)]
     else:
-        mesh = init_device_mesh("cpu", (2, 2))
+        mesh = init_device_mesh(rank_device_type(), (2, 2))
         place = [Replicate(), Shard(0)]
     full = full_tensors(SHAPES, 0)
     params = {n: nn.Parameter(distribute_tensor(t, mesh, place, src_data_rank=None)) for n, t in full.items()}

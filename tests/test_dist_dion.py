@@ -1,5 +1,6 @@
-"""Distributed Dion on real gloo ranks: equals one process for every layout, compressed sync equals the compressed
-algorithm, bytes counted by the engine, a mesh that contradicts the placements is refused, DCP reshards M and Q."""
+"""Distributed Dion on real ranks (CUDA + NCCL where every rank gets its own GPU, else gloo): equals one process
+for every layout, compressed sync equals the compressed algorithm, bytes counted by the engine, a mesh that
+contradicts the placements is refused, DCP reshards M and Q."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dist_harness import RankError, run_ranks
 from torch import nn
 
 from disco import Dion
-from disco.distributed.launch import rank_threads
+from disco.distributed.launch import rank_device, rank_device_type, rank_threads
 
 
 @pytest.fixture(autouse=True)
@@ -37,11 +38,11 @@ def _mesh_and_placements(layout, world):
     from torch.distributed.tensor import Replicate, Shard
 
     if layout == "fsdp":
-        return init_device_mesh("cpu", (world,)), [Shard(0)]
+        return init_device_mesh(rank_device_type(), (world,)), [Shard(0)]
     if layout == "fsdp_tp":
-        return init_device_mesh("cpu", (2, 2)), [Shard(0), Shard(1)]
+        return init_device_mesh(rank_device_type(), (2, 2)), [Shard(0), Shard(1)]
     if layout == "hsdp":
-        return init_device_mesh("cpu", (2, 2)), [Replicate(), Shard(0)]
+        return init_device_mesh(rank_device_type(), (2, 2)), [Replicate(), Shard(0)]
     raise ValueError(layout)
 
 
@@ -55,7 +56,7 @@ def _body(rank, world_size, layout, sync, same_batch, extra):
 
     full = _full(0)
     if layout == "ddp":
-        params = {n: nn.Parameter(t.clone()) for n, t in full.items()}
+        params = {n: nn.Parameter(t.clone().to(rank_device())) for n, t in full.items()}
         opt = Dion(
             list(params.items()), replicate_mesh=dist.group.WORLD, replicate_mesh_grad_sync=sync, **{**KW, **extra}
         )
@@ -68,7 +69,11 @@ def _body(rank, world_size, layout, sync, same_batch, extra):
         seed = 100 + step + (0 if same_batch else 1000 * _replica(layout, rank))
         for n, g in _full(seed).items():
             p = params[n]
-            p.grad = g if layout == "ddp" else distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+            p.grad = (
+                g.to(rank_device())
+                if layout == "ddp"
+                else distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+            )
         opt.step()
         sent.append(opt.engine.stats.bytes_sent)
     out = {n: (p.full_tensor() if layout != "ddp" else p.detach()) for n, p in params.items()}
@@ -168,10 +173,10 @@ def test_compressed_sync_moves_low_rank_factors_only():
 def _body_synchronize(rank, world_size):
     import torch.distributed as dist
 
-    params = {n: nn.Parameter(t.clone()) for n, t in _full(0).items()}
+    params = {n: nn.Parameter(t.clone().to(rank_device())) for n, t in _full(0).items()}
     opt = Dion(list(params.items()), replicate_mesh=dist.group.WORLD, **KW)
     for n, g in _full(100 + 1000 * rank).items():  # a different batch on each replica
-        params[n].grad = g
+        params[n].grad = g.to(rank_device())
     opt.step()
     before = [opt.state[p]["momentum_buffer"].clone() for p in params.values()]
     opt.synchronize_for_checkpoint()
@@ -191,7 +196,7 @@ def _body_bad_mesh(rank, world_size):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (2, 2))
+    mesh = init_device_mesh(rank_device_type(), (2, 2))
     W = nn.Parameter(distribute_tensor(torch.zeros(8, 6), mesh, [Shard(0), Shard(1)], src_data_rank=None))
     # the rows are sharded over mesh dim 0 ({0, 2} / {1, 3}); claim they are sharded over {0, 1} / {2, 3}
     wrong = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order

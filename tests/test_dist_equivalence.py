@@ -3,6 +3,8 @@
 Every rank builds the same full parameters and, per step, the same full gradients from fixed seeds, lays them
 out as the layout under test (real DTensors from ``fully_shard`` / ``distribute_tensor``, real process groups),
 runs three optimizer steps and returns the full parameters; the parent compares them with a single-device run.
+The ranks run on the launcher's device (CUDA + NCCL where every rank gets its own GPU, else CPU + gloo); the
+reference runs on the CPU, within the tolerance (atol 1e-5) that either device meets.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dist_harness import RankError, run_ranks
 from torch import nn
 
 from disco import Disco, Muon, Scion
-from disco.distributed.launch import rank_threads
+from disco.distributed.launch import rank_device, rank_device_type, rank_threads
 
 
 @pytest.fixture(autouse=True)
@@ -88,28 +90,28 @@ def _body_dtensor(rank, world_size, kind, layout, shapes):
 
     full = full_tensors(shapes, 0)
     if layout == "hsdp":
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard"))
+        mesh = init_device_mesh(rank_device_type(), (2, 2), mesh_dim_names=("rep", "shard"))
         place = {n: [Replicate(), Shard(0)] for n in shapes}
     elif layout in ("tp_col", "tp_row"):
-        mesh = init_device_mesh("cpu", (world_size,))
+        mesh = init_device_mesh(rank_device_type(), (world_size,))
         place = {n: [Shard(0 if layout == "tp_col" or len(s) == 1 else 1)] for n, s in shapes.items()}
     elif layout == "fsdp_tp":
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        mesh = init_device_mesh(rank_device_type(), (2, 2), mesh_dim_names=("dp", "tp"))
         place = {n: [_StridedShard(0, split_factor=2), Shard(0)] for n in shapes}
         place["b.weight"] = [Shard(0), Shard(1)]
         place["b.bias"] = [Replicate(), Shard(0)]
     elif layout == "cp":
-        mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+        mesh2 = init_device_mesh(rank_device_type(), (2, 2), mesh_dim_names=("dp", "cp"))
         mesh = mesh2["dp", "cp"]._flatten("dp_cp")
         place = {n: [Shard(0)] for n in shapes}
     elif layout == "ep_expert_dim":
-        mesh = init_device_mesh("cpu", (world_size,))
+        mesh = init_device_mesh(rank_device_type(), (world_size,))
         place = {n: [Shard(0)] for n in shapes}
     elif layout == "ep_matrix_dim":
-        mesh = init_device_mesh("cpu", (world_size,))
+        mesh = init_device_mesh(rank_device_type(), (world_size,))
         place = {n: [Shard(1)] for n in shapes}
     elif layout == "replicated":
-        mesh = init_device_mesh("cpu", (world_size,))
+        mesh = init_device_mesh(rank_device_type(), (world_size,))
         place = {n: [Replicate()] for n in shapes}
     else:
         raise ValueError(layout)
@@ -143,6 +145,7 @@ def _body_ddp(rank, world_size, kind, wrapper):
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 97, bias=False), nn.Linear(97, 32), nn.Linear(32, 18, bias=False))
+    model = model.to(rank_device())
     if wrapper:
         model = nn.parallel.DistributedDataParallel(model)
     named = [(n.removeprefix("module."), p) for n, p in model.named_parameters()]
@@ -150,7 +153,7 @@ def _body_ddp(rank, world_size, kind, wrapper):
     counts = []
     for step in range(STEPS):
         g = torch.Generator().manual_seed(step)
-        x = torch.randn(8, 64, generator=g)[rank * 4 : rank * 4 + 4]
+        x = torch.randn(8, 64, generator=g)[rank * 4 : rank * 4 + 4].to(rank_device())
         model(x).square().mean().backward()
         opt.step()
         opt.zero_grad()
@@ -237,7 +240,7 @@ def _body_pp(rank, world_size, kind):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    mesh = init_device_mesh(rank_device_type(), (2, 2), mesh_dim_names=("pp", "dp"))
     stage = mesh.get_coordinate()[0]
     names = ["a.weight", "b.weight", "b.bias"] if stage == 0 else ["c.weight", "e.weight"]
     shapes = {n: SHAPES[n] for n in names}
@@ -273,7 +276,7 @@ def _body_missing_grad(rank, world_size):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (world_size,))
+    mesh = init_device_mesh(rank_device_type(), (world_size,))
     params = {
         n: nn.Parameter(distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None))
         for n, t in full_tensors(SHAPES, 0).items()
@@ -298,7 +301,7 @@ def _body_skip_grad(rank, world_size):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (world_size,))
+    mesh = init_device_mesh(rank_device_type(), (world_size,))
     full = full_tensors(SHAPES, 0)
     params = {n: nn.Parameter(distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)) for n, t in full.items()}
     opt = build_optimizer("disco", list(params.items()))

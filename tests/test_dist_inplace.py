@@ -4,7 +4,8 @@ Issue 19 item 2: expert stacks ``(5, 24, 16)`` under FSDP2 on 3 ranks (sharded 2
 orthogonalizing its own experts) drifted from one process (1.3e-5 Muon, 5.5e-5 Scion), and bf16 parameters landed 3
 bf16 ulps away. Every rank here builds the same parameters and gradients from fixed seeds, lays them out as the
 layout under test (real DTensors, real gloo ranks), runs three steps and returns the full parameters; the parent
-compares them with one process run with the ranks' thread count (``rank_threads``).
+compares them with one process run with the ranks' thread count (``rank_threads``). CPU only (``device="cpu"``,
+also on a machine with GPUs): the oracle is that CPU process, to 1e-6 and one bf16 ulp.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ LAYOUTS = {"fsdp2": 3, "ep": 3, "hsdp": 4, "ep_x_fsdp": 4}
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_expert_stacks_computed_in_place_match_one_process(kind, layout):
     want, per_step = reference(kind, torch.float32)
-    out = run_ranks(_body, LAYOUTS[layout], kind, layout, torch.float32, timeout=120)
+    out = run_ranks(_body, LAYOUTS[layout], kind, layout, torch.float32, timeout=120, device="cpu")
     for got, _, _ in out:
         for n in want:
             assert _relative(got[n], want[n]) <= 1e-6, (n, _relative(got[n], want[n]))
@@ -152,7 +153,7 @@ def _ulps_bf16(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["muon", "scion"])
 def test_bf16_params_fsdp2_x3_within_one_ulp(kind):
     want, _ = reference(kind, torch.bfloat16)
-    out = run_ranks(_body, 3, kind, "fsdp2", torch.bfloat16, timeout=120)
+    out = run_ranks(_body, 3, kind, "fsdp2", torch.bfloat16, timeout=120, device="cpu")
     for got, _, _ in out:
         for n in want:
             assert got[n].dtype == torch.bfloat16
@@ -164,7 +165,7 @@ def test_expert_stacks_match_one_process_under_medium_precision(kind, medium_pre
     """With fp32 matmul precision "medium" (set by the user), a batched CPU matmul may run in bf16 where a single
     one does not: one process's stack of 5 experts and a rank's lone expert must still use the same kernel."""
     want, _ = reference(kind, torch.float32)
-    out = run_ranks(_body, 3, kind, "fsdp2", torch.float32, medium_precision, timeout=120)
+    out = run_ranks(_body, 3, kind, "fsdp2", torch.float32, medium_precision, timeout=120, device="cpu")
     assert [shards["experts.w1"][0] for _, shards, _ in out] == [2, 2, 1]
     for got, _, _ in out:
         for n in want:

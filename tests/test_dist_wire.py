@@ -3,6 +3,8 @@
 With a bf16 compute dtype each direction is cast to bf16 before it travels (``LMOSpec.input_dtype``) and, on one
 process, at the same point (``disco.distributed.engine.as_input``), so a distributed step stays bitwise equal to
 one process and sends half the bytes of the fp32 pieces. ``comm_dtype`` still decides the wire where it is set.
+The bitwise tests run on the CPU (``device="cpu"``, also on a machine with GPUs: the oracle is a CPU process);
+the byte counts run on the launcher's device.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def _body(rank, world_size, compute_dtype, comm_dtype):
 @pytest.mark.parametrize("comm_dtype", [None, torch.float32])
 def test_bf16_compute_fsdp2_bitwise_equal_to_one_process(comm_dtype):
     want = reference(torch.bfloat16)
-    out = run_ranks(_body, 2, torch.bfloat16, comm_dtype, timeout=120)
+    out = run_ranks(_body, 2, torch.bfloat16, comm_dtype, timeout=120, device="cpu")
     for got, _, _ in out:
         for n in want:
             assert torch.equal(got[n], want[n]), n
@@ -103,7 +105,7 @@ def test_bf16_wire_halves_the_pieces_bytes():
 
 
 def test_fp32_compute_keeps_the_fp32_wire():
-    out = run_ranks(_body, 2, torch.float32, None, timeout=120)
+    out = run_ranks(_body, 2, torch.float32, None, timeout=120, device="cpu")
     want = reference(torch.float32)
     for got, sent, planned in out:
         for n in want:
@@ -167,6 +169,6 @@ def _body_ddp(rank, world_size, wrapper):
 def test_bf16_compute_ddp_bitwise_equal_to_one_process(wrapper):
     model = _ddp_model()
     want = _ddp_step(model, build_optimizer(list(model.named_parameters()), torch.bfloat16), 0, 1)
-    for got in run_ranks(_body_ddp, 2, wrapper, timeout=120):
+    for got in run_ranks(_body_ddp, 2, wrapper, timeout=120, device="cpu"):
         for n in want:
             assert torch.equal(got[n], want[n]), n
