@@ -42,6 +42,7 @@ package: $(STAMP)
 	cd build && wheel-venv/bin/python ../examples/quickstart.py
 	cd build && wheel-venv/bin/python -c "import disco, sys; assert 'site-packages' in disco.__file__, disco.__file__"
 
+# On GPUs where there are (one per rank, NCCL), else the CPU; DISCO_DEVICE=cpu|cuda forces one (docs/benchmarks.md).
 bench: $(STAMP)
 	$(PY) -m disco bench goals
 

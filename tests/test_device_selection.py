@@ -133,6 +133,15 @@ def test_cpu_ranks_on_gloo_as_before(monkeypatch):
     assert rank_device_type() == "cpu" and rank_device() == torch.device("cpu")  # outside a rank
 
 
+def test_cpu_ranks_on_a_gpu_machine_see_no_gpu(gpus):
+    """1 GPU for 2 ranks: auto runs them on the CPU, and they see no GPU (what picks a device by itself, such as
+    ``fully_shard``'s default mesh, must pick the CPU too); the parent's view is monkeypatched, the ranks are real."""
+    gpus(1)
+    for got in run_ranks(_where, 2):
+        assert (got["type"], got["backend"], got["visible"]) == ("cpu", "gloo", "")
+        assert torch.equal(got["sum"], torch.full((2,), 3.0))
+
+
 @pytest.mark.skipif(_cuda_count() < 2, reason="needs 2 CUDA devices")
 def test_cuda_ranks_use_nccl_and_return_cpu_tensors(monkeypatch):
     monkeypatch.delenv(DEVICE_ENV, raising=False)
