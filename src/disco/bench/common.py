@@ -1,6 +1,6 @@
 """Shared helpers for the benchmarks: the device, timing, a fixed-width table, one-JSON-object output, ranks.
 
-Every benchmark takes ``--device auto|cpu|cuda``: ``auto`` (the default; ``DISCO_DEVICE`` overrides it) is CUDA
+Every benchmark takes ``--device auto|cpu|cuda`` (default: ``DISCO_DEVICE``, else ``auto``); ``auto`` is CUDA
 where there is one GPU per rank, else the CPU (:func:`disco.distributed.launch.choose_device`); on CUDA the ranks
 talk over NCCL and every timing waits for the GPU (``torch.cuda.synchronize``).
 """

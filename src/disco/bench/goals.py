@@ -25,8 +25,8 @@ prints the measured value, the peer's, their ratio, the target and whether it is
 9. ``state``: optimizer-state bytes per parameter of a Muon group with ``state_dtype`` bf16 and ``"int8_block"``
    against float32 momentum (counted, not timed).
 
-``--quick`` shrinks every case (a smoke run: the numbers mean nothing). ``--device auto|cpu|cuda``: ``auto`` (the
-default; ``DISCO_DEVICE`` overrides it) runs the one-process rows on a GPU where there is one and the 2-rank rows
+``--quick`` shrinks every case (a smoke run: the numbers mean nothing). ``--device auto|cpu|cuda`` (default:
+``DISCO_DEVICE``, else ``auto``): ``auto`` runs the one-process rows on a GPU where there is one and the 2-rank rows
 on two GPUs (NCCL) where there are two, each on the CPU otherwise; the header names the CPU, its flags and the GPU,
 and each row's ``device`` column says where it ran. On a GPU, ``cpu dtype`` reports the GPU's default dtype.
 """
