@@ -22,12 +22,14 @@ from disco.distributed.launch import DEVICE_ENV, backend_for, choose_device, ran
 
 @pytest.fixture
 def gpus(monkeypatch):
-    """``gpus(n)``: this process sees ``n`` CUDA devices (0: CUDA unavailable); ``DISCO_DEVICE`` unset."""
+    """``gpus(n, nccl=True)``: this process sees ``n`` CUDA devices (0: CUDA unavailable) and NCCL if ``nccl``;
+    ``DISCO_DEVICE`` unset."""
     monkeypatch.delenv(DEVICE_ENV, raising=False)
 
-    def see(n: int) -> None:
+    def see(n: int, nccl: bool = True) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: nccl)
 
     return see
 
@@ -39,6 +41,13 @@ def test_auto_picks_cuda_only_with_one_gpu_per_rank(gpus, n_gpus, world, want):
     assert choose_device(world) == want
     assert choose_device(world, "auto") == want
     assert backend_for(want) == {"cpu": "gloo", "cuda": "cpu:gloo,cuda:nccl"}[want]
+
+
+def test_gpus_without_nccl_are_not_picked(gpus):
+    gpus(4, nccl=False)
+    assert choose_device(2) == "cpu"
+    with pytest.raises(ValueError, match="needs one CUDA device per rank: 2 ranks, NCCL is not available"):
+        choose_device(2, "cuda")
 
 
 def test_cpu_is_cpu_even_with_gpus(gpus):

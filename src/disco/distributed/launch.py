@@ -82,7 +82,10 @@ from datetime import timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEVICES",
@@ -146,8 +149,8 @@ def choose_device(world_size: int, device: str | None = None, *, name: str = "de
     """The device ``world_size`` ranks run on: ``"cpu"`` or ``"cuda"``.
 
     ``device``: ``"auto"``, ``"cpu"`` or ``"cuda"``; ``None`` reads ``DISCO_DEVICE`` (unset or empty: ``"auto"``).
-    ``"auto"`` is ``"cuda"`` when CUDA is available with at least ``world_size`` devices (NCCL wants one GPU per
-    rank), else ``"cpu"``. ``"cuda"`` without enough GPUs raises ``ValueError``, as does an unknown value; the
+    ``"auto"`` is ``"cuda"`` when CUDA and NCCL are available with at least ``world_size`` devices (NCCL wants one
+    GPU per rank), else ``"cpu"``. ``"cuda"`` without enough GPUs raises ``ValueError``, as does an unknown value; the
     message names the variable, or ``name`` (the argument's name to the caller: ``--device`` for a CLI).
     """
     if world_size < 1:
@@ -163,10 +166,12 @@ def choose_device(world_size: int, device: str | None = None, *, name: str = "de
 
     available = _cuda_available()
     count = int(torch.cuda.device_count()) if available else 0
-    if available and count >= world_size:
+    nccl = available and _nccl_available()
+    if nccl and count >= world_size:
         return "cuda"
     if device == "cuda":
-        seen = f"{count} CUDA device(s)" if available else "CUDA is not available"
+        seen = "CUDA is not available" if not available else "NCCL is not available" if not nccl else ""
+        seen = seen or f"{count} CUDA device(s)"
         raise ValueError(f"{source}='cuda' needs one CUDA device per rank: {world_size} ranks, {seen}")
     return "cpu"
 
@@ -175,6 +180,12 @@ def _cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def _nccl_available() -> bool:
+    import torch.distributed as dist
+
+    return bool(dist.is_nccl_available())
 
 
 def backend_for(device: str) -> str:
@@ -191,7 +202,7 @@ def rank_device_type() -> str:
     return _rank_device_type
 
 
-def rank_device() -> Any:
+def rank_device() -> torch.device:
     """Inside a rank: its ``torch.device`` (``cuda:<local rank>`` on CUDA, else ``cpu``); outside a rank: ``cpu``."""
     import torch
 
