@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +231,60 @@ def test_best_lr_edges_ratio_and_all_diverged():
     assert "at the grid's smallest lr, 1/3 diverged" in table
     assert "every lr diverged" in table
     assert "largest / smallest = 2 (" in table
+
+
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid`` (read from /proc: no psutil)."""
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(p)
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to find the worker processes")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killing_the_sweep_stops_its_workers(tiny, signum):
+    """A sweep stopped by SIGTERM (a scheduler, ``kill``) or SIGKILL leaves no worker training on: before, a
+    SIGTERM'd parent left its spawned workers running their points to the end, unseen."""
+    out, common = tiny
+    cfg = common[common.index("--config") + 1]
+    long_runs = Path(cfg).read_text().replace("steps: 3", "steps: 100000")
+    Path(cfg).write_text(long_runs)
+    argv = [*common, "--optimizers", "adamw", "--widths", "16,32", "--lr-scale", "1", "--jobs", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "disco", "sweep", *argv], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300  # a hang detector: the workers import torch and start their runs
+        while len(list((out / "runs").glob("*/run.log"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the sweep's workers did not start"
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        proc.send_signal(signum)
+        proc.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while _alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(workers), f"workers {sorted(_alive(workers))} outlived the sweep"
+        if signum == signal.SIGTERM:
+            assert proc.returncode == 130
+    finally:
+        proc.kill()
+        for p in _alive(_children(proc.pid)):
+            os.kill(p, signal.SIGKILL)

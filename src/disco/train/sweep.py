@@ -31,8 +31,11 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -265,6 +268,34 @@ def _describe(row: dict[str, Any]) -> str:
     )
 
 
+def _exit_with(parent: int) -> None:
+    """A worker's initializer: exit once ``parent`` is gone (killed with SIGKILL, it cannot stop its workers)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="disco-sweep-parent-watch").start()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends the sweep as Ctrl-C does (workers stopped, finished rows kept), not with orphaned workers."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_sweep(sweep: Sweep) -> list[dict[str, Any]]:
     """Run the points not yet in ``sweep.jsonl`` (appending a line as each ends); returns the grid's rows."""
     sweep.out.mkdir(parents=True, exist_ok=True)
@@ -311,13 +342,17 @@ def run_sweep(sweep: Sweep) -> list[dict[str, Any]]:
                 record(run_point(sweep.base, p, sweep.out, sweep.threads))
         elif todo:
             spawn = multiprocessing.get_context("spawn")  # no forked torch thread pools
-            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
+            pool = cf.ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_exit_with, initargs=(os.getpid(),))
+            with pool:
                 futures = [pool.submit(run_point, sweep.base, p, sweep.out, sweep.threads) for p in todo]
                 try:
                     for future in cf.as_completed(futures):
                         record(future.result())
                 except BaseException:
+                    # Running points would otherwise finish first (the pool's exit waits for them): stop them now.
                     pool.shutdown(wait=False, cancel_futures=True)
+                    for child in multiprocessing.active_children():
+                        child.terminate()
                     raise
     if todo:
         print(f"[sweep] {len(todo)} runs in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
@@ -440,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             raise UsageError(f"--out {sweep.out}: cannot create the folder ({e.strerror or e})") from None
         torch.set_float32_matmul_precision("high")
-        rows = run_sweep(sweep)
+        with _sigterm_interrupts():
+            rows = run_sweep(sweep)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
