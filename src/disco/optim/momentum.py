@@ -148,9 +148,14 @@ def init_momentum(p: Tensor, state_dtype: torch.dtype | str | None, block: int) 
     return {"momentum_buffer": torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)}
 
 
+def _span_rows(rows: int, n: int) -> int:
+    """Rows of one fused block: about ``CHUNK_BYTES`` of float32."""
+    return min(max(rows, 1), max(1, CHUNK_BYTES // (4 * max(n, 1))))
+
+
 def _spans(rows: int, n: int) -> Iterator[tuple[int, int]]:
     """Row ranges of about ``CHUNK_BYTES`` of float32 each."""
-    step = max(1, CHUNK_BYTES // (4 * max(n, 1)))
+    step = _span_rows(rows, n)
     for r in range(0, rows, step):
         yield r, min(rows, r + step)
 
@@ -215,18 +220,19 @@ def direction(g: Tensor, mom: Momentum, beta: float, nesterov: bool, out_dtype: 
     G, U = _rows(g), _rows(out)
     B = _rows(buf) if mom.plain(g) and buf is not None else None  # read only: a copy if buf is not contiguous
     rows, n = G.shape
-    m = torch.empty((min(rows, max(1, CHUNK_BYTES // (4 * max(n, 1)))), n), dtype=compute, device=g.device)
-    for r0, r1 in _spans(rows, n):
-        Mc = B[r0:r1] if B is not None else mom.read(r0, r1, m[: r1 - r0])
-        Gc = G[r0:r1]
+    step = _span_rows(rows, n)
+    m = torch.empty((step, n), dtype=compute, device=g.device)
+    # the blocks as views made in one call each (``split``): per block, only the ops cross into C++
+    Ms = torch.split(B, step) if B is not None else [None] * len(range(0, rows, step))
+    for r0, Gc, Uc, Bc in zip(range(0, rows, step), torch.split(G, step), torch.split(U, step), Ms):
+        mc = m if Gc.shape[0] == step else m[: Gc.shape[0]]
+        Mc = Bc if Bc is not None else mom.read(r0, r0 + Gc.shape[0], mc)
         if not nesterov:
-            torch.lerp(Mc, Gc.to(compute), 1 - beta, out=m[: r1 - r0])
-            U[r0:r1].copy_(m[: r1 - r0])
+            Uc.copy_(torch.lerp(Mc, Gc.to(compute), 1 - beta, out=mc))
         elif Gc.dtype == compute:
-            torch.lerp(Gc, Mc, beta * beta, out=m[: r1 - r0])  # never in place: Gc is the gradient
-            U[r0:r1].copy_(m[: r1 - r0])
+            Uc.copy_(torch.lerp(Gc, Mc, beta * beta, out=mc))  # never in place: Gc is the gradient
         else:
-            U[r0:r1].copy_(Gc.to(compute).lerp_(Mc, beta * beta))  # .to made a copy: a new dtype
+            Uc.copy_(Gc.to(compute).lerp_(Mc, beta * beta))  # .to made a copy: a new dtype
     return out
 
 
@@ -248,23 +254,30 @@ def write_momentum(g: Tensor, mom: Momentum, beta: float) -> None:
 def update_weight(W: Tensor, O: Tensor, decay: float, alpha: float) -> None:
     """``W <- decay W + alpha O`` in place, one read-modify-write of ``W``: bitwise ``W.mul_(decay)`` then
     ``W.add_(O, alpha=alpha)``, block by block while the block is in cache (a narrower ``O`` widened block by
-    block into a scratch, as ``add_`` would widen all of it at once)."""
+    block into a scratch, as ``add_`` would widen all of it at once; a wider ``O``, e.g. the fp32 result of bf16
+    weights, is added as it is: ``add_`` computes in its dtype and rounds once)."""
     if not (W.is_contiguous() and O.is_contiguous() and W.shape == O.shape) or W.numel() == 0:
         if decay != 1:
             W.mul_(decay)
         W.add_(O, alpha=alpha)
         return
-    w, o = W.view(-1), O.view(-1)
     step = max(1024, CHUNK_BYTES // 4 // 1024 * 1024)
-    widen = O.dtype != W.dtype
-    scratch = torch.empty(min(step, w.numel()), dtype=W.dtype, device=W.device) if widen else None
-    for s in range(0, w.numel(), step):
-        wc, oc = w[s : s + step], o[s : s + step]
+    w, o = torch.split(W.view(-1), step), torch.split(O.view(-1), step)
+    if torch.promote_types(W.dtype, O.dtype) != W.dtype or O.dtype == W.dtype:
+        # the same dtype, or a wider O (a bf16 weight, an fp32 result): add_ computes in the wider dtype and rounds
+        # once; a narrowing scratch would round O first (two roundings, not the unfused op's one)
+        for wc, oc in zip(w, o):
+            if decay != 1:
+                wc.mul_(decay)
+            wc.add_(oc, alpha=alpha)
+        return
+    scratch = torch.empty(min(step, W.numel()), dtype=W.dtype, device=W.device)
+    for wc, oc in zip(w, o):
+        # O widened first: the weight's block is then read and written twice while it is still in cache
+        sc = scratch.copy_(oc) if oc.numel() == step else scratch[: oc.numel()].copy_(oc)
         if decay != 1:
             wc.mul_(decay)
-        if scratch is not None:
-            oc = scratch[: wc.numel()].copy_(oc)
-        wc.add_(oc, alpha=alpha)
+        wc.add_(sc, alpha=alpha)
 
 
 def state_bytes(state: dict[str, Any]) -> int:
