@@ -279,9 +279,16 @@ def gram_newton_schulz(
 
 
 def _plus_identity(Z: Tensor, a: float) -> Tensor:
-    """``Z + a I`` for a batch of square matrices (a new tensor)."""
+    """``Z + a I`` for a batch of square matrices (a new tensor), the diagonal added in at least fp32.
+
+    Not ``diagonal().add_(a)``: on a bf16 tensor eager CPU rounds the Python float to bf16 before adding
+    (``3.4445``, keller's first ``a``, to ``3.4375``) where inductor adds it in fp32, so a compiled bf16 step
+    used other coefficients than the eager one (its Gram Newton-Schulz result 3 % away after 5 steps). Spelled
+    out in fp32, both add the table's coefficient and give the same bits. (``mul`` by a float is computed in fp32
+    by both.)"""
     out = Z.clone()
-    out.diagonal(dim1=-2, dim2=-1).add_(a)
+    d = out.diagonal(dim1=-2, dim2=-1)
+    d.copy_(d.to(torch.promote_types(d.dtype, torch.float32)) + a)
     return out
 
 
