@@ -245,7 +245,7 @@ def test_lambda_is_refused():
 def test_deadlock_raises_timeout_and_kills_ranks(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(TimeoutError) as info:
-        run_ranks(_deadlock_body, 2, str(tmp_path), timeout=10, pg_timeout=300)
+        run_ranks(_deadlock_body, 2, str(tmp_path), timeout=10, pg_timeout=300, exact_timeout=True)
     elapsed = time.monotonic() - t0
     assert elapsed < 60, elapsed  # 10 s deadline + stack dumps + kills, with slack for a loaded machine
     msg = str(info.value)
@@ -266,10 +266,12 @@ def test_shim_delegates_to_the_package_launcher(monkeypatch):
         return ["sentinel"]
 
     monkeypatch.setattr(launch, "run_ranks", fake)
-    assert run_ranks(_pid_body, 3, 7, timeout=5, preload=["json"], tag="x") == ["sentinel"]
+    assert run_ranks(_pid_body, 3, 7, timeout=5, preload=["json"], tag="x", exact_timeout=True) == ["sentinel"]
     [(fn, world_size, args, kwargs)] = calls
     assert fn is _pid_body and world_size == 3 and args == (7,)
     assert kwargs == {"timeout": 5, "preload": ["pytest", "session_setup", "json"], "tag": "x"}
+    run_ranks(_pid_body, 2, timeout=5, pg_timeout=1)  # otherwise the timeouts are hang detectors
+    assert calls[1][3]["timeout"] == dist_harness.HANG_S and calls[1][3]["pg_timeout"] == dist_harness.PG_HANG_S
 
 
 def test_preload_modules_are_imported_in_the_ranks():

@@ -1,7 +1,9 @@
 """Reliability: misuse gets a clear error naming the culprit; ranks agree or fail alike, fast; steps are atomic.
 
-Distributed cases run on real gloo ranks with a short process-group timeout (60 s) and assert that every rank
-raises within 10 s, the same error, and that nothing changed.
+Distributed cases run on real gloo ranks and assert that every rank raises the same error, within ``FAST_S`` of
+the step's start, and that nothing changed. The bound tells the step's own propagation (about 0.35 s measured)
+from a rank left waiting at a collective, which would raise only at its process-group timeout ``PG_S``, five
+times later; it is wide so that a loaded machine cannot trip it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from disco import Disco, Muon, Scion
 from disco.distributed import create_auto_config
 from disco.distributed.agreement import StepError
 from disco.distributed.layout import chunk_bound
+
+#: every rank raises within this many seconds of the step's start (a bound for a loaded machine, not a timing)
+FAST_S = 60.0
+#: the ranks' process-group timeout: a rank the failure did not reach would wait this long at a collective
+PG_S = 300.0
 
 
 def _W(*shape, seed=0):
@@ -297,12 +304,12 @@ def _body_agreement(rank, world_size, case, commit="atomic"):
     ],
 )
 def test_ranks_fail_alike_and_fast(case, words):
-    out = run_ranks(_body_agreement, 2, case, timeout=40, pg_timeout=60)
+    out = run_ranks(_body_agreement, 2, case, pg_timeout=PG_S)
     kinds = {o[0] for o in out}
     assert len(kinds) == 1 and None not in kinds, out  # every rank raised, the same kind
     assert len({o[1] for o in out}) == 1, out  # the same message
     for o in out:
-        assert o[2] < 10, f"took {o[2]:.1f} s"
+        assert o[2] < FAST_S, f"took {o[2]:.1f} s"
         for w in words:
             assert w in o[1], (w, o[1])
         if len(o) > 3:
@@ -321,11 +328,11 @@ def test_ranks_fail_alike_and_fast(case, words):
 def test_streaming_ranks_fail_alike_and_fast(case, words, changed):
     """``commit="streaming"``: the same cases fail alike and fast; only a failure inside the math leaves a step
     partially applied, and every rank says so."""
-    out = run_ranks(_body_agreement, 2, case, "streaming", timeout=40, pg_timeout=60)
+    out = run_ranks(_body_agreement, 2, case, "streaming", pg_timeout=PG_S)
     kinds = {o[0] for o in out}
     assert len(kinds) == 1 and None not in kinds, out
     for o in out:
-        assert o[2] < 10, f"took {o[2]:.1f} s"
+        assert o[2] < FAST_S, f"took {o[2]:.1f} s"
         for w in words:
             assert w in o[1], (w, o[1])
         assert o[3] is not changed, o
@@ -338,7 +345,7 @@ def _body_unnamed_swap(rank, world_size):
 
 
 def test_unnamed_swapped_parameters_under_ddp_are_refused():
-    out = run_ranks(_body_unnamed_swap, 2, timeout=40, pg_timeout=60)
+    out = run_ranks(_body_unnamed_swap, 2, pg_timeout=PG_S)
     assert all(o[0] == "ValueError" and "differs across its replicas" in o[1] for o in out), out
 
 
@@ -359,10 +366,10 @@ def _body_skip(rank, world_size, nan):
 
 
 def test_nonfinite_skip_is_decided_collectively():
-    out = run_ranks(_body_skip, 2, True, timeout=40, pg_timeout=60)
+    out = run_ranks(_body_skip, 2, True, pg_timeout=PG_S)
     for skipped, msgs in out:
         assert skipped and any("skipped on every rank" in m for m in msgs)  # both ranks skip, not only rank 1
-    out = run_ranks(_body_skip, 2, False, timeout=40, pg_timeout=60)
+    out = run_ranks(_body_skip, 2, False, pg_timeout=PG_S)
     assert all(not skipped for skipped, _ in out)
 
 
@@ -387,5 +394,5 @@ def test_fp32_parameter_travels_in_fp32_beside_bf16():
     ref = Muon([W], compute_dtype=torch.float32)
     W.grad = _W(10, 6, seed=3).detach()
     ref.step()
-    for got in run_ranks(_body_mixed_dtypes, 2, timeout=40, pg_timeout=60):
+    for got in run_ranks(_body_mixed_dtypes, 2, pg_timeout=PG_S):
         assert torch.equal(got, W.detach())  # exact: the fp32 piece never went through bf16
