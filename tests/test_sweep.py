@@ -107,6 +107,34 @@ def test_a_point_equals_the_training_cli_with_its_settings(tiny, tmp_path, capsy
     )
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_runs_and_calibration_train_with_the_threads_asked_for(tiny, monkeypatch, threads):
+    """``--threads`` reaches the training: before, the training's world setup reset every run to all the cores
+    (2 jobs x 2 threads on 2 cores ran 15x slower)."""
+    out, common = tiny
+    seen = []
+    real_step = sweep._seconds_per_run
+
+    def calibrating(*args, **kwargs):
+        seen.append(("calibrate", torch.get_num_threads()))
+        return real_step(*args, **kwargs)
+
+    def training(*args, **kwargs):
+        seen.append(("train", torch.get_num_threads()))
+        return real_train(*args, **kwargs)
+
+    real_train = sweep.train_optimizer
+    monkeypatch.setattr(sweep, "_seconds_per_run", calibrating)
+    monkeypatch.setattr(sweep, "train_optimizer", training)
+    before = torch.get_num_threads()
+    try:
+        args = ["--optimizers", "adamw", "--widths", "32", "--lr-scale", "1", "--jobs", "1", "--threads", str(threads)]
+        assert call([*common[:-2], "--budget", "1000", *args]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [("calibrate", threads), ("train", threads)]
+
+
 def test_a_huge_lr_is_flagged_diverged(tiny, capsys):
     out, common = tiny
     argv = common + ["--optimizers", "adamw", "--widths", "16", "--lr-scale", "1e5", "--jobs", "1"]
