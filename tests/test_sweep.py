@@ -89,6 +89,10 @@ def test_sweep_writes_rows_table_plot_and_resumes(tiny, capsys):
         f"[sweep {n}/12" for n in range(9, 13)
     ]
     assert sorted(r["lr_scale"] for r in rows(out)[8:]) == [1.0] * 4
+    # a smaller grid into the same folder counts its own points only (the file's other rows are not its)
+    other = ["--optimizers", "adamw", "--widths", "16", "--lr-scale", "1,4", "--jobs", "1"]
+    assert call(common + other) == 0
+    assert "[sweep 2/2]" in capsys.readouterr().out
 
 
 def test_a_point_equals_the_training_cli_with_its_settings(tiny, tmp_path, capsys):

@@ -334,7 +334,7 @@ def run_sweep(sweep: Sweep) -> list[dict[str, Any]]:
             sink.write(json.dumps(row) + "\n")
             sink.flush()
             done[row_key(row)] = row
-            n = len(done)
+            n = sum(p.key in done for p in sweep.points)  # rows of other grids in the file are not counted
             print(f"[sweep {n}/{len(sweep.points)}] {_describe(row)}", flush=True)
 
         if jobs == 1:
