@@ -64,3 +64,27 @@ def test_subset_passes_under_setting(setting):
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+def test_the_per_backend_precision_api_is_read(precision):
+    """A user may set the CPU's fp32 matmul precision with torch's per-backend API (torch >= 2.9) rather than
+    ``set_float32_matmul_precision``; ``torch.get_float32_matmul_precision()`` then raises. The library reads
+    oneDNN's own setting: an expert stack's LMO computes (it raised in every step before), and each expert's result
+    is bitwise the same whichever stack holds it (one ``mm`` per expert where fp32 matmuls may be reduced)."""
+    from disco.ops import LMOSpec
+
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is None:
+        pytest.skip("torch < 2.9: no per-backend precision API")
+    before, legacy = matmul.fp32_precision, torch.get_float32_matmul_precision()
+    matmul.fp32_precision = precision
+    try:
+        spec = LMOSpec(backend="gram_newtonschulz5", compute_dtype=torch.float32)
+        G = torch.randn(1, 5, 24, 16, generator=torch.Generator().manual_seed(0))
+        whole = spec(G)[0]
+        for part in (slice(0, 2), slice(2, 5)):
+            assert torch.equal(spec(G[:, part])[0], whole[part]), part
+    finally:
+        matmul.fp32_precision = before
+        torch.set_float32_matmul_precision(legacy)  # every backend as the session had it

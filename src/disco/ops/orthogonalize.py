@@ -99,7 +99,19 @@ def _per_matrix(A: Tensor) -> bool:
     every expert's result independent of the stack it is in (the compute dtype, fp32, decides the precision)."""
     if A.device.type != "cpu":
         return False
-    return A.size(0) == 1 or (A.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest")
+    return A.size(0) == 1 or (A.dtype == torch.float32 and _cpu_fp32_matmuls_reduced())
+
+
+def _cpu_fp32_matmuls_reduced() -> bool:
+    """Whether CPU fp32 matmuls may run in bf16 or TF32: oneDNN's own setting (torch >= 2.9), which
+    ``torch.set_float32_matmul_precision`` sets too ("high": ``tf32``, "medium": ``bf16``). Not
+    ``torch.get_float32_matmul_precision()``: it raises once a user set one backend's precision with torch's
+    per-backend API (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``), which failed every fp32 step
+    of an expert stack."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is not None:
+        return str(matmul.fp32_precision) != "ieee"
+    return torch.get_float32_matmul_precision() != "highest"  # torch < 2.9: the one setting
 
 
 def _bmm(A: Tensor, B: Tensor) -> Tensor:
