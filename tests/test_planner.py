@@ -137,12 +137,9 @@ def test_buckets_group_equal_shapes_and_respect_bucket_size():
     assert small.stats()["collectives_per_step"] == 2 * len(small.buckets) == 2 * (3 + 3 + 10)
 
 
-def test_plan_for_4096_ranks_is_fast():
-    import time
-
-    t0 = time.perf_counter()
+def test_plan_for_4096_ranks():
+    # how fast: `python -m disco bench plan` (bench goals row 7); a timed assertion here would test the machine
     s = build_plan(gpt2_small(), "fsdp", 4096).stats()
-    assert time.perf_counter() - t0 < 10
     assert s["redundancy"] == 1.0 and s["bytes_total"] == s["bytes_lower_bound"]
 
 
