@@ -4,7 +4,8 @@ Each row runs one of the other benchmarks (in a fresh process, ``--json``) or a 
 prints the measured value, the peer's, their ratio, the target and whether it is met. Goals:
 
 1. ``step bf16``: one ``disco.Muon`` step (bf16 compute) over ``time torch.optim.Muon``'s, ``bench step`` at
-   4 x [3w x w, w x w, 4w x w, w x 4w], w = 512; target <= 0.75 (issue #21; it was 0.8). ``step fp32``: against the per-parameter fp32 loop.
+   4 x [3w x w, w x w, 4w x w, w x 4w], w = 512; target <= 0.75. ``step fp32``: against the per-parameter fp32
+   loop, same target.
 2. ``memory``: peak extra memory of a steady-state step over ``torch.optim.Muon``'s (same run); target <= 1.25
    with ``commit="streaming"`` (one update held at a time). The default ``commit="atomic"`` holds every update
    until all are computed (half the parameters' bytes in bf16): shown, no target.
@@ -14,7 +15,7 @@ prints the measured value, the peer's, their ratio, the target and whether it is
 5. ``overlap``: exposed optimizer time (end of backward to end of ``step()``) with ``overlap_with_backward``
    over the plain step's, one process (``bench overlap``).
 6. ``2 ranks``: the FSDP2 step on 2 gloo ranks over one process, one thread each, on ``bench dist``'s model;
-   target <= 0.55 (issue #21; it was 0.6). The two are timed in alternation inside one 2-rank job (rank 0 steps the whole model alone
+   target <= 0.55. The two are timed in alternation inside one 2-rank job (rank 0 steps the whole model alone
    while the other waits, then both step the sharded one), so that the machine's drift hits both alike.
    ``parallel capacity`` measures what the machine allows: two processes each running the same bf16 matmuls,
    their time over one alone (1.0: two real cores; 2.0: one core's worth shared), so the 2-rank ratio can be read.
