@@ -9,6 +9,10 @@ minutes where a quiet one takes seconds). So whatever a test passes, ``timeout``
 ``HANG_S`` and ``pg_timeout`` (a rank waiting at one collective for its peers) at least ``PG_HANG_S``: set
 ``DISCO_TEST_HANG_S`` (seconds, default 900) to move both. A test *about* the launcher's own timeout passes
 ``exact_timeout=True`` and gets its values as given.
+
+The ranks run at the caller's fp32 matmul precision at the moment of the call: the session's
+(``DISCO_TEST_MATMUL_PRECISION``), or "highest" inside a test that pins it with the ``fp32_matmuls`` fixture (its
+oracle is exact fp32 math: the one-process run beside the ranks is pinned too).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
 
 from disco.distributed import launch
 from disco.distributed.launch import HOST, RankError
@@ -41,10 +47,12 @@ def run_ranks(
     exact_timeout: bool = False,
     **kwargs: Any,
 ) -> list[Any]:
-    """:func:`disco.distributed.launch.run_ranks` (same arguments), with ``pytest`` added to ``preload`` and, unless
-    ``exact_timeout``, ``timeout`` raised to ``HANG_S`` and a given ``pg_timeout`` to ``PG_HANG_S``."""
+    """:func:`disco.distributed.launch.run_ranks` (same arguments), with ``pytest`` added to ``preload``, the
+    caller's matmul precision in the ranks and, unless ``exact_timeout``, ``timeout`` raised to ``HANG_S`` and a
+    given ``pg_timeout`` to ``PG_HANG_S``."""
     if not exact_timeout:
         kwargs["timeout"] = max(float(kwargs.get("timeout", 0.0)), HANG_S)
         if kwargs.get("pg_timeout") is not None:
             kwargs["pg_timeout"] = max(float(kwargs["pg_timeout"]), PG_HANG_S)
+    kwargs.setdefault("matmul_precision", torch.get_float32_matmul_precision())
     return launch.run_ranks(fn, world_size, *args, preload=[*PRELOAD, *(preload or ())], **kwargs)

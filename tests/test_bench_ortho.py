@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 import torch
 
 from disco.bench import main as bench_main
@@ -15,6 +16,7 @@ torch.set_num_threads(1)
 ROW_KEYS = {"backend", "table", "shape", "m", "n", "steps", "ms", "ms_min", "x_svd", "rel_err", "sv_min", "sv_max"}
 
 
+@pytest.mark.usefixtures("fp32_matmuls")  # its fp32 rows' errors against float64 are asserted
 def test_ortho_json(capsys):
     assert bench_main(["ortho", "--sizes", "64", "--json", "--repeat", "1"]) == 0
     out = capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from disco.bench import main as bench_main
@@ -15,6 +16,7 @@ torch.set_num_threads(1)
 ARGS = ["--layers", "1", "--width", "32", "--repeat", "1", "--warmup", "0", "--threads", "1"]
 
 
+@pytest.mark.usefixtures("fp32_matmuls")  # its fp32 rows' errors against float64 are asserted
 def test_step_json_rows_per_dtype_and_budget(capsys):
     assert step_main([*ARGS, "--json", "--memory", "--stack-bytes", "0,none"]) == 0
     obj = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout

@@ -14,6 +14,9 @@ from torch import nn
 from disco import Disco, Muon, NorMuon, Scion
 from disco.ops import ConstraintSpec, spectral_clip, stiefel
 
+# oracles in exact fp32 (SVD, one process): fp32 matmuls in fp32 whatever the session's precision
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")
+
 STEPS = 3
 
 

@@ -15,6 +15,9 @@ from disco.bench.dion import dion_reference_bytes
 from disco.distributed.launch import rank_threads
 from disco.ops.dion import dion_rank
 
+# each layout equals one process to fp32 rounding: fp32 matmuls in fp32 whatever the session's precision
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")
+
 
 @pytest.fixture(autouse=True)
 def _rank_threads():

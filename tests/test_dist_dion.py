@@ -14,6 +14,10 @@ from torch import nn
 from disco import Dion
 from disco.distributed.launch import rank_device, rank_device_type, rank_threads
 
+# one process as the oracle, to fp32 rounding: fp32 matmuls in fp32 whatever the session's precision (Dion under
+# "medium": tests/test_dion_precision.py)
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")
+
 
 @pytest.fixture(autouse=True)
 def _rank_threads():

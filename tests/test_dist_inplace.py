@@ -127,6 +127,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 LAYOUTS = {"fsdp2": 3, "ep": 3, "hsdp": 4, "ep_x_fsdp": 4}
 
 
+@pytest.mark.usefixtures("fp32_matmuls")  # the one-process reference as the ranks' _body: in fp32
 @pytest.mark.parametrize("kind", ["muon", "scion"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_expert_stacks_computed_in_place_match_one_process(kind, layout):
@@ -150,6 +151,7 @@ def _ulps_bf16(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return (got.float() - want.float()).abs() / up
 
 
+@pytest.mark.usefixtures("fp32_matmuls")
 @pytest.mark.parametrize("kind", ["muon", "scion"])
 def test_bf16_params_fsdp2_x3_within_one_ulp(kind):
     want, _ = reference(kind, torch.bfloat16)

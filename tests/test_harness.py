@@ -269,7 +269,13 @@ def test_shim_delegates_to_the_package_launcher(monkeypatch):
     assert run_ranks(_pid_body, 3, 7, timeout=5, preload=["json"], tag="x", exact_timeout=True) == ["sentinel"]
     [(fn, world_size, args, kwargs)] = calls
     assert fn is _pid_body and world_size == 3 and args == (7,)
-    assert kwargs == {"timeout": 5, "preload": ["pytest", "session_setup", "json"], "tag": "x"}
+    precision = torch.get_float32_matmul_precision()  # the caller's, carried to the ranks
+    assert kwargs == {
+        "timeout": 5,
+        "preload": ["pytest", "session_setup", "json"],
+        "tag": "x",
+        "matmul_precision": precision,
+    }
     run_ranks(_pid_body, 2, timeout=5, pg_timeout=1)  # otherwise the timeouts are hang detectors
     assert calls[1][3]["timeout"] == dist_harness.HANG_S and calls[1][3]["pg_timeout"] == dist_harness.PG_HANG_S
 
@@ -344,3 +350,20 @@ def test_ranks_die_with_a_killed_parent(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _precision_body(rank, world_size):
+    return torch.get_float32_matmul_precision()
+
+
+def test_ranks_run_at_the_callers_matmul_precision():
+    """A test that pins its precision (``fp32_matmuls``) pins its ranks too, whatever the session's."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("medium", "highest"):
+            torch.set_float32_matmul_precision(precision)
+            assert run_ranks(_precision_body, 2) == [precision] * 2
+    finally:
+        torch.set_float32_matmul_precision(before)
+    with pytest.raises(ValueError, match="matmul_precision"):
+        run_ranks(_precision_body, 2, matmul_precision="low")

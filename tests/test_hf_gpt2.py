@@ -16,6 +16,9 @@ pytest.importorskip("accelerate")
 from disco import Dion, Dion2, Disco, Muon, NorMuon, Scion, create_disco_param_groups, routing_table  # noqa: E402
 from disco.integrations import hf  # noqa: E402
 
+# steps of real HF models against formulas in exact fp32: fp32 matmuls in fp32 whatever the session's precision
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")
+
 HIDDEN = {  # name in block 0 -> (stored shape, fan_out, fan_in)
     "attn.c_attn.weight": ((64, 192), 192, 64),
     "attn.c_proj.weight": ((64, 64), 64, 64),

@@ -46,6 +46,10 @@ from disco.ops import (
 )
 from disco.ops.orthogonalize import GRAM_MIN_ASPECT, RESTART_GROWTH, restart_points
 
+# the math in exact fp32 against float64 / SVD oracles: fp32 matmuls in fp32 whatever the session's precision
+# (the library under a user's "medium": tests/test_cpu_independence.py)
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")
+
 # ``disco.ops.orthogonalize`` is also the name of a function re-exported by ``disco.ops``: take the module itself.
 ORTHO_MODULE = sys.modules["disco.ops.orthogonalize"]
 F64 = torch.float64

@@ -11,6 +11,10 @@ from hypothesis import strategies as st
 
 from disco.ops import NORMS, get_norm, lmo, matrix_view, norm_factor, norm_names, orthogonalize
 
+# the math in exact fp32 against float64 / SVD oracles: fp32 matmuls in fp32 whatever the session's precision
+# (the library under a user's "medium": tests/test_cpu_independence.py)
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")
+
 torch.set_num_threads(1)
 
 SPECTRAL_FAMILY = {  # name -> factor(out, in), written from the definitions (FACTS "Scale factors")

@@ -39,6 +39,10 @@ from disco.ops import (
     table_names,
 )
 
+# the math in exact fp32 against float64 / SVD oracles: fp32 matmuls in fp32 whatever the session's precision
+# (the library under a user's "medium": tests/test_cpu_independence.py)
+pytestmark = pytest.mark.usefixtures("fp32_matmuls")
+
 torch.set_num_threads(1)
 
 NS_CONFIGS = [  # (backend, table) pairs that run the Newton-Schulz iteration

@@ -284,7 +284,7 @@ def _watchdog(alive: Connection) -> None:
 def _rank_entry(
     rank: int,
     world_size: int,
-    placement: tuple[str, bool],
+    placement: tuple[str, bool, str | None],
     rdzv: tuple[str, Any],
     pg_timeout: float,
     fn_spec: FnSpec,
@@ -306,7 +306,7 @@ def _rank_entry(
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
     threading.Thread(target=_watchdog, args=(alive_conn,), name="parent-watchdog", daemon=True).start()
 
-    device, hide_gpus = placement  # "cpu" | "cuda"; whether this CPU rank hides the machine's GPUs
+    device, hide_gpus, precision = placement  # "cpu" | "cuda"; this CPU rank hides the GPUs; matmul precision
     env: dict[str, object] = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank}
     env.update(LOCAL_WORLD_SIZE=world_size, GROUP_RANK=0, MASTER_ADDR=HOST, OMP_NUM_THREADS=1)
     if rdzv[0] == "tcp":
@@ -327,6 +327,8 @@ def _rank_entry(
         _rank_device_type = device
         for name in imports:  # asked for by this call, not preloaded by the forkserver
             importlib.import_module(name)
+        if precision is not None:  # after the imports: a preloaded module may set the process's own
+            torch.set_float32_matmul_precision(precision)
         fn = _resolve(fn_spec)
         args, kwargs = pickle.loads(payload)
         td = timedelta(seconds=pg_timeout)
@@ -489,6 +491,7 @@ def run_ranks(
     rendezvous: str = "file",
     preload: Sequence[str] | None = None,
     device: str | None = None,
+    matmul_precision: str | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; return results by rank.
@@ -498,8 +501,9 @@ def run_ranks(
     default) or ``"tcp"`` (``TCPStore`` hosted by the parent on a free port). ``preload``: module names to
     import before ``fn`` runs, in the forkserver if this is the process's first call, else in each rank.
     ``device``: ``"auto"``, ``"cpu"`` or ``"cuda"`` (:func:`choose_device`; ``None``: ``DISCO_DEVICE``, else
-    ``"auto"``). ``args`` / ``kwargs`` must pickle; ``timeout``, ``pg_timeout``, ``rendezvous``, ``preload``
-    and ``device`` are not passed on to ``fn``.
+    ``"auto"``). ``matmul_precision``: ``torch.set_float32_matmul_precision`` in each rank before ``fn`` (``None``:
+    the rank keeps what its imports set). ``args`` / ``kwargs`` must pickle; ``timeout``, ``pg_timeout``,
+    ``rendezvous``, ``preload``, ``device`` and ``matmul_precision`` are not passed on to ``fn``.
     """
     from torch._C._distributed_c10d import TCPStore
 
@@ -509,7 +513,9 @@ def run_ranks(
         raise ValueError(f"rendezvous must be 'file' or 'tcp', got {rendezvous!r}")
     spec = _fn_spec(fn)
     chosen = choose_device(world_size, device)
-    placement = (chosen, chosen == "cpu" and _cuda_available())
+    if matmul_precision not in (None, "highest", "high", "medium"):
+        raise ValueError(f"matmul_precision must be 'highest', 'high', 'medium' or None, got {matmul_precision!r}")
+    placement = (chosen, chosen == "cpu" and _cuda_available(), matmul_precision)
     payload = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
     pg_timeout = float(timeout + 30.0 if pg_timeout is None else pg_timeout)
     ctx, imports = _context(list(preload or ()))
