@@ -91,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from disco.distributed.launch import run_ranks
 
-    try:
-        args.device = resolve_device(args.device, args.ranks)
-    except ValueError as e:
-        ap.error(str(e))
+    args.device = resolve_device(args.device, args.ranks, ap)
     cfg = vars(args)
     preload = ["disco", "disco.bench.checks"]
     rows = run_ranks(_bench_rank, args.ranks, cfg, timeout=600, preload=preload, device=args.device)

@@ -104,12 +104,18 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_device(device: str | None, ranks: int = 1) -> str:
+def resolve_device(device: str | None, ranks: int = 1, parser: argparse.ArgumentParser | None = None) -> str:
     """``"cpu"`` or ``"cuda"`` for ``--device`` (``None``: ``DISCO_DEVICE``, else ``auto``) and ``ranks`` processes
-    (``auto`` picks CUDA only with one GPU per rank, so that every rank count of a run uses the same device)."""
+    (``auto`` picks CUDA only with one GPU per rank, so that every rank count of a run uses the same device). A
+    device that cannot be had raises ``ValueError``, or with ``parser`` is its ``error`` (usage, exit status 2)."""
     from disco.distributed.launch import choose_device
 
-    return choose_device(ranks, device, name="--device")
+    try:
+        return choose_device(ranks, device, name="--device")
+    except ValueError as e:
+        if parser is None:
+            raise
+        parser.error(str(e))
 
 
 def environment(device: str = "cpu") -> dict[str, Any]:

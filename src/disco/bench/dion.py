@@ -179,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from disco.distributed.launch import run_ranks
 
-    try:
-        args.device = resolve_device(args.device, max(int(x) for x in args.ranks.split(",")))
-    except ValueError as e:
-        ap.error(str(e))
+    args.device = resolve_device(args.device, max(int(x) for x in args.ranks.split(",")), ap)
     cfg = {**vars(args), "fractions": [float(x) for x in args.fractions.split(",")]}
     rows: list[dict[str, Any]] = []
     for layout in args.layouts.split(","):

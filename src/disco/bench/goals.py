@@ -219,10 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     add_device_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    try:  # one process, and 2 ranks (auto: on 2 GPUs, else the CPU, whatever the one process got)
-        one_dev, two_dev = resolve_device(args.device, 1), resolve_device(args.device, 2)
-    except ValueError as e:
-        parser.error(str(e))
+    # one process, and 2 ranks (auto: on 2 GPUs, else the CPU, whatever the one process got)
+    one_dev, two_dev = resolve_device(args.device, 1, parser), resolve_device(args.device, 2, parser)
     torch.set_num_threads(1)
     q = args.quick
     size = ["--layers", "1", "--width", "64", "--repeat", "1"] if q else ["--layers", "4", "--width", "512"]

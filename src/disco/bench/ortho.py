@@ -119,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     add_device_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
-    try:
-        args.device = resolve_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    args.device = resolve_device(args.device, parser=p)
     rows: list[dict[str, Any]] = []
     for shape in shapes_for(parse_ints(args.sizes)):
         compute = DTYPES[args.compute_dtype] if args.compute_dtype else None

@@ -294,10 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    try:
-        args.device = resolve_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
+    args.device = resolve_device(args.device, parser=parser)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.layers < 1 or args.width < 1:
