@@ -25,15 +25,27 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, os.environ.get("P
 import session_setup  # noqa: E402, F401
 
 
+def _matmul_precision(precision):
+    """``precision`` for the test in this process (and, through ``dist_harness``, in its ranks), restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield precision
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @pytest.fixture
 def fp32_matmuls():
     """fp32 matmuls in fp32 for this test, whatever the session's precision (``DISCO_TEST_MATMUL_PRECISION``):
     for tests of an update's formula against a reference computed differently (another op order, float64), where
     "medium" (bf16 matmuls on AMX CPUs and GPUs) flips bf16 roundings of nearly equal inputs. The library under
     "medium" is tested by ``tests/test_cpu_independence.py`` and the precision tests of ``test_optim_scion``."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
+    yield from _matmul_precision("highest")
+
+
+@pytest.fixture
+def medium_matmuls():
+    """fp32 matmul precision "medium" for this test, as a user may set it (bf16 matmuls on AMX CPUs and GPUs);
+    yields ``"medium"``."""
+    yield from _matmul_precision("medium")

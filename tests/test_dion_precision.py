@@ -30,15 +30,6 @@ EXPERTS = (5, 24, 16)  # over 2 ranks: 3 and 2 experts, each orthonormalized who
 HEAD = (97, 64)  # Dion2: its selected rows summed from zero-padded pieces on one owner (exact)
 
 
-@pytest.fixture
-def medium():
-    """fp32 matmul precision "medium" in this process for the test, restored after."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    yield
-    torch.set_float32_matmul_precision(before)
-
-
 def _conditioned(m: int, r: int, cond: float, seed: int) -> torch.Tensor:
     """An fp32 ``m x r`` matrix with singular values spaced logarithmically from 1 to ``1 / cond``."""
     g = torch.Generator().manual_seed(seed)
@@ -50,7 +41,7 @@ def _conditioned(m: int, r: int, cond: float, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("cond", [10.0, 1e3])
 @pytest.mark.parametrize("method", ["qr", "cqr", "rcqr"])
-def test_orthonormal_to_fp32_rounding_under_medium(method, cond, medium):
+def test_orthonormal_to_fp32_rounding_under_medium(method, cond, medium_matmuls):
     P = _conditioned(512, 64, cond, seed=int(cond))
     Q = orthonormalize(P, method).double()
     eye = torch.eye(64, dtype=torch.float64)
@@ -107,7 +98,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
-def test_fsdp2_on_two_ranks_equals_one_process_under_medium(medium):
+def test_fsdp2_on_two_ranks_equals_one_process_under_medium(medium_matmuls):
     with rank_threads():  # the ranks' GEMM kernels
         params = {n: nn.Parameter(t) for n, t in _params(0).items()}
         _run(params, lambda p, g: g)

@@ -30,15 +30,6 @@ def _rank_threads():
         yield
 
 
-@pytest.fixture
-def medium_precision():
-    """fp32 matmul precision "medium" in this process (the ranks set it in ``_body``), restored after."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    yield "medium"
-    torch.set_float32_matmul_precision(before)
-
-
 def full_tensors(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {n: (torch.randn(s, generator=g) / 8).to(dtype) for n, s in SHAPES.items()}
@@ -163,11 +154,11 @@ def test_bf16_params_fsdp2_x3_within_one_ulp(kind):
 
 
 @pytest.mark.parametrize("kind", ["muon", "scion"])
-def test_expert_stacks_match_one_process_under_medium_precision(kind, medium_precision):
+def test_expert_stacks_match_one_process_under_medium_precision(kind, medium_matmuls):
     """With fp32 matmul precision "medium" (set by the user), a batched CPU matmul may run in bf16 where a single
     one does not: one process's stack of 5 experts and a rank's lone expert must still use the same kernel."""
     want, _ = reference(kind, torch.float32)
-    out = run_ranks(_body, 3, kind, "fsdp2", torch.float32, medium_precision, timeout=120, device="cpu")
+    out = run_ranks(_body, 3, kind, "fsdp2", torch.float32, medium_matmuls, timeout=120, device="cpu")
     assert [shards["experts.w1"][0] for _, shards, _ in out] == [2, 2, 1]
     for got, _, _ in out:
         for n in want:
