@@ -265,29 +265,24 @@ def test_best_lr_edges_ratio_and_all_diverged():
     assert "largest / smallest = 2 (" in table
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc (no psutil); ``None`` once it is gone or reaped."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def _alive(pids) -> set[int]:
+    """Those of ``pids`` still running (not gone, not zombies)."""
+    return {p for p in pids if (st := _stat(p)) is not None and st[0] != "Z"}
+
+
 def _children(pid: int) -> set[int]:
-    """Live processes whose parent is ``pid`` (read from /proc: no psutil)."""
-    kids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.add(int(stat.parent.name))
-    return kids
-
-
-def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for p in pids:
-        try:
-            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.add(p)
-    return alive
+    """Live processes whose parent is ``pid``."""
+    kids = {int(d.name) for d in Path("/proc").glob("[0-9]*") if (st := _stat(int(d.name))) and st[1] == pid}
+    return _alive(kids)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to find the worker processes")
