@@ -242,6 +242,22 @@ def test_tall_equals_transpose_of_wide(backend, table):
     torch.testing.assert_close(tall, wide.mT, atol=2e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape,transposed", [((3, 24, 40), False), ((40, 24), True), ((0, 5, 7), False)])
+def test_normalised_input_is_one_rounding_of_the_fp32_product(dtype, shape, transposed):
+    """The normalised input in the compute dtype is ``G * (1 / (s ||G|| + eps))`` computed in fp32 and rounded
+    once, whatever path writes it (a same-dtype input takes a faster one on CPU)."""
+    from disco.ops.orthogonalize import _normalised
+
+    G = (gaussian(*shape, seed=21) * 3).to(dtype)
+    G = G.mT.contiguous().mT if transposed else G
+    X, tall = _normalised(G, 1.01, 1e-7, dtype)
+    norm = torch.linalg.vector_norm(G.float(), dim=(-2, -1), keepdim=True)
+    want = (G.float() * (norm * 1.01 + 1e-7).reciprocal()).to(dtype)
+    want = want.mT if tall else want
+    assert torch.equal(X, want.reshape(X.shape))
+
+
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16, torch.float16])

@@ -83,6 +83,13 @@ def _normalised(G: Tensor, safety: float, eps: float, dtype: torch.dtype) -> tup
         step = max(1, NORMALISE_CHUNK_BYTES // max(1, n * G.element_size()))
         for r in range(0, rows.size(0), step):
             torch.mul(rows[r : r + step], inv[r : r + step], out=out[r : r + step])
+    elif G.device.type == "cpu" and G.dtype == dtype:
+        # A 0-d scale keeps the product in G's dtype (computed in fp32, rounded once: the same bits). A (1, 1) fp32
+        # scale would promote a bf16 G to an fp32 result cast back into ``buf``: 11x slower on CPU.
+        batch = (math.prod(src.shape[:-2]), *src.shape[-2:])  # explicit: -1 is ambiguous for 0 elements
+        flat, out = src.reshape(batch), buf.view(batch)
+        for i, s in enumerate(inv.reshape(-1)):
+            torch.mul(flat[i], s, out=out[i])
     else:
         torch.mul(src, inv, out=buf)
     tall = G.size(-2) > G.size(-1)
