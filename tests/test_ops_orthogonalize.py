@@ -258,6 +258,22 @@ def test_normalised_input_is_one_rounding_of_the_fp32_product(dtype, shape, tran
     assert torch.equal(X, want.reshape(X.shape))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 600, 500), (1, 1, 300_001), (0, 600, 500)])
+def test_frobenius_norm_in_pieces_equals_float64(dtype, shape):
+    """Matrices above ``NORMALISE_CHUNK_BYTES`` in fp32 take their norm in pieces on CPU: the norm of the float64
+    input to fp32 accuracy (an fp32 sum of 300,000 squares: 1e-5 here, 1.4e-5 for the one-call fp32 norm), per
+    matrix, shaped ``(..., 1, 1)``."""
+    from disco.ops.orthogonalize import NORMALISE_CHUNK_BYTES, _frobenius
+
+    G = (gaussian(*shape, seed=22) * 5).to(dtype)
+    assert shape[-2] * shape[-1] * 4 > NORMALISE_CHUNK_BYTES
+    got = _frobenius(G)
+    want = torch.linalg.vector_norm(G.double(), dim=(-2, -1), keepdim=True)
+    assert got.shape == (*shape[:-2], 1, 1) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=3e-5, atol=0)
+
+
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16, torch.float16])
