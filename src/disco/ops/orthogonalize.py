@@ -141,25 +141,24 @@ def _cpu_fp32_matmuls_reduced() -> bool:
     return torch.get_float32_matmul_precision() != "highest"  # torch < 2.9: the one setting
 
 
-def _bmm(A: Tensor, B: Tensor) -> Tensor:
-    """``torch.bmm``, or one ``mm`` per matrix (``_per_matrix``)."""
+def _bmm(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
+    """``torch.bmm``, or one ``mm`` per matrix (``_per_matrix``); into ``out`` when given (it aliases neither)."""
+    if out is None:
+        out = A.new_empty(A.size(0), A.size(1), B.size(2))
     if not _per_matrix(A):
-        return torch.bmm(A, B)
-    if A.size(0) == 1:
-        return torch.mm(A[0], B[0]).unsqueeze(0)
-    out = A.new_empty(A.size(0), A.size(1), B.size(2))
+        return torch.bmm(A, B, out=out)
     for i in range(A.size(0)):
         torch.mm(A[i], B[i], out=out[i])
     return out
 
 
-def _baddbmm(C: Tensor, A: Tensor, B: Tensor, *, beta: float, alpha: float = 1.0) -> Tensor:
-    """``torch.baddbmm``, or one ``addmm`` per matrix (``_per_matrix``)."""
+def _baddbmm(C: Tensor, A: Tensor, B: Tensor, *, beta: float, alpha: float = 1.0, out: Tensor | None = None) -> Tensor:
+    """``torch.baddbmm``, or one ``addmm`` per matrix (``_per_matrix``); into ``out`` when given (it aliases none of
+    ``A``, ``B`` and ``C``)."""
+    if out is None:
+        out = A.new_empty(A.size(0), A.size(1), B.size(2))
     if not _per_matrix(A):
-        return torch.baddbmm(C, A, B, beta=beta, alpha=alpha)
-    if A.size(0) == 1:
-        return torch.addmm(C[0], A[0], B[0], beta=beta, alpha=alpha).unsqueeze(0)
-    out = A.new_empty(A.size(0), A.size(1), B.size(2))
+        return torch.baddbmm(C, A, B, beta=beta, alpha=alpha, out=out)
     for i in range(A.size(0)):
         torch.addmm(C[i], A[i], B[i], beta=beta, alpha=alpha, out=out[i])
     return out
@@ -204,16 +203,21 @@ def newton_schulz(
     X, tall = _normalised(G, table.safety, table.eps if eps is None else eps, dtype)  # X: (batch, m, n)
     if steps == 0:
         return _restore((X.mT if tall else X) * scale, G, out_dtype)
+    # Every product is written into a buffer made once per call (two for X, used in turn): a matmul's fresh output
+    # costs page faults on CPU, and ``beta`` copies its addend into the output first.
+    bsz, m, n = X.shape
+    A, B, spare = X.new_empty(bsz, m, m), X.new_empty(bsz, m, m), X.new_empty(bsz * m * n)
     for k in range(steps):
         a, b, c = table.at(k)
-        A = _bmm(X, X.mT)  # A: (batch, m, m)
-        B = _baddbmm(A, A, A, beta=b, alpha=c)
+        _bmm(X, X.mT, out=A)  # A: (batch, m, m)
+        _baddbmm(A, A, A, beta=b, alpha=c, out=B)
         if k + 1 < steps:
-            X = _baddbmm(X, B, X, beta=a, alpha=1.0)  # fused multiply-adds, one rounding
+            nxt = _baddbmm(X, B, X, beta=a, alpha=1.0, out=spare.view(bsz, m, n))  # fused multiply-adds, one rounding
         elif tall:  # the last step written in G's orientation: (B X)^T = X^T B^T, no transposing copy
-            X = _baddbmm(X.mT, X.mT, B.mT, beta=a * scale, alpha=scale)  # X: (batch, n, m)
+            nxt = _baddbmm(X.mT, X.mT, B.mT, beta=a * scale, alpha=scale, out=spare.view(bsz, n, m))
         else:
-            X = _baddbmm(X, B, X, beta=a * scale, alpha=scale)
+            nxt = _baddbmm(X, B, X, beta=a * scale, alpha=scale, out=spare.view(bsz, m, n))
+        X, spare = nxt, X.reshape(-1) if X.is_contiguous() else X.mT.reshape(-1)
     return _restore(X, G, out_dtype)
 
 
@@ -295,20 +299,28 @@ def gram_newton_schulz(
     dtype = compute_dtype or default_compute_dtype(G)
     restart_after = set(restart_points(steps, dtype, table) if restarts is None else (int(k) for k in restarts))
     X, tall = _normalised(G, table.safety, table.eps if eps is None else eps, dtype)  # X: (batch, m, n)
+    # The m x m products go into five buffers made once per call (P's two used in turn): a matmul's fresh output
+    # costs page faults on CPU, and ``beta`` copies its addend into the output first.
     R = _bmm(X, X.mT)  # R: (batch, m, m)
+    Z, T, P_first, P_second = (torch.empty_like(R) for _ in range(4))
     P: Tensor | None = None  # None: the identity
+    P_spare = P_second  # never P
     for k in range(steps):
         a, b, c = table.at(k)
-        Z = _baddbmm(R, R, R, beta=b, alpha=c)  # Q_k = a_k I + Z
-        P = _plus_identity(Z, a) if P is None else _baddbmm(P, Z, P, beta=a)
+        _baddbmm(R, R, R, beta=b, alpha=c, out=Z)  # Q_k = a_k I + Z
+        if P is None:
+            P, P_spare = _plus_identity(Z, a, out=P_first), P_second
+        else:
+            P, P_spare = _baddbmm(P, Z, P, beta=a, out=P_spare), P
         if k + 1 == steps:
             break
         if k + 1 in restart_after:
             X = _bmm(P, X)  # X: (batch, m, n)
-            R, P = _bmm(X, X.mT), None
+            P = None
+            _bmm(X, X.mT, out=R)
             continue
-        T = _baddbmm(R, Z, R, beta=a)
-        R = _baddbmm(T, Z, T, beta=a)
+        _baddbmm(R, Z, R, beta=a, out=T)
+        _baddbmm(T, Z, T, beta=a, out=R)
     assert P is not None
     if scale != 1.0:
         P = P.mul_(scale)  # m x m: cheaper than scaling the result
@@ -317,15 +329,15 @@ def gram_newton_schulz(
     return _restore(Y, G, out_dtype)
 
 
-def _plus_identity(Z: Tensor, a: float) -> Tensor:
-    """``Z + a I`` for a batch of square matrices (a new tensor), the diagonal added in at least fp32.
+def _plus_identity(Z: Tensor, a: float, out: Tensor) -> Tensor:
+    """``Z + a I`` for a batch of square matrices, into ``out``, the diagonal added in at least fp32.
 
     Not ``diagonal().add_(a)``: on a bf16 tensor eager CPU rounds the Python float to bf16 before adding
     (``3.4445``, keller's first ``a``, to ``3.4375``) where inductor adds it in fp32, so a compiled bf16 step
     used other coefficients than the eager one (its Gram Newton-Schulz result 3 % away after 5 steps). Spelled
     out in fp32, both add the table's coefficient and give the same bits. (``mul`` by a float is computed in fp32
     by both.)"""
-    out = Z.clone()
+    out.copy_(Z)
     d = out.diagonal(dim1=-2, dim2=-1)
     d.copy_(d.to(torch.promote_types(d.dtype, torch.float32)) + a)
     return out
