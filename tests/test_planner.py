@@ -319,10 +319,13 @@ def _numel(lay: Layout, r: int) -> int:
     return math.prod(lay.local_shape(r))
 
 
-def _reference_owners(layouts, costs, *, ranks, batch_ndims, out):
-    """The planner as first written (per rank, per tensor): loads from in-place pieces, then longest first,
-    each tensor to the least loaded rank of its mesh, ties to the biggest piece, then the lowest rank."""
+def _reference_owners(layouts, costs, keys, *, ranks, batch_ndims, out):
+    """The planner as first written (per rank, per tensor): loads from in-place pieces, then longest first (equal
+    costs bucket by bucket: key and shape, by first appearance), each tensor to the least loaded rank of its mesh,
+    ties to the biggest piece, then the lowest rank."""
     n = len(layouts)
+    first = {}
+    bucket = [first.setdefault((keys[i], tuple(layouts[i].shape)), i) for i in range(n)]
     local = {i for i in range(n) if out == "input" and _is_local(layouts[i], batch_ndims[i])}
     load = {r: 0.0 for r in ranks}
     for i in sorted(local):
@@ -331,7 +334,7 @@ def _reference_owners(layouts, costs, *, ranks, batch_ndims, out):
     owners = [-1] * n
     heap = [(load[r], r) for r in ranks]
     heapq.heapify(heap)
-    for i in sorted((i for i in range(n) if i not in local), key=lambda i: (-costs[i], i)):
+    for i in sorted((i for i in range(n) if i not in local), key=lambda i: (-costs[i], bucket[i], i)):
         cand = set(layouts[i].ranks)
         popped = []
         while True:
@@ -437,7 +440,7 @@ def test_planner_matches_the_direct_algorithm(seed):
     for _ in range(40):
         layouts, costs, kw, results, bucket = _random_case(rng)
         plan = make_plan(layouts, costs, [0] * len(layouts), bucket_size=bucket, result_numels=results, **kw)
-        owners, load = _reference_owners(layouts, costs, **kw)
+        owners, load = _reference_owners(layouts, costs, [0] * len(layouts), **kw)
         assert plan.owners == owners and plan.load == load
         per, bound, collectives = _reference_bytes(plan, 2)
         assert plan.bytes_per_rank(2) == per
@@ -453,6 +456,18 @@ def test_planner_matches_the_direct_algorithm(seed):
                 want[r].append(i)
         assert plan.assignments == want
         assert plan.ranks_with_work() == sum(1 for v in want.values() if v)
+
+
+def test_equal_costs_spread_each_bucket_over_the_ranks():
+    """Layers of (fc 4w x w, proj w x 4w), equal in cost: each bucket is split over both ranks, so they compute it
+    side by side. (Assigned in tensor order, fc0 proj0 fc1 proj1 ..., rank 0 got every fc and rank 1 every proj:
+    each waited while the other computed its bucket.)"""
+    shapes = [(64, 16), (16, 64)] * 4
+    layouts = [Layout.sharded(s, range(2)) for s in shapes]
+    plan = make_plan(layouts, [4.0] * 8, [0] * 8, ranks=range(2))
+    for shape in set(shapes):
+        owners = [o for o, s in zip(plan.owners, shapes) if s == shape]
+        assert sorted(owners) == [0, 0, 1, 1], (shape, owners)
 
 
 def test_uneven_in_place_loads_send_the_next_tensor_to_the_least_loaded_rank():

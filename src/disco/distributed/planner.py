@@ -442,8 +442,12 @@ def make_plan(
     local_set = set(local)
     if local:
         _initial_loads(load, local, tables, layouts, costs)
-    # Longest processing time first; ties keep the key/shape order so a bucket spreads over the ranks.
-    order = sorted((i for i in range(n) if i not in local_set), key=lambda i: (-costs[i], i))
+    # Longest processing time first; equal costs bucket by bucket (key and shape, in order of first appearance), so
+    # that a bucket spreads over the ranks: interleaved (fc0, proj0, fc1, proj1, ...), one rank got every fc and
+    # the other every proj, and each computed its bucket while the other waited for it.
+    first: dict[tuple[Hashable, tuple[int, ...]], int] = {}
+    bucket = [first.setdefault((keys[i], tuple(layouts[i].shape)), i) for i in range(n)]
+    order = sorted((i for i in range(n) if i not in local_set), key=lambda i: (-costs[i], bucket[i], i))
     initial = dict(load) if local else None
     pools = {j: _Pool(tables.infos[j], initial) for j in dict.fromkeys(tables.which[i] for i in order)}
     heaps: dict[int, list[tuple[float, int]]] = {id(m): [] for m in tables.meshes}  # per mesh: ranks that own

@@ -32,7 +32,7 @@ from torch import Tensor
 from .coefficients import CoefficientTable
 from .lmo import get_norm, lmo
 from .norms import OPERATOR_NORMS, operator_norm
-from .orthogonalize import BACKENDS, ITERATIVE_BACKENDS, default_compute_dtype, orthogonalize_cost
+from .orthogonalize import BACKENDS, ITERATIVE_BACKENDS, default_compute_dtype, iteration_cost, orthogonalize_cost
 
 
 class Spec(Protocol):
@@ -152,7 +152,14 @@ class LMOSpec:
 
     def cost(self, shape: tuple[int, ...]) -> float:
         view = _matrix_shape(tuple(shape), self.view)
-        return orthogonalize_cost(view) if len(view) >= 2 else float(math.prod(view))
+        if len(view) < 2:
+            return float(math.prod(view))
+        if self.backend in ITERATIVE_BACKENDS and get_norm(self.norm).kind != "elementwise":
+            return iteration_cost(
+                view, backend=self.backend, steps=self.steps, coefficients=self.coefficients,
+                compute_dtype=self.compute_dtype,
+            )  # fmt: skip
+        return orthogonalize_cost(view)
 
     def batch_ndim(self, shape: tuple[int, ...]) -> int:
         elementwise = get_norm(self.norm).kind == "elementwise"
