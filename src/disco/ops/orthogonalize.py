@@ -142,9 +142,12 @@ def _cpu_fp32_matmuls_reduced() -> bool:
 
 
 def _bmm(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
-    """``torch.bmm``, or one ``mm`` per matrix (``_per_matrix``); into ``out`` when given (it aliases neither)."""
+    """``torch.bmm``, or one ``mm`` per matrix (``_per_matrix``), or ``mm`` of 2-D ``A`` and ``B`` (``_one``); into
+    ``out`` when given (it aliases neither)."""
     if out is None:
-        out = A.new_empty(A.size(0), A.size(1), B.size(2))
+        out = A.new_empty(*A.shape[:-1], B.size(-1))
+    if A.dim() == 2:
+        return torch.mm(A, B, out=out)
     if not _per_matrix(A):
         return torch.bmm(A, B, out=out)
     for i in range(A.size(0)):
@@ -153,15 +156,23 @@ def _bmm(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
 
 
 def _baddbmm(C: Tensor, A: Tensor, B: Tensor, *, beta: float, alpha: float = 1.0, out: Tensor | None = None) -> Tensor:
-    """``torch.baddbmm``, or one ``addmm`` per matrix (``_per_matrix``); into ``out`` when given (it aliases none of
-    ``A``, ``B`` and ``C``)."""
+    """``torch.baddbmm``, or one ``addmm`` per matrix (``_per_matrix``), or ``addmm`` of 2-D operands (``_one``);
+    into ``out`` when given (it aliases none of ``A``, ``B`` and ``C``)."""
     if out is None:
-        out = A.new_empty(A.size(0), A.size(1), B.size(2))
+        out = A.new_empty(*A.shape[:-1], B.size(-1))
+    if A.dim() == 2:
+        return torch.addmm(C, A, B, beta=beta, alpha=alpha, out=out)
     if not _per_matrix(A):
         return torch.baddbmm(C, A, B, beta=beta, alpha=alpha, out=out)
     for i in range(A.size(0)):
         torch.addmm(C[i], A[i], B[i], beta=beta, alpha=alpha, out=out[i])
     return out
+
+
+def _one(X: Tensor) -> Tensor:
+    """A flat batch of one matrix that runs per matrix, as that matrix (2-D): its products then skip the batch
+    handling of ``_bmm`` / ``_baddbmm`` (a view and a check per call, 1 ms of a step's 16 matrices); else ``X``."""
+    return X[0] if X.size(0) == 1 and _per_matrix(X) else X
 
 
 def _restore(Y: Tensor, G: Tensor, out_dtype: torch.dtype | None) -> Tensor:
@@ -205,18 +216,19 @@ def newton_schulz(
         return _restore((X.mT if tall else X) * scale, G, out_dtype)
     # Every product is written into a buffer made once per call (two for X, used in turn): a matmul's fresh output
     # costs page faults on CPU, and ``beta`` copies its addend into the output first.
-    bsz, m, n = X.shape
-    A, B, spare = X.new_empty(bsz, m, m), X.new_empty(bsz, m, m), X.new_empty(bsz * m * n)
+    X = _one(X)
+    *bsz, m, n = X.shape
+    A, B, spare = X.new_empty(*bsz, m, m), X.new_empty(*bsz, m, m), X.new_empty(X.numel())
     for k in range(steps):
         a, b, c = table.at(k)
         _bmm(X, X.mT, out=A)  # A: (batch, m, m)
         _baddbmm(A, A, A, beta=b, alpha=c, out=B)
         if k + 1 < steps:
-            nxt = _baddbmm(X, B, X, beta=a, alpha=1.0, out=spare.view(bsz, m, n))  # fused multiply-adds, one rounding
+            nxt = _baddbmm(X, B, X, beta=a, alpha=1.0, out=spare.view(*bsz, m, n))  # fused multiply-adds, one rounding
         elif tall:  # the last step written in G's orientation: (B X)^T = X^T B^T, no transposing copy
-            nxt = _baddbmm(X.mT, X.mT, B.mT, beta=a * scale, alpha=scale, out=spare.view(bsz, n, m))
+            nxt = _baddbmm(X.mT, X.mT, B.mT, beta=a * scale, alpha=scale, out=spare.view(*bsz, n, m))
         else:
-            nxt = _baddbmm(X, B, X, beta=a * scale, alpha=scale, out=spare.view(bsz, m, n))
+            nxt = _baddbmm(X, B, X, beta=a * scale, alpha=scale, out=spare.view(*bsz, m, n))
         X, spare = nxt, X.reshape(-1) if X.is_contiguous() else X.mT.reshape(-1)
     return _restore(X, G, out_dtype)
 
@@ -301,6 +313,7 @@ def gram_newton_schulz(
     X, tall = _normalised(G, table.safety, table.eps if eps is None else eps, dtype)  # X: (batch, m, n)
     # The m x m products go into five buffers made once per call (P's two used in turn): a matmul's fresh output
     # costs page faults on CPU, and ``beta`` copies its addend into the output first.
+    X = _one(X)
     R = _bmm(X, X.mT)  # R: (batch, m, m)
     Z, T, P_first, P_second = (torch.empty_like(R) for _ in range(4))
     P: Tensor | None = None  # None: the identity
