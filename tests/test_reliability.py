@@ -349,9 +349,9 @@ def test_unnamed_swapped_parameters_under_ddp_are_refused():
     assert all(o[0] == "ValueError" and "differs across its replicas" in o[1] for o in out), out
 
 
-def _body_skip(rank, world_size, nan):
+def _body_skip(rank, world_size, nan, backend):
     params, groups, cfg, (lo, hi) = _setup(rank, world_size)
-    opt = Disco(groups, lr=0.05, distributed_config=cfg, nonfinite="skip", backend="svd")
+    opt = Disco(groups, lr=0.05, distributed_config=cfg, nonfinite="skip", backend=backend)
     good = {n: _W(*p.shape, seed=10 + k).detach() for k, (n, p) in enumerate(params.items())}
     for n, p in params.items():
         p.grad = good[n].clone()
@@ -365,11 +365,14 @@ def _body_skip(rank, world_size, nan):
     return skipped, [str(w.message) for w in seen]
 
 
-def test_nonfinite_skip_is_decided_collectively():
-    out = run_ranks(_body_skip, 2, True, pg_timeout=PG_S)
+@pytest.mark.parametrize("backend", ["svd", "gram_newtonschulz5"])
+def test_nonfinite_skip_is_decided_collectively(backend):
+    """A NaN in one rank's piece: the step is skipped on every rank, with SVD (which would raise on it) and with
+    Newton-Schulz (which would turn it into a NaN result on the owner)."""
+    out = run_ranks(_body_skip, 2, True, backend, pg_timeout=PG_S)
     for skipped, msgs in out:
         assert skipped and any("skipped on every rank" in m for m in msgs)  # both ranks skip, not only rank 1
-    out = run_ranks(_body_skip, 2, False, pg_timeout=PG_S)
+    out = run_ranks(_body_skip, 2, False, backend, pg_timeout=PG_S)
     assert all(not skipped for skipped, _ in out)
 
 
