@@ -106,7 +106,8 @@ def _frobenius(G: Tensor) -> Tensor:
     acc = torch.promote_types(G.dtype, torch.float32)
     size = G.shape[-2] * G.shape[-1]
     if G.device.type != "cpu" or G.dtype == acc or size * 4 <= NORMALISE_CHUNK_BYTES or not G.is_contiguous():
-        return torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=acc)
+        whole: Tensor = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=acc)
+        return whole
     piece = NORMALISE_CHUNK_BYTES // 4
     flat = G.reshape(-1, size)
     norms = [
