@@ -77,6 +77,26 @@ def test_the_training_table_names_its_command_cpu_and_dtype():
     assert "compute dtype" in text and "CPU" in text
 
 
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_the_benchmark_table_is_rows_of_the_make_bench_run_in_the_docs():
+    """Each row of the README's benchmark table is a row of the ``make bench`` output pasted in
+    docs/benchmarks.md (same goal, same numbers), its ratio is ours / peer, and the text names the CPU."""
+    text = _section("Benchmarks")
+    assert "`make bench`" in text and re.search(r"Intel Xeon|AMD EPYC", text)
+    docs = [
+        _cells(line) for line in (ROOT / "docs" / "benchmarks.md").read_text().splitlines() if line.startswith("| ")
+    ]
+    rows = [_cells(line) for line in text.splitlines() if line.startswith("| ")][2:]  # past the head and rule
+    assert len(rows) >= 5
+    for goal, ours, peer, ratio, target, met in rows:
+        name = goal.split(" (")[0]
+        assert any(d[0] == name and d[2:7] == [ours, peer, ratio, target, met] for d in docs), goal
+        assert abs(float(ours) / float(peer) - float(ratio)) < 1e-3, goal
+
+
 def test_a_clone_named_disco_does_not_shadow_the_package(tmp_path):
     """The src layout: scripts run beside a checkout called ``disco`` import the installed package."""
     (tmp_path / "disco").symlink_to(ROOT, target_is_directory=True)
