@@ -291,6 +291,41 @@ def test_bf16_gram_polar_express_default_restarts_on_ill_conditioned():
 # ----------------------------------------------------------------------------------- edge cases
 
 
+@pytest.mark.parametrize("backend", ["gram_newtonschulz5", "gram_polar_express", "newtonschulz5"])
+@pytest.mark.parametrize("shape", [(2, 48, 192), (160, 40), (64, 64), (40, 50)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("steps", [5, 8])
+def test_iteration_cost_counts_the_multiply_adds_made(monkeypatch, backend, shape, dtype, steps):
+    """``iteration_cost`` (the planner's cost of an LMO) is the multiply-adds the backend's matmuls make, counted
+    by wrapping them, over ``2 steps``; so in Gram form a 4:1 matrix costs twice a square one (5 steps, bf16)."""
+    module = sys.modules["disco.ops.orthogonalize"]  # the package's ``orthogonalize`` function shadows its name
+    made = [0]
+
+    def counted(fn):
+        def wrapper(*args, **kw):
+            out = fn(*args, **kw)
+            a = args[1] if fn is real_baddbmm else args[0]
+            made[0] += math.prod(out.shape) * a.shape[-1]  # (batch, m, n) out of a (batch, m, k) operand
+            return out
+
+        return wrapper
+
+    real_bmm, real_baddbmm = module._bmm, module._baddbmm
+    monkeypatch.setattr(module, "_bmm", counted(real_bmm))
+    monkeypatch.setattr(module, "_baddbmm", counted(real_baddbmm))
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    orthogonalize(G, backend=backend, steps=steps, compute_dtype=dtype)
+    want = module.iteration_cost(shape, backend=backend, steps=steps, compute_dtype=dtype) * 2 * steps
+    assert made[0] == want
+    if steps == 5 and dtype == torch.bfloat16 and backend == "gram_newtonschulz5":
+        cost = module.iteration_cost
+        assert (
+            cost((512, 2048), backend=backend)
+            == cost((2048, 512), backend=backend)
+            == 2 * cost((512, 512), backend=backend)
+        )
+
+
 def test_zero_matrix_gives_zeros():
     for shape in [(16, 48), (48, 16), (3, 16, 48)]:
         for dtype in (torch.float32, torch.bfloat16):
