@@ -317,6 +317,7 @@ def test_iteration_cost_counts_the_multiply_adds_made(monkeypatch, backend, shap
     orthogonalize(G, backend=backend, steps=steps, compute_dtype=dtype)
     want = module.iteration_cost(shape, backend=backend, steps=steps, compute_dtype=dtype) * 2 * steps
     assert made[0] == want
+    assert module.iteration_cost(shape, backend=backend, steps=0) == math.prod(shape)  # normalising: not free
     if steps == 5 and dtype == torch.bfloat16 and backend == "gram_newtonschulz5":
         cost = module.iteration_cost
         assert (

@@ -243,7 +243,10 @@ def test_tall_equals_transpose_of_wide(backend, table):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape,transposed", [((3, 24, 40), False), ((40, 24), True), ((0, 5, 7), False)])
+@pytest.mark.parametrize(
+    "shape,transposed",
+    [((3, 24, 40), False), ((40, 24), True), ((0, 5, 7), False), ((2, 80, 60), False), ((90, 70), True)],
+)
 def test_normalised_input_is_one_rounding_of_the_fp32_product(dtype, shape, transposed):
     """The normalised input in the compute dtype is ``G * (1 / (s ||G|| + eps))`` computed in fp32 and rounded
     once, whatever path writes it (a same-dtype input takes a faster one on CPU)."""

@@ -82,9 +82,10 @@ def _normalised(G: Tensor, safety: float, eps: float, dtype: torch.dtype) -> tup
         step = max(1, NORMALISE_CHUNK_BYTES // max(1, n * G.element_size()))
         for r in range(0, rows.size(0), step):
             torch.mul(rows[r : r + step], inv[r : r + step], out=out[r : r + step])
-    elif G.device.type == "cpu" and G.dtype == dtype:
+    elif G.device.type == "cpu" and G.dtype == dtype and dtype.itemsize < 4 and G.size(-2) * G.size(-1) >= 4096:
         # A 0-d scale keeps the product in G's dtype (computed in fp32, rounded once: the same bits). A (1, 1) fp32
-        # scale would promote a bf16 G to an fp32 result cast back into ``buf``: 11x slower on CPU.
+        # scale would promote a bf16 G to an fp32 result cast back into ``buf``: 11x slower on CPU (one call per
+        # matrix pays off from a few thousand entries on; fp32 and fp64 are not promoted).
         batch = (math.prod(src.shape[:-2]), *src.shape[-2:])  # explicit: -1 is ambiguous for 0 elements
         flat, out = src.reshape(batch), buf.view(batch)
         for i, s in enumerate(inv.reshape(-1)):
@@ -474,7 +475,7 @@ def iteration_cost(
     (``n >= GRAM_MIN_ASPECT m``) makes ``2 (r + 1) m^2 n + (4 steps - 3 (r + 1)) m^3`` in all, ``r`` its restarts in
     ``compute_dtype`` (bf16 when unset: a plan never depends on the machine). So a 4:1 matrix in Gram form costs
     twice a square one of its short side, as measured, where ``orthogonalize_cost`` says four times and the
-    planner gave one rank all the wide matrices' extra work.
+    planner gave one rank all the wide matrices' extra work. ``steps=0`` costs the normalisation, ``m n``.
 
     Args:
         shape: ``(..., m, n)``; leading dims a batch.
@@ -484,13 +485,15 @@ def iteration_cost(
     *batch, m, n = shape
     m, n = sorted((m, n))
     b = math.prod(batch)
-    if backend.startswith("gram_") and n >= GRAM_MIN_ASPECT * m and steps > 0:
+    if steps == 0:
+        return float(b) * m * n  # the normalisation alone: not free, so the planner still spreads such tensors
+    if backend.startswith("gram_") and n >= GRAM_MIN_ASPECT * m:
         table = coefficients if coefficients is not None else DEFAULT_TABLE[backend]
         r = len(restart_points(steps, compute_dtype or torch.bfloat16, table))
         macs = 2 * (r + 1) * m * m * n + (4 * steps - 3 * (r + 1)) * m**3
     else:
         macs = steps * (2 * m * m * n + m**3)
-    return float(b) * macs / (2 * max(steps, 1))
+    return float(b) * macs / (2 * steps)
 
 
 def orthogonalize_cost(shape: Sequence[int]) -> float:
