@@ -298,7 +298,7 @@ def test_bf16_gram_polar_express_default_restarts_on_ill_conditioned():
 def test_iteration_cost_counts_the_multiply_adds_made(monkeypatch, backend, shape, dtype, steps):
     """``iteration_cost`` (the planner's cost of an LMO) is the multiply-adds the backend's matmuls make, counted
     by wrapping them, over ``2 steps``; so in Gram form a 4:1 matrix costs twice a square one (5 steps, bf16)."""
-    module = sys.modules["disco.ops.orthogonalize"]  # the package's ``orthogonalize`` function shadows its name
+    module = ORTHO_MODULE
     made = [0]
 
     def counted(fn):
